@@ -1,0 +1,69 @@
+"""The admin port: health, readiness, Prometheus metrics and the bearer-protected /admin/ API."""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+from sidecar import problems
+from sidecar.components import COMPONENTS
+from sidecar.errors import StoreUnavailable
+from sidecar.usage import usage_document
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when a policy is loaded (always, once started) and the store answers."""
+    components = request.app[COMPONENTS]
+    try:
+        await components.store.ping()
+    except StoreUnavailable as error:
+        components.metrics.store_errors.labels("ping").inc()
+        return web.json_response({"status": "unavailable", "store": str(error)}, status=503)
+    return web.json_response({"status": "ready", "policy": components.holder.current.summary()})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[COMPONENTS].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def customer_usage(request: web.Request) -> web.Response:
+    components = request.app[COMPONENTS]
+    policy = components.holder.current
+    customer = policy.customers.get(request.match_info["customer"])
+    if customer is None:
+        return problems.problem(404, "Not Found", f"no customer '{request.match_info['customer']}'")
+    try:
+        document = await usage_document(policy, components.store, customer)
+    except StoreUnavailable:
+        components.metrics.store_errors.labels("read_limits").inc()
+        return problems.unavailable(problems.STORE_RETRY_AFTER)
+    return web.json_response(document)
+
+
+@web.middleware
+async def require_token(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Under /admin/, a configured SIDECAR_ADMIN_TOKEN must be presented as a Bearer token."""
+    token = request.app[COMPONENTS].settings.admin_token
+    if token and request.path.startswith("/admin/"):
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), token.encode()):
+            return problems.problem(
+                401,
+                "Unauthorized",
+                "the admin API needs Authorization: Bearer <SIDECAR_ADMIN_TOKEN>",
+                headers={"WWW-Authenticate": 'Bearer realm="sidecar-admin"'},
+            )
+    return await handler(request)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/customers/{customer}/usage", customer_usage)

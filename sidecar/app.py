@@ -1,0 +1,44 @@
+"""The two aiohttp applications: the proxy port and the admin port, built from one Components."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from sidecar import admin, proxy
+from sidecar.components import COMPONENTS, SESSION, Components
+
+# Upstream connections kept open for reuse; a sidecar talks to one upstream.
+UPSTREAM_CONNECTIONS = 1000
+
+
+def build_proxy_app(components: Components) -> web.Application:
+    app = web.Application(handler_args={"max_field_size": 16384})
+    app[COMPONENTS] = components
+    app.cleanup_ctx.append(_upstream_session)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    return app
+
+
+def build_admin_app(components: Components) -> web.Application:
+    app = web.Application(middlewares=[admin.require_token])
+    app[COMPONENTS] = components
+    admin.add_routes(app)
+    return app
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    """One keep-alive session for every upstream call: no cookies kept, no decompression, no env proxies."""
+    settings = app[COMPONENTS].settings
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.upstream_timeout, sock_read=settings.upstream_timeout),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        trust_env=False,
+    )
+    app[SESSION] = session
+    yield
+    await session.close()

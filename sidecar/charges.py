@@ -1,0 +1,32 @@
+"""Pure: the store request for one admitted route, with calendar windows filled in for `now`."""
+
+from __future__ import annotations
+
+from sidecar.policy.model import ChargeSpec, Customer, Limit, Policy
+from sidecar.policy.windows import Window, calendar_window
+from sidecar.store.base import LimitCharge, MeterRequest, UsageCharge
+
+
+def window_for(limit: Limit, now: float, customer: Customer) -> Window | None:
+    """The calendar window of a day/week/month limit; None for a moving (rate) window."""
+    if limit.period.is_rate:
+        return None
+    return calendar_window(limit.period, now, customer.billing_anchor)
+
+
+def meter_request(
+    policy: Policy, customer: Customer, feature: str, spec: ChargeSpec, now: float
+) -> MeterRequest:
+    """Limits to check and usage to record; usage is recorded only when billing is configured."""
+    limits = tuple(
+        LimitCharge(
+            s.limit, s.amount, window_for(s.limit, now, customer), s.enforced, s.counts_requests
+        )
+        for s in spec.limits
+    )
+    usage = (
+        tuple(UsageCharge(meter, feature, amount, "+") for meter, amount in spec.usage)
+        if policy.billing
+        else ()
+    )
+    return MeterRequest(customer.id, limits, usage, policy.billing_interval)

@@ -1,0 +1,132 @@
+"""`sidecar run | check | hash-key | usage`: argument parsing, printing and exit codes, no logic."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from sidecar import __version__
+from sidecar.errors import EmbeddedStoreFailed, PolicyInvalid, SettingsInvalid
+from sidecar.identity import hash_key
+from sidecar.policy.loader import load_policy
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return int(args.command(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecar", description="Entitlement and quota enforcement sidecar.")
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    _add_run(commands)
+    check = commands.add_parser("check", help="validate policy files")
+    check.add_argument("path", nargs="?", default=os.environ.get("SIDECAR_POLICIES", "policies"))
+    check.set_defaults(command=check_command)
+    hashing = commands.add_parser("hash-key", help="print sha256:<hex> of an API key for the policy file")
+    hashing.add_argument("key")
+    hashing.set_defaults(command=hash_key_command)
+    usage = commands.add_parser("usage", help="show a customer's limits, used, remaining and reset")
+    usage.add_argument("customer")
+    usage.add_argument("--admin", default=os.environ.get("SIDECAR_ADMIN", "127.0.0.1:9000"))
+    usage.add_argument("--json", action="store_true", help="print the usage document as JSON")
+    usage.set_defaults(command=usage_command)
+    return parser
+
+
+def _add_run(commands: Any) -> None:
+    run = commands.add_parser("run", help="serve the proxy and the admin port")
+    run.add_argument("--listen", help="proxy address HOST:PORT (SIDECAR_LISTEN, default 0.0.0.0:8000)")
+    run.add_argument("--upstream", help="upstream base URL (SIDECAR_UPSTREAM, default http://127.0.0.1:8080)")
+    run.add_argument("--admin", help="admin address HOST:PORT (SIDECAR_ADMIN, default 127.0.0.1:9000)")
+    run.add_argument("--policies", help="policy file or directory (SIDECAR_POLICIES, default policies/)")
+    run.add_argument("--redis", help="redis:// URL (SIDECAR_REDIS_URL); default: an embedded redis-server")
+    run.add_argument("--redis-cluster", action="store_true", help="--redis names a Redis Cluster node")
+    run.add_argument("--data-dir", help="embedded store data (SIDECAR_DATA_DIR, default .sidecar/)")
+    run.add_argument("--upstream-timeout", help="seconds to wait for the upstream (default 30)")
+    run.add_argument("--store-timeout", help="seconds to wait for the store (default 0.05)")
+    run.add_argument("--drain-timeout", help="seconds in-flight requests get on shutdown (default 30)")
+    run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    run.set_defaults(command=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from sidecar.policy.holder import PolicyHolder
+    from sidecar.server import serve
+    from sidecar.settings import build_settings
+
+    try:
+        settings = build_settings(vars(args), os.environ)
+        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        holder = PolicyHolder.load(settings.policies)
+        asyncio.run(serve(settings, holder))
+    except (SettingsInvalid, EmbeddedStoreFailed) as error:
+        print(f"sidecar: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except PolicyInvalid as invalid:
+        print(invalid, file=sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK
+
+
+def check_command(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.path)
+    except PolicyInvalid as invalid:
+        print(invalid, file=sys.stderr)
+        return EXIT_INVALID
+    print(policy.summary())
+    return EXIT_OK
+
+
+def hash_key_command(args: argparse.Namespace) -> int:
+    print(f"sha256:{hash_key(args.key)}")
+    return EXIT_OK
+
+
+def usage_command(args: argparse.Namespace) -> int:
+    """Asks the running sidecar's admin API, which works for the embedded and external stores alike."""
+    url = f"http://{args.admin}/admin/customers/{args.customer}/usage"
+    request = urllib.request.Request(url)
+    token = os.environ.get("SIDECAR_ADMIN_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            document = json.load(response)
+    except urllib.error.HTTPError as error:
+        print(f"sidecar: {url}: {error.code} {_detail(error)}", file=sys.stderr)
+        return EXIT_INVALID
+    except (urllib.error.URLError, OSError) as error:
+        print(f"sidecar: cannot reach the admin API at {args.admin} ({error}); is `sidecar run` up?", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(document, indent=2) if args.json else usage_table(document))
+    return EXIT_OK
+
+
+def _detail(error: urllib.error.HTTPError) -> str:
+    try:
+        return str(json.load(error).get("detail", error.reason))
+    except ValueError:
+        return str(error.reason)
+
+
+def usage_table(document: dict[str, Any]) -> str:
+    header = ("meter", "period", "feature", "limit", "used", "remaining", "reset")
+    rows = [header] + [
+        tuple("-" if row[name] is None else str(row[name]) for name in header) for row in document["limits"]
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join([f"customer {document['customer']}  plan {document['plan']}", *lines])

@@ -1,0 +1,25 @@
+"""The long-lived collaborators every handler reaches through the app: typed AppKeys, one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from sidecar.metrics import Metrics
+from sidecar.policy.holder import PolicyHolder
+from sidecar.settings import Settings
+from sidecar.store.base import Store
+
+
+@dataclass(frozen=True, slots=True)
+class Components:
+    settings: Settings
+    holder: PolicyHolder
+    store: Store
+    metrics: Metrics
+
+
+COMPONENTS = web.AppKey("components", Components)
+SESSION = web.AppKey("session", aiohttp.ClientSession)

@@ -1,0 +1,54 @@
+"""Every exception the sidecar raises on purpose.
+
+    SidecarError
+     ├── PolicyInvalid      a policy file (or set of files) failed validation; carries every PolicyError
+     ├── SettingsInvalid    a flag or SIDECAR_* variable has a bad value; names the variable
+     ├── StoreUnavailable   Redis could not answer within the store timeout (or refused)
+     └── EmbeddedStoreFailed the bundled redis-server could not be started
+
+A refusal (401/403/429) is not an exception: it is a value (see gate.Verdict). Storage
+exceptions are translated into StoreUnavailable at the store boundary only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class SidecarError(Exception):
+    """Base of every error the sidecar raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyError:
+    """One problem in a policy file, located to the file, line and column (1-based)."""
+
+    file: str
+    line: int
+    col: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"{self.file}:{self.line}:{self.col}: {where}{self.message}"
+
+
+class PolicyInvalid(SidecarError):
+    """The policy was refused; ``errors`` lists every problem found, in file order."""
+
+    def __init__(self, errors: list[PolicyError]) -> None:
+        self.errors = tuple(errors)
+        super().__init__("\n".join(str(error) for error in errors))
+
+
+class SettingsInvalid(SidecarError):
+    """A command-line flag or environment variable has a value the sidecar cannot use."""
+
+
+class StoreUnavailable(SidecarError):
+    """The store did not answer in time or refused the connection."""
+
+
+class EmbeddedStoreFailed(SidecarError):
+    """The embedded redis-server process could not be started."""

@@ -1,0 +1,116 @@
+"""Admission as plain async code: route → identity → entitlement → atomic check-and-meter → Verdict.
+
+Nothing here knows HTTP beyond a method, a path and a header mapping; problems.py turns a Verdict
+into a status code.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sidecar.charges import meter_request
+from sidecar.errors import StoreUnavailable
+from sidecar.identity import identify
+from sidecar.policy.model import ChargeSpec, Customer, Feature, Plan, Policy, StoreFailure
+from sidecar.store.base import Admission, LimitState, Outcome, Store
+
+# A calendar window can be stale only when a boundary passes between reading the clock and the
+# script running; two retries cover a clock estimate that was off by a whole window.
+_STALE_RETRIES = 2
+
+
+class Decision(enum.Enum):
+    PUBLIC = "public"  # no identity, no metering
+    ADMITTED = "admitted"
+    UNAUTHORIZED = "unauthorized"  # 401
+    FORBIDDEN = "forbidden"  # 403
+    NOT_FOUND = "not_found"  # 404
+    REFUSED = "refused"  # 429
+    UNAVAILABLE = "unavailable"  # 503: store down, fail closed
+    ADMITTED_UNMETERED = "admitted_unmetered"  # store down, fail open
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verdict:
+    decision: Decision
+    feature: Feature | None = None
+    customer: Customer | None = None
+    plan: Plan | None = None
+    limits: tuple[LimitState, ...] = ()
+    store_time: float = 0.0
+
+    @property
+    def forwards(self) -> bool:
+        return self.decision in _FORWARDED
+
+    @property
+    def refusing(self) -> tuple[LimitState, ...]:
+        """Limits that refused the request (enforced and over)."""
+        return tuple(s for s in self.limits if s.over and s.charge.enforced)
+
+    @property
+    def shadow_refusals(self) -> tuple[LimitState, ...]:
+        """Limits that would have refused had they not been shadow limits (or on a shadow plan)."""
+        return tuple(
+            s
+            for s in self.limits
+            if s.over and not s.charge.enforced and s.charge.limit.is_hard
+        )
+
+
+_FORWARDED = frozenset({Decision.PUBLIC, Decision.ADMITTED, Decision.ADMITTED_UNMETERED})
+
+
+async def admit(policy: Policy, store: Store, method: str, path: str, headers: Mapping[str, str]) -> Verdict:
+    """Decide one request. Only the check-and-meter step does I/O: one store round trip."""
+    feature = policy.routes.feature_for(method, path)
+    if feature is None:
+        return Verdict(decision=Decision.NOT_FOUND)
+    if feature.public:
+        return Verdict(decision=Decision.PUBLIC, feature=feature)
+    customer = identify(headers, policy)
+    if customer is None:
+        return Verdict(decision=Decision.UNAUTHORIZED, feature=feature)
+    plan = policy.plans[customer.plan]
+    if not plan.entitles(feature.name):
+        return Verdict(decision=Decision.FORBIDDEN, feature=feature, customer=customer, plan=plan)
+    spec = policy.charges[(plan.name, feature.name)]
+    return await _meter(policy, store, customer, plan, feature, spec)
+
+
+async def _meter(
+    policy: Policy, store: Store, customer: Customer, plan: Plan, feature: Feature, spec: ChargeSpec
+) -> Verdict:
+    admitted = Verdict(decision=Decision.ADMITTED, feature=feature, customer=customer, plan=plan)
+    if not spec.limits and not (spec.usage and policy.billing):
+        return admitted
+    try:
+        admission = await check_and_meter(store, policy, customer, feature.name, spec)
+    except StoreUnavailable:
+        failure = plan.store_failure or policy.store_failure
+        decision = Decision.ADMITTED_UNMETERED if failure is StoreFailure.OPEN else Decision.UNAVAILABLE
+        return Verdict(decision=decision, feature=feature, customer=customer, plan=plan)
+    decision = Decision.REFUSED if admission.outcome is Outcome.REFUSED else Decision.ADMITTED
+    return Verdict(
+        decision=decision,
+        feature=feature,
+        customer=customer,
+        plan=plan,
+        limits=admission.limits,
+        store_time=admission.store_time,
+    )
+
+
+async def check_and_meter(
+    store: Store, policy: Policy, customer: Customer, feature: str, spec: ChargeSpec
+) -> Admission:
+    """The atomic call, with windows from the store's clock; recomputed if a boundary passed."""
+    now = store.time()
+    for _ in range(_STALE_RETRIES + 1):
+        admission = await store.check_and_meter(meter_request(policy, customer, feature, spec, now))
+        if admission.outcome is not Outcome.STALE:
+            return admission
+        now = admission.store_time
+    raise StoreUnavailable("calendar windows stayed stale; the store's clock is moving backwards")

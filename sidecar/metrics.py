@@ -1,0 +1,71 @@
+"""Every Prometheus collector, declared once, with bounded labels (plan, feature, decision, kind).
+
+The customer id is never a label: it would make cardinality unbounded. Each sidecar instance owns
+its registry, so several instances can live in one process (tests, workers).
+"""
+
+from __future__ import annotations
+
+from sidecar.gate import Decision, Verdict
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Sidecar overhead: from the request's arrival to the moment it is handed to the upstream.
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "sidecar_requests",
+            "Requests by decision (admitted, refused, unauthorized, ...), feature and plan.",
+            ["decision", "feature", "plan"],
+            registry=self.registry,
+        )
+        self.shadow_refusals = Counter(
+            "sidecar_shadow_refusals",
+            "Requests a shadow limit or shadow plan would have refused, by limit name.",
+            ["plan", "limit"],
+            registry=self.registry,
+        )
+        self.overhead = Histogram(
+            "sidecar_overhead_seconds",
+            "Time the sidecar adds before forwarding: routing, identity and the store round trip.",
+            buckets=_OVERHEAD_BUCKETS,
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "sidecar_store_errors",
+            "Store calls that failed or timed out, by operation.",
+            ["operation"],
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "sidecar_upstream_errors",
+            "Upstream failures by kind (refused, timeout, broken).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.policy_reloads = Counter(
+            "sidecar_policy_reloads",
+            "Policy reload attempts by outcome (applied, refused).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.policy_loaded = Gauge(
+            "sidecar_policy_loaded_timestamp_seconds",
+            "When the policy in force was loaded.",
+            registry=self.registry,
+        )
+
+    def record_verdict(self, verdict: Verdict) -> None:
+        feature = verdict.feature.name if verdict.feature else ""
+        plan = verdict.plan.name if verdict.plan else ""
+        self.requests.labels(verdict.decision.value, feature, plan).inc()
+        for state in verdict.shadow_refusals:
+            self.shadow_refusals.labels(plan, state.charge.limit.name).inc()
+        if verdict.decision in (Decision.UNAVAILABLE, Decision.ADMITTED_UNMETERED):
+            self.store_errors.labels("check_and_meter").inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,299 @@
+"""The policy as frozen, typed objects: what the loader produces and the hot path reads.
+
+Nothing here parses YAML or reads a clock. A Policy is built once by the loader and never
+changed; a reload builds a new one and swaps it in (see holder.py).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from types import MappingProxyType
+
+from sidecar.policy.routes import RouteTable
+
+
+class Period(enum.Enum):
+    SECOND = "second"
+    MINUTE = "minute"
+    HOUR = "hour"
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+
+    @property
+    def is_rate(self) -> bool:
+        """Second/minute/hour limits are moving windows; day/week/month are UTC calendar windows."""
+        return self in (Period.SECOND, Period.MINUTE, Period.HOUR)
+
+    @property
+    def seconds(self) -> int:
+        """Nominal length; a calendar month's real length comes from windows.py."""
+        return _PERIOD_SECONDS[self]
+
+
+_PERIOD_SECONDS = {
+    Period.SECOND: 1,
+    Period.MINUTE: 60,
+    Period.HOUR: 3600,
+    Period.DAY: 86400,
+    Period.WEEK: 7 * 86400,
+    Period.MONTH: 30 * 86400,
+}
+
+
+class Aggregation(enum.Enum):
+    COUNT = "count"
+    SUM = "sum"
+    MAX = "max"
+    MIN = "min"
+    UNIQUE = "unique"
+
+
+class OnExceed(enum.Enum):
+    REJECT = "reject"
+    ALLOW = "allow"
+
+
+class StoreFailure(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+
+
+class BillingFormat(enum.Enum):
+    JSON = "json"
+    STRIPE = "stripe"
+    LAGO = "lago"
+    OPENMETER = "openmeter"
+
+
+class SourceKind(enum.Enum):
+    REQUEST = "request"
+    REQUEST_BYTES = "request.bytes"
+    RESPONSE_BYTES = "response.bytes"
+    RESPONSE_DURATION_MS = "response.duration_ms"
+    REQUEST_HEADER = "request.header"
+    RESPONSE_HEADER = "response.header"
+    RESPONSE_JSON = "response.json"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Source:
+    """Where a meter's amount comes from; ``argument`` is the header name or JSON path."""
+
+    kind: SourceKind
+    argument: str | None = None
+
+    @property
+    def at_request_time(self) -> bool:
+        """Known before forwarding, so it is checked and charged atomically at admission."""
+        return self.kind is SourceKind.REQUEST
+
+    def __str__(self) -> str:
+        return self.kind.value if self.argument is None else f"{self.kind.value}:{self.argument}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Meter:
+    name: str
+    aggregation: Aggregation
+    source: Source
+
+    @property
+    def counts_requests(self) -> bool:
+        """A plain request counter: the unit the rate-limit headers assume when none is named."""
+        return self.aggregation is Aggregation.COUNT
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Feature:
+    """A named group of routes. ``cost`` maps request-time meters to the amount one request adds."""
+
+    name: str
+    method: str | None
+    path: str
+    public: bool = False
+    cost: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limit:
+    """One ceiling on one meter over one period, optionally scoped to one feature."""
+
+    meter: str
+    limit: int
+    period: Period
+    burst: int = 0
+    feature: str | None = None
+    on_exceed: OnExceed = OnExceed.REJECT
+    shadow: bool = False
+
+    @property
+    def name(self) -> str:
+        """The policy name clients see in RateLimit headers and 429 bodies, e.g. requests-month."""
+        base = f"{self.meter}-{self.period.value}"
+        return f"{base}-{self.feature}" if self.feature else base
+
+    @property
+    def ceiling(self) -> int:
+        """Units admitted in one window: the limit plus the burst allowance."""
+        return self.limit + self.burst
+
+    @property
+    def is_hard(self) -> bool:
+        """A hard limit refuses; a soft (on_exceed: allow) one only reports overage."""
+        return self.on_exceed is OnExceed.REJECT
+
+    def applies_to(self, feature: str) -> bool:
+        return self.feature is None or self.feature == feature
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    name: str
+    features: frozenset[str]
+    limits: tuple[Limit, ...] = ()
+    prepaid: tuple[str, ...] = ()
+    shadow: bool = False
+    store_failure: StoreFailure | None = None
+
+    def entitles(self, feature: str) -> bool:
+        return feature in self.features
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Customer:
+    """A customer; ``api_key_hashes`` are hex SHA-256 digests, never the keys themselves."""
+
+    id: str
+    plan: str
+    api_key_hashes: tuple[str, ...] = ()
+    billing_anchor: date | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Identity:
+    api_key_headers: tuple[str, ...] = ("X-API-Key", "Authorization")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Billing:
+    url: str
+    format: BillingFormat = BillingFormat.JSON
+    interval: int = 60
+
+
+DEFAULT_BILLING_INTERVAL = 60
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    """A limit that applies to one (plan, feature), with what one request adds to it at admission.
+
+    ``amount`` 0 means the meter is measured from the response: the request is admitted while the
+    limit has units left, and charged when the response ends.
+    """
+
+    limit: Limit
+    amount: int
+    enforced: bool
+    counts_requests: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeSpec:
+    """Everything admission needs for one (plan, feature), resolved once per policy."""
+
+    limits: tuple[LimitSpec, ...]
+    usage: tuple[tuple[str, int], ...]  # (meter, amount) recorded for billing at admission
+
+
+def request_amount(meter: Meter, feature: Feature) -> int:
+    """What one request of `feature` adds to a request-time meter: its cost, else 1 for count."""
+    default = 1 if meter.aggregation is Aggregation.COUNT else 0
+    return feature.cost.get(meter.name, default)
+
+
+def resolve_charges(plan: Plan, feature: Feature, meters: Mapping[str, Meter]) -> ChargeSpec:
+    limits = []
+    for limit in plan.limits:
+        if not limit.applies_to(feature.name):
+            continue
+        meter = meters[limit.meter]
+        amount = request_amount(meter, feature) if meter.source.at_request_time else 0
+        if meter.source.at_request_time and amount == 0:
+            continue
+        enforced = limit.is_hard and not limit.shadow and not plan.shadow
+        limits.append(LimitSpec(limit, amount, enforced, meter.counts_requests))
+    usage = tuple(
+        (meter.name, amount)
+        for meter in meters.values()
+        if meter.source.at_request_time and (amount := request_amount(meter, feature)) > 0
+    )
+    return ChargeSpec(tuple(limits), usage)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    """A complete, validated policy. Build it with ``Policy.build``, which derives the lookups."""
+
+    identity: Identity
+    meters: Mapping[str, Meter]
+    features: tuple[Feature, ...]
+    plans: Mapping[str, Plan]
+    customers: Mapping[str, Customer]
+    billing: Billing | None
+    store_failure: StoreFailure
+    sources: tuple[str, ...]
+    routes: RouteTable
+    customer_by_key_hash: Mapping[str, str]
+    charges: Mapping[tuple[str, str], ChargeSpec]
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        identity: Identity,
+        meters: Mapping[str, Meter],
+        features: tuple[Feature, ...],
+        plans: Mapping[str, Plan],
+        customers: Mapping[str, Customer],
+        billing: Billing | None,
+        store_failure: StoreFailure,
+        sources: tuple[str, ...],
+    ) -> Policy:
+        """Freeze the sections and precompute the route table and the key-hash index."""
+        key_index = {h: c.id for c in customers.values() for h in c.api_key_hashes}
+        charges = {
+            (plan.name, feature.name): resolve_charges(plan, feature, meters)
+            for plan in plans.values()
+            for feature in features
+            if plan.entitles(feature.name)
+        }
+        return cls(
+            identity=identity,
+            meters=MappingProxyType(dict(meters)),
+            features=features,
+            plans=MappingProxyType(dict(plans)),
+            customers=MappingProxyType(dict(customers)),
+            billing=billing,
+            store_failure=store_failure,
+            sources=sources,
+            routes=RouteTable.compile(features),
+            customer_by_key_hash=MappingProxyType(key_index),
+            charges=MappingProxyType(charges),
+        )
+
+    @property
+    def billing_interval(self) -> int:
+        return self.billing.interval if self.billing else DEFAULT_BILLING_INTERVAL
+
+    def summary(self) -> str:
+        """The one line `sidecar check` prints for a valid policy."""
+        return (
+            f"policy OK: {len(self.sources)} file(s), {len(self.meters)} meters, "
+            f"{len(self.features)} features, {len(self.plans)} plans, "
+            f"{len(self.customers)} customers"
+        )

@@ -1,0 +1,131 @@
+"""The single catch-all handler: admit, then forward with the shared ClientSession and stream back.
+
+Bodies are streamed both ways in chunks, never buffered whole. Hop-by-hop headers (RFC 9110
+§7.6.1, including every name listed in Connection) are dropped in both directions. Identity
+headers a client sends are removed; the upstream receives the real X-Customer-Id / -Plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar import problems
+from sidecar.components import COMPONENTS, SESSION, Components
+from sidecar.gate import Decision, Verdict, admit
+
+log = logging.getLogger("sidecar.proxy")
+
+CHUNK_SIZE = 64 * 1024
+# Hop-by-hop per RFC 9110 §7.6.1 and the ones proxies have always dropped; plus Expect, which
+# aiohttp answers itself, and Host is kept (the upstream sees the name the client used).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+    }
+)
+IDENTITY_HEADERS = frozenset({"x-customer-id", "x-customer-plan"})
+# Headers the client library would otherwise invent: the upstream sees only what the client sent.
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    components = request.app[COMPONENTS]
+    started = time.perf_counter()
+    policy = components.holder.current
+    verdict = await admit(policy, components.store, request.method, request.path, request.headers)
+    components.metrics.record_verdict(verdict)
+    if not verdict.forwards:
+        return problems.refusal(verdict, policy, request.method, request.path)
+    components.metrics.overhead.observe(time.perf_counter() - started)
+    return await forward(request, components, verdict)
+
+
+async def forward(request: web.Request, components: Components, verdict: Verdict) -> web.StreamResponse:
+    url = URL(components.settings.upstream + request.raw_path, encoded=True)
+    body = request.content.iter_chunked(CHUNK_SIZE) if request.body_exists else None
+    try:
+        upstream = await request.app[SESSION].request(
+            request.method,
+            url,
+            headers=upstream_request_headers(request, verdict),
+            data=body,
+            allow_redirects=False,
+            skip_auto_headers=SKIP_AUTO_HEADERS,
+        )
+    except TimeoutError:
+        components.metrics.upstream_errors.labels("timeout").inc()
+        return problems.gateway_timeout("the upstream did not answer in time")
+    except aiohttp.ClientError as error:
+        components.metrics.upstream_errors.labels("refused").inc()
+        return problems.bad_gateway(f"the upstream is unreachable ({type(error).__name__})")
+    async with upstream:
+        return await _stream_back(request, upstream, verdict, components)
+
+
+async def _stream_back(
+    request: web.Request, upstream: aiohttp.ClientResponse, verdict: Verdict, components: Components
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response.headers.extend(without_hop_by_hop(upstream.headers))
+    response.headers.update(problems.ratelimit_headers(verdict.limits))
+    if verdict.shadow_refusals:
+        response.headers["Sidecar-Shadow-Refusal"] = ", ".join(s.charge.limit.name for s in verdict.shadow_refusals)
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_chunked(CHUNK_SIZE):
+            await response.write(chunk)
+    except (aiohttp.ClientError, TimeoutError) as error:
+        # The status line is gone already: the only honest signal left is a cut connection.
+        components.metrics.upstream_errors.labels("broken").inc()
+        log.warning("upstream broke mid-response on %s %s: %s", request.method, request.path, type(error).__name__)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
+
+
+def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Names a Connection header declares hop-by-hop, lower-cased."""
+    return frozenset(
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+        if token.strip()
+    )
+
+
+def without_hop_by_hop(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    dropped = HOP_BY_HOP | connection_listed(headers)
+    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in dropped)
+
+
+def upstream_request_headers(request: web.Request, verdict: Verdict) -> CIMultiDict[str]:
+    forwarding = {"x-forwarded-for", "x-forwarded-proto"}
+    dropped = HOP_BY_HOP | IDENTITY_HEADERS | forwarding | connection_listed(request.headers)
+    headers = CIMultiDict((n, v) for n, v in request.headers.items() if n.lower() not in dropped)
+    headers["X-Forwarded-For"] = _appended(request.headers, "X-Forwarded-For", request.remote or "unknown")
+    headers["X-Forwarded-Proto"] = _appended(request.headers, "X-Forwarded-Proto", request.scheme)
+    if verdict.customer is not None and verdict.decision is not Decision.PUBLIC:
+        headers["X-Customer-Id"] = verdict.customer.id
+        headers["X-Customer-Plan"] = verdict.customer.plan
+    return headers
+
+
+def _appended(headers: CIMultiDictProxy[str], name: str, value: str) -> str:
+    previous = ", ".join(headers.getall(name, ()))
+    return f"{previous}, {value}" if previous else value

@@ -1,0 +1,61 @@
+"""`sidecar run`: own the store (embedded or external), serve both ports, drain on SIGTERM.
+
+Shutdown order: stop accepting on the proxy port, let in-flight requests finish (up to the drain
+timeout), close the admin port, close the store client, stop the embedded redis-server last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from contextlib import AsyncExitStack
+
+from aiohttp import web
+
+from sidecar.app import build_admin_app, build_proxy_app
+from sidecar.components import Components
+from sidecar.metrics import Metrics
+from sidecar.policy.holder import PolicyHolder
+from sidecar.settings import Settings
+from sidecar.store.embedded import EmbeddedRedis
+from sidecar.store.redis import RedisStore, connect
+
+log = logging.getLogger("sidecar")
+
+
+async def serve(settings: Settings, holder: PolicyHolder) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    async with AsyncExitStack() as stack:
+        url = settings.redis_url or await _embedded_store(stack, settings)
+        store = RedisStore(connect(url, settings.store_timeout), timeout=settings.store_timeout)
+        stack.push_async_callback(store.close)
+        metrics = Metrics()
+        metrics.policy_loaded.set(time.time())
+        components = Components(settings=settings, holder=holder, store=store, metrics=metrics)
+        await _site(stack, build_admin_app(components), settings, admin=True)
+        await _site(stack, build_proxy_app(components), settings, admin=False)
+        log.info("serving %s → %s; admin on %s", settings.listen, settings.upstream, settings.admin)
+        await stopping.wait()
+        log.info("stopping: draining in-flight requests (up to %ss)", settings.drain_timeout)
+
+
+async def _embedded_store(stack: AsyncExitStack, settings: Settings) -> str:
+    embedded = EmbeddedRedis(settings.data_dir / "redis")
+    url = await asyncio.to_thread(embedded.start)
+    stack.push_async_callback(asyncio.to_thread, embedded.stop)
+    log.info("embedded redis-server on %s, data in %s", url, embedded.data_dir)
+    return url
+
+
+async def _site(stack: AsyncExitStack, app: web.Application, settings: Settings, *, admin: bool) -> None:
+    address = settings.admin if admin else settings.listen
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.drain_timeout, handle_signals=False)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()

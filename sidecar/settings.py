@@ -1,0 +1,153 @@
+"""Settings for `sidecar run`, built once from flags and SIDECAR_* variables; a flag wins.
+
+Every error names the flag or variable, the bad value and what was expected. Secrets (the admin
+token, the billing secret) come from the environment only, so they never show in `ps`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sidecar.errors import SettingsInvalid
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    listen: Address = Address("0.0.0.0", 8000)
+    upstream: str = "http://127.0.0.1:8080"
+    admin: Address = Address("127.0.0.1", 9000)
+    policies: Path = Path("policies")
+    redis_url: str | None = None
+    redis_cluster: bool = False
+    data_dir: Path = Path(".sidecar")
+    admin_token: str | None = None
+    billing_secret: str | None = None
+    upstream_timeout: float = 30.0
+    store_timeout: float = 0.05
+    drain_timeout: float = 30.0
+    log_level: str = "INFO"
+
+    def __repr__(self) -> str:
+        """Never show the secrets: settings get logged at startup."""
+        hidden = {"admin_token", "billing_secret"}
+        fields = (
+            f"{name}={'***' if name in hidden and getattr(self, name) else repr(getattr(self, name))}"
+            for name in self.__dataclass_fields__
+        )
+        return f"Settings({', '.join(fields)})"
+
+
+def parse_address(value: str, name: str) -> Address:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsInvalid(f"{name}={value!r}: expected HOST:PORT, e.g. 127.0.0.1:9000")
+    return Address(host.strip("[]") or "0.0.0.0", int(port))
+
+
+def parse_http_url(value: str, name: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsInvalid(f"{name}={value!r}: expected an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+def parse_redis_url(value: str, name: str) -> str:
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise SettingsInvalid(f"{name}={value!r}: expected a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def parse_seconds(value: str, name: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise SettingsInvalid(f"{name}={value!r}: expected a number of seconds above 0")
+    return seconds
+
+
+def parse_bool(value: str, name: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered not in ("1", "0", "true", "false", "yes", "no"):
+        raise SettingsInvalid(f"{name}={value!r}: expected true or false")
+    return lowered in ("1", "true", "yes")
+
+
+def parse_level(value: str, name: str) -> str:
+    level = value.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise SettingsInvalid(f"{name}={value!r}: expected DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+def _text(value: str, name: str) -> str:
+    return value
+
+
+def _path(value: str, name: str) -> Path:
+    return Path(value)
+
+
+# (field, flag attribute, environment variable, parser); secrets have no flag.
+_SOURCES: tuple[tuple[str, str | None, str, Callable[[str, str], Any]], ...] = (
+    ("listen", "listen", "SIDECAR_LISTEN", parse_address),
+    ("upstream", "upstream", "SIDECAR_UPSTREAM", parse_http_url),
+    ("admin", "admin", "SIDECAR_ADMIN", parse_address),
+    ("policies", "policies", "SIDECAR_POLICIES", _path),
+    ("redis_url", "redis", "SIDECAR_REDIS_URL", parse_redis_url),
+    ("redis_cluster", None, "SIDECAR_REDIS_CLUSTER", parse_bool),
+    ("data_dir", "data_dir", "SIDECAR_DATA_DIR", _path),
+    ("admin_token", None, "SIDECAR_ADMIN_TOKEN", _text),
+    ("billing_secret", None, "SIDECAR_BILLING_SECRET", _text),
+    ("upstream_timeout", "upstream_timeout", "SIDECAR_UPSTREAM_TIMEOUT", parse_seconds),
+    ("store_timeout", "store_timeout", "SIDECAR_STORE_TIMEOUT", parse_seconds),
+    ("drain_timeout", "drain_timeout", "SIDECAR_DRAIN_TIMEOUT", parse_seconds),
+    ("log_level", "log_level", "SIDECAR_LOG_LEVEL", parse_level),
+)
+
+
+def build_settings(flags: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
+    """Resolve every setting: the flag if given, else the variable if set, else the default."""
+    values: dict[str, Any] = {}
+    for field, flag, variable, parse in _SOURCES:
+        flag_value = flags.get(flag) if flag else None
+        if flag and flag_value is not None:
+            values[field] = parse(str(flag_value), f"--{flag.replace('_', '-')}")
+        elif env.get(variable):
+            values[field] = parse(env[variable], variable)
+    if flags.get("redis_cluster"):
+        values["redis_cluster"] = True
+    settings = Settings(**values)
+    _check_admin_exposure(settings)
+    return settings
+
+
+def _check_admin_exposure(settings: Settings) -> None:
+    if not settings.admin.is_loopback and not settings.admin_token:
+        raise SettingsInvalid(
+            f"--admin {settings.admin} is not a loopback address: set SIDECAR_ADMIN_TOKEN "
+            "so the admin API is not open to the network"
+        )

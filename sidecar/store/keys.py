@@ -1,0 +1,33 @@
+"""Every Redis key the sidecar writes, built here and nowhere else.
+
+All keys of one customer carry the hash tag ``{c:<customer>}`` so that one script call touches
+one Redis Cluster slot. Customer ids cannot contain braces (the loader refuses them).
+"""
+
+from __future__ import annotations
+
+PREFIX = "sc"
+
+
+def customer_tag(customer_id: str) -> str:
+    return f"{PREFIX}:{{c:{customer_id}}}"
+
+
+def rate_log(customer_id: str, limit_name: str) -> str:
+    """List of "<microseconds>:<amount>" entries of a moving-window limit, newest first."""
+    return f"{customer_tag(customer_id)}:rl:{limit_name}"
+
+
+def rate_total(customer_id: str, limit_name: str) -> str:
+    """Sum of the amounts still held in the matching rate_log."""
+    return f"{customer_tag(customer_id)}:rt:{limit_name}"
+
+
+def quota(customer_id: str, limit_name: str, window_start: int) -> str:
+    """Counter of one calendar window (day/week/month) of one limit."""
+    return f"{customer_tag(customer_id)}:q:{limit_name}:{window_start}"
+
+
+def usage(customer_id: str) -> str:
+    """Hash of billing usage: field "<window_start>|<meter>|<feature>" → value, until pushed."""
+    return f"{customer_tag(customer_id)}:u"

