@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sidecar.policy.model import ChargeSpec, Customer, Limit, Policy
+from collections.abc import Mapping
+
+from sidecar.policy.model import Aggregation, ChargeSpec, Customer, Limit, Policy
 from sidecar.policy.windows import Window, calendar_window
 from sidecar.store.base import LimitCharge, MeterRequest, UsageCharge
 
@@ -26,6 +28,35 @@ def meter_request(
     )
     usage = (
         tuple(UsageCharge(meter, feature, amount, "+") for meter, amount in spec.usage)
+        if policy.billing
+        else ()
+    )
+    return MeterRequest(customer.id, limits, usage, policy.billing_interval)
+
+
+_USAGE_OPS = {Aggregation.COUNT: "+", Aggregation.SUM: "+", Aggregation.MAX: "max", Aggregation.MIN: "min"}
+
+
+def response_request(
+    policy: Policy,
+    customer: Customer,
+    feature: str,
+    spec: ChargeSpec,
+    amounts: Mapping[str, int],
+    now: float,
+) -> MeterRequest:
+    """What the response told, charged to the limits on those meters and recorded for billing."""
+    limits = tuple(
+        LimitCharge(s.limit, amounts[s.limit.meter], window_for(s.limit, now, customer), s.enforced, False)
+        for s in spec.limits
+        if s.amount == 0 and amounts.get(s.limit.meter, 0) > 0
+    )
+    usage = (
+        tuple(
+            UsageCharge(meter.name, feature, amounts[meter.name], _USAGE_OPS[meter.aggregation])
+            for meter in spec.measured
+            if meter.name in amounts
+        )
         if policy.billing
         else ()
     )

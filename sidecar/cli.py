@@ -47,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_run(commands: Any) -> None:
     run = commands.add_parser("run", help="serve the proxy and the admin port")
+    _add_run_flags(run)
+    run.set_defaults(command=run_command, demo=False)
+    demo = commands.add_parser("demo", help="`run`, with a demo product API started on the upstream address")
+    _add_run_flags(demo)
+    demo.set_defaults(command=run_command, demo=True)
+
+
+def _add_run_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--listen", help="proxy address HOST:PORT (SIDECAR_LISTEN, default 0.0.0.0:8000)")
     run.add_argument("--upstream", help="upstream base URL (SIDECAR_UPSTREAM, default http://127.0.0.1:8080)")
     run.add_argument("--admin", help="admin address HOST:PORT (SIDECAR_ADMIN, default 127.0.0.1:9000)")
@@ -58,10 +66,10 @@ def _add_run(commands: Any) -> None:
     run.add_argument("--store-timeout", help="seconds to wait for the store (default 0.05)")
     run.add_argument("--drain-timeout", help="seconds in-flight requests get on shutdown (default 30)")
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    run.set_defaults(command=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from sidecar.demo import serve_demo
     from sidecar.policy.holder import PolicyHolder
     from sidecar.server import serve
     from sidecar.settings import build_settings
@@ -70,7 +78,7 @@ def run_command(args: argparse.Namespace) -> int:
         settings = build_settings(vars(args), os.environ)
         logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         holder = PolicyHolder.load(settings.policies)
-        asyncio.run(serve(settings, holder))
+        asyncio.run((serve_demo if args.demo else serve)(settings, holder))
     except (SettingsInvalid, EmbeddedStoreFailed) as error:
         print(f"sidecar: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -7,14 +7,14 @@ into a status code.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from sidecar.charges import meter_request
 from sidecar.errors import StoreUnavailable
 from sidecar.identity import identify
 from sidecar.policy.model import ChargeSpec, Customer, Feature, Plan, Policy, StoreFailure
-from sidecar.store.base import Admission, LimitState, Outcome, Store
+from sidecar.store.base import Admission, LimitState, MeterRequest, Outcome, Store
 
 # A calendar window can be stale only when a boundary passes between reading the clock and the
 # script running; two retries cover a clock estimate that was off by a whole window.
@@ -106,10 +106,21 @@ async def _meter(
 async def check_and_meter(
     store: Store, policy: Policy, customer: Customer, feature: str, spec: ChargeSpec
 ) -> Admission:
-    """The atomic call, with windows from the store's clock; recomputed if a boundary passed."""
+    """The atomic admission call, with calendar windows from the store's clock."""
+    return await at_store_time(
+        store, store.check_and_meter, lambda now: meter_request(policy, customer, feature, spec, now)
+    )
+
+
+async def at_store_time(
+    store: Store,
+    operation: Callable[[MeterRequest], Awaitable[Admission]],
+    build: Callable[[float], MeterRequest],
+) -> Admission:
+    """Build the request for the store's clock as last seen; rebuild if a window boundary passed."""
     now = store.time()
     for _ in range(_STALE_RETRIES + 1):
-        admission = await store.check_and_meter(meter_request(policy, customer, feature, spec, now))
+        admission = await operation(build(now))
         if admission.outcome is not Outcome.STALE:
             return admission
         now = admission.store_time

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.charges import window_for
-from sidecar.errors import StoreUnavailable
+from sidecar.gate import at_store_time
 from sidecar.policy.model import Customer, Policy
 from sidecar.policy.windows import rfc3339
-from sidecar.store.base import Admission, LimitCharge, LimitState, Outcome, Store
+from sidecar.store.base import Admission, LimitCharge, LimitState, MeterRequest, Store
 
 
 async def usage_document(policy: Policy, store: Store, customer: Customer) -> dict[str, Any]:
@@ -23,17 +23,16 @@ async def usage_document(policy: Policy, store: Store, customer: Customer) -> di
 
 
 async def _read(policy: Policy, store: Store, customer: Customer) -> Admission:
-    now = store.time()
-    for _ in range(3):
-        charges = tuple(
-            LimitCharge(limit, 0, window_for(limit, now, customer), enforced=False)
-            for limit in policy.plans[customer.plan].limits
-        )
-        admission = await store.read_limits(customer.id, charges)
-        if admission.outcome is not Outcome.STALE:
-            return admission
-        now = admission.store_time
-    raise StoreUnavailable("calendar windows stayed stale while reading usage")
+    limits = policy.plans[customer.plan].limits
+
+    def charges_at(now: float) -> tuple[LimitCharge, ...]:
+        return tuple(LimitCharge(limit, 0, window_for(limit, now, customer), enforced=False) for limit in limits)
+
+    return await at_store_time(
+        store,
+        lambda request: store.read_limits(customer.id, request.limits),
+        lambda now: MeterRequest(customer.id, charges_at(now), (), policy.billing_interval),
+    )
 
 
 def _row(state: LimitState, now: float) -> dict[str, Any]:

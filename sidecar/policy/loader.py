@@ -706,6 +706,11 @@ def _prepaid_meter(draft: _Draft, at: _At, name: str) -> None:
             f"meter '{name}' has aggregation '{meter.aggregation.value}'; "
             "prepaid credit draws down a 'count' or 'sum' meter"
         )
+    elif meter is not None:
+        at.error(
+            f"prepaid credit on meter '{name}' is not supported by this version: it would not be "
+            "enforced, so it is refused"
+        )
 
 
 def _limits(draft: _Draft, plan: str, features: tuple[str, ...], at: _At) -> tuple[Limit, ...]:
@@ -774,6 +779,11 @@ def _limit_meter(draft: _Draft, at: _At, name: str) -> None:
     if meter is not None and meter.aggregation in _NO_TOTAL:
         at.error(
             f"meter '{name}': a limit on a '{meter.aggregation.value}' meter has no running total"
+        )
+    elif meter is not None and meter.aggregation is Aggregation.UNIQUE:
+        at.error(
+            f"meter '{name}': a limit on a 'unique' meter is not supported by this version: it would "
+            "not be enforced, so it is refused"
         )
 
 

@@ -208,6 +208,7 @@ class ChargeSpec:
 
     limits: tuple[LimitSpec, ...]
     usage: tuple[tuple[str, int], ...]  # (meter, amount) recorded for billing at admission
+    measured: tuple[Meter, ...] = ()  # meters read from the request/response once it ends
 
 
 def request_amount(meter: Meter, feature: Feature) -> int:
@@ -216,7 +217,11 @@ def request_amount(meter: Meter, feature: Feature) -> int:
     return feature.cost.get(meter.name, default)
 
 
-def resolve_charges(plan: Plan, feature: Feature, meters: Mapping[str, Meter]) -> ChargeSpec:
+def resolve_charges(
+    plan: Plan, feature: Feature, meters: Mapping[str, Meter], *, billing: bool
+) -> ChargeSpec:
+    """The limits that apply and what the request adds to each. Meters measured at the end are
+    read when a limit needs them or, with billing on, for the usage summaries."""
     limits = []
     for limit in plan.limits:
         if not limit.applies_to(feature.name):
@@ -232,7 +237,15 @@ def resolve_charges(plan: Plan, feature: Feature, meters: Mapping[str, Meter]) -
         for meter in meters.values()
         if meter.source.at_request_time and (amount := request_amount(meter, feature)) > 0
     )
-    return ChargeSpec(tuple(limits), usage)
+    limited = {spec.limit.meter for spec in limits}
+    measured = tuple(
+        meter
+        for meter in meters.values()
+        if not meter.source.at_request_time
+        and meter.aggregation is not Aggregation.UNIQUE
+        and (billing or meter.name in limited)
+    )
+    return ChargeSpec(tuple(limits), usage, measured)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,7 +280,7 @@ class Policy:
         """Freeze the sections and precompute the route table and the key-hash index."""
         key_index = {h: c.id for c in customers.values() for h in c.api_key_hashes}
         charges = {
-            (plan.name, feature.name): resolve_charges(plan, feature, meters)
+            (plan.name, feature.name): resolve_charges(plan, feature, meters, billing=billing is not None)
             for plan in plans.values()
             for feature in features
             if plan.entitles(feature.name)

@@ -88,6 +88,12 @@ class Store(Protocol):
         ``store_time`` is the store's clock to recompute the calendar windows with.
         """
 
+    async def charge(self, request: MeterRequest) -> Admission:
+        """Charge response-time amounts to their limits and usage without checking; one round trip.
+
+        ADMITTED when charged; STALE (nothing written) when a calendar window is not the store's.
+        """
+
     async def read_limits(self, customer_id: str, charges: tuple[LimitCharge, ...]) -> Admission:
         """What each limit has used and when it resets, without changing anything."""
 

@@ -61,18 +61,18 @@ class RedisStore:
         self._clock_offset = 0.0
         self._check = client.register_script(load_script("check_and_meter"))
         self._read = client.register_script(load_script("read_limits"))
+        self._charge = client.register_script(load_script("charge"))
 
     def time(self) -> float:
         return time.time() + self._clock_offset
 
     async def check_and_meter(self, request: MeterRequest) -> Admission:
-        key_list, args = _limit_arguments(request.customer_id, request.limits)
-        key_list.append(keys.usage(request.customer_id))
-        args[0] = request.billing_interval
-        for charge in request.usage:
-            args += (f"{charge.meter}|{charge.feature}", charge.op, charge.amount)
-        reply = await self._call(self._check(keys=key_list, args=args))
+        reply = await self._call(self._check(*_meter_arguments(request)))
         return self._admission(reply, request.limits)
+
+    async def charge(self, request: MeterRequest) -> Admission:
+        reply = await self._call(self._charge(*_meter_arguments(request)))
+        return self._admission(reply, ())
 
     async def read_limits(self, customer_id: str, charges: tuple[LimitCharge, ...]) -> Admission:
         key_list, args = _limit_arguments(customer_id, charges)
@@ -111,6 +111,16 @@ class RedisStore:
             for i, charge in enumerate(charges)
         )
         return Admission(outcome, store_time, states)
+
+
+def _meter_arguments(request: MeterRequest) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of check_and_meter.lua and charge.lua: the limits, then the usage."""
+    key_list, args = _limit_arguments(request.customer_id, request.limits)
+    key_list.append(keys.usage(request.customer_id))
+    args[0] = request.billing_interval
+    for charge in request.usage:
+        args += (f"{charge.meter}|{charge.feature}", charge.op, charge.amount)
+    return key_list, args
 
 
 def _limit_arguments(

@@ -98,6 +98,10 @@ BAD = [
     ("missing_key", "13:9: plans.free.limits[0]: missing required key 'period'"),
     ("duplicate_limit", "14:9: plans.free.limits[1]: duplicate limit requests-month; "
      "first at line 13"),
+    ("prepaid_unsupported", "6:45: plans.credits.prepaid[0]: prepaid credit on meter 'tokens' is not "
+     "supported by this version: it would not be enforced, so it is refused"),
+    ("limit_on_unique_meter", "8:22: plans.p.limits[0].meter: meter 'users': a limit on a 'unique' meter "
+     "is not supported by this version: it would not be enforced, so it is refused"),
     ("prepaid_unique", "6:15: plans.credits.prepaid[0]: meter 'users' has aggregation 'unique'; "
      "prepaid credit draws down a 'count' or 'sum' meter"),
     ("api_key_clear", "17:16: customers.acme.api_keys[0]: api key is not a sha256: hash "
@@ -358,7 +362,7 @@ def test_quoted_dates_methods_and_top_level_sections(tmp_path: Path) -> None:
         "  bytes_in: {aggregation: sum, source: request.bytes}\n"
         "  answer: {aggregation: unique, source: 'response.json:data.user.id'}\n"
         "features: [{name: a, match: {method: Get, path: /a}}]\n"
-        "plans: {p: {features: [a], prepaid: [bytes_in], shadow: true, store_failure: open}}\n"
+        "plans: {p: {features: [a], shadow: true, store_failure: open}}\n"
         "customers: {'c:1': {plan: p, billing_anchor: '2026-03-31'}}\n"
         "billing: {url: 'https://billing.example/usage', format: openmeter, interval: 30}\n"
         "store_failure: open\n"
@@ -368,7 +372,7 @@ def test_quoted_dates_methods_and_top_level_sections(tmp_path: Path) -> None:
     assert policy.meters["answer"].source.argument == "data.user.id"
     assert policy.features[0].method == "GET"
     plan = policy.plans["p"]
-    assert plan.prepaid == ("bytes_in",) and plan.shadow
+    assert plan.prepaid == () and plan.shadow
     assert plan.store_failure is StoreFailure.OPEN
     assert policy.customers["c:1"].billing_anchor == date(2026, 3, 31)
     assert policy.billing == Billing(

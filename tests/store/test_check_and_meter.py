@@ -158,3 +158,38 @@ async def test_every_key_of_a_customer_shares_one_cluster_slot(store: RedisStore
     )
     slots = {key_slot(key) for key in await store.client.keys("*")}
     assert len(slots) == 1
+
+
+async def test_response_charge_adds_past_the_ceiling_without_refusing(store: RedisStore) -> None:
+    now = store.time()
+    tokens = month_charge(1000, amount=600, now=now, meter="tokens")
+    for _ in range(2):
+        assert (await store.charge(request_for(tokens))).outcome is Outcome.ADMITTED
+    state = (await store.read_limits("acme", (tokens,))).limits[0]
+    assert (state.used, state.remaining) == (1200, 0)
+    refused = await store.check_and_meter(request_for(month_charge(1000, amount=0, now=now, meter="tokens")))
+    assert refused.outcome is Outcome.REFUSED
+
+
+async def test_response_charge_to_a_moving_window_counts_in_that_window(store: RedisStore) -> None:
+    charge = rate_charge(10, Period.MINUTE, amount=7)
+    await store.charge(request_for(charge))
+    state = (await store.read_limits("acme", (charge,))).limits[0]
+    assert state.used == 7
+
+
+async def test_response_charge_records_max_and_sum_usage(store: RedisStore) -> None:
+    for amount in (5, 9, 3):
+        charged = await store.charge(
+            request_for(usage=(UsageCharge("bytes", "up", amount, "+"), UsageCharge("largest", "up", amount, "max")))
+        )
+    window = int(charged.store_time) // 60 * 60
+    usage = await store.client.hgetall("sc:{c:acme}:u")
+    assert usage == {f"{window}|bytes|up".encode(): b"17", f"{window}|largest|up".encode(): b"9"}
+
+
+async def test_response_charge_in_a_stale_window_writes_nothing(store: RedisStore) -> None:
+    last_year = store.time() - 400 * 86400
+    stale = await store.charge(request_for(month_charge(10, amount=3, now=last_year, meter="tokens")))
+    assert stale.outcome is Outcome.STALE
+    assert await store.client.keys("*") == []

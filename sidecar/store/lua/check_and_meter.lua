@@ -48,40 +48,15 @@ if refused then
   return reply
 end
 
--- Charges the rate log (dropping entries that left the window) or the calendar counter.
-local function charge(op, amount, used)
-  if op[1] == 'r' then
-    if op[4] > 0 then redis.call('LTRIM', op[2], 0, -1 - op[4]) end
-    redis.call('LPUSH', op[2], string.format('%d:%d', now_us, amount))
-    redis.call('SET', op[3], string.format('%d', used + amount))
-    local ttl_ms = math.floor(op[5] / 1000) + 1000
-    redis.call('PEXPIRE', op[2], ttl_ms)
-    redis.call('PEXPIRE', op[3], ttl_ms)
-  else
-    redis.call('INCRBY', op[2], string.format('%d', amount))
-    redis.call('EXPIREAT', op[2], op[3] + 86400)
-  end
-end
-
 for i = 1, n do
   local op, amount, used = pending[i][1], pending[i][2], pending[i][3]
-  if amount > 0 then charge(op, amount, used) end
+  if amount > 0 and op[1] == 'r' then
+    charge_rate(op[2], op[3], now_us, op[5], amount, used, op[4])
+  elseif amount > 0 then
+    charge_calendar(op[2], op[3], amount)
+  end
   reply[3 + (i - 1) * 3 + 1] = used + amount
 end
 
-local interval = tonumber(ARGV[1])
-local window = now_s - now_s % interval
-local usage_key = KEYS[k]
-while a <= #ARGV do
-  local field, op, amount = window .. '|' .. ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  a = a + 3
-  if op == '+' then
-    redis.call('HINCRBY', usage_key, field, string.format('%d', amount))
-  else
-    local current = tonumber(redis.call('HGET', usage_key, field))
-    if current == nil or (op == 'max' and amount > current) or (op == 'min' and amount < current) then
-      redis.call('HSET', usage_key, field, string.format('%d', amount))
-    end
-  end
-end
+record_usage(KEYS[k], now_s - now_s % tonumber(ARGV[1]), a)
 return reply

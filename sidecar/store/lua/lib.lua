@@ -62,3 +62,34 @@ local function read_rate(log_key, total_key, now_us, window_us, amount, ceiling)
   end
   return used, reset, expired_entries
 end
+
+-- Adds `amount` to a moving-window log, dropping the `expired_entries` that left the window.
+local function charge_rate(log_key, total_key, now_us, window_us, amount, used, expired_entries)
+  if expired_entries > 0 then redis.call('LTRIM', log_key, 0, -1 - expired_entries) end
+  redis.call('LPUSH', log_key, string.format('%d:%d', now_us, amount))
+  redis.call('SET', total_key, string.format('%d', used + amount))
+  local ttl_ms = math.floor(window_us / 1000) + 1000
+  redis.call('PEXPIRE', log_key, ttl_ms)
+  redis.call('PEXPIRE', total_key, ttl_ms)
+end
+
+-- Adds `amount` to a calendar window's counter, kept a day past the window's end.
+local function charge_calendar(key, window_end, amount)
+  redis.call('INCRBY', key, string.format('%d', amount))
+  redis.call('EXPIREAT', key, window_end + 86400)
+end
+
+-- Records ARGV[first..] usage triples (field suffix, op, amount) in the billing window's fields.
+local function record_usage(usage_key, window, first)
+  for a = first, #ARGV, 3 do
+    local field, op, amount = window .. '|' .. ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+    if op == '+' then
+      redis.call('HINCRBY', usage_key, field, string.format('%d', amount))
+    else
+      local current = tonumber(redis.call('HGET', usage_key, field))
+      if current == nil or (op == 'max' and amount > current) or (op == 'min' and amount < current) then
+        redis.call('HSET', usage_key, field, string.format('%d', amount))
+      end
+    end
+  end
+end

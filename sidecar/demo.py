@@ -1,0 +1,64 @@
+"""`sidecar demo`: a small product API on the upstream address, with the sidecar in front of it.
+
+The demo upstream answers the routes of policies/example.yaml, so the README's quick start shows
+identity, limits and rate-limit headers without any other software.
+"""
+
+from __future__ import annotations
+
+import random
+
+from aiohttp import web
+
+from sidecar.policy.holder import PolicyHolder
+from sidecar.server import serve
+from sidecar.settings import Settings
+
+
+async def hello(request: web.Request) -> web.Response:
+    customer = request.headers.get("X-Customer-Id", "stranger")
+    return web.json_response({"hello": customer, "plan": request.headers.get("X-Customer-Plan")})
+
+
+async def search(request: web.Request) -> web.Response:
+    query = request.query.get("q", "")
+    return web.json_response({"query": query, "results": [f"{query} result {i}" for i in range(3)]})
+
+
+async def export(request: web.Request) -> web.Response:
+    return web.json_response({"export": request.match_info["id"], "status": "queued"}, status=202)
+
+
+async def complete(request: web.Request) -> web.Response:
+    """Answers like an LLM API: the tokens used are in the body and in X-Usage-Tokens."""
+    tokens = random.randint(50, 400)
+    body = {"text": "lorem ipsum", "usage": {"total_tokens": tokens}}
+    return web.json_response(body, headers={"X-Usage-Tokens": str(tokens)})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def demo_upstream_app() -> web.Application:
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    app.router.add_get("/v1/search", search)
+    app.router.add_post("/v1/exports/{id}", export)
+    app.router.add_post("/v1/completions", complete)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def serve_demo(settings: Settings, holder: PolicyHolder) -> None:
+    """Serve the demo upstream on --upstream's host and port, then the sidecar until SIGTERM."""
+    from yarl import URL
+
+    upstream = URL(settings.upstream)
+    runner = web.AppRunner(demo_upstream_app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, upstream.host, upstream.port).start()
+        await serve(settings, holder)
+    finally:
+        await runner.cleanup()
