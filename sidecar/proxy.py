@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
+
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -55,7 +57,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 async def forward(request: web.Request, components: Components, verdict: Verdict) -> web.StreamResponse:
-    url = URL(components.settings.upstream + request.raw_path, encoded=True)
+    # Path and query exactly as sent; rel_url, not raw_path, because raw_path is the whole target of
+    # an absolute-form request line (RFC 9112 §3.2.2), whose scheme and host are not ours to follow.
+    url = URL(components.settings.upstream + request.rel_url.raw_path_qs, encoded=True)
     body = request.content.iter_chunked(CHUNK_SIZE) if request.body_exists else None
     try:
         upstream = await request.app[SESSION].request(
@@ -70,6 +74,10 @@ async def forward(request: web.Request, components: Components, verdict: Verdict
         components.metrics.upstream_errors.labels("timeout").inc()
         return problems.gateway_timeout("the upstream did not answer in time")
     except aiohttp.ClientError as error:
+        if _client_gone(request):
+            # The body being relayed broke off because its sender left: not the upstream's failure.
+            log.debug("client left mid-request on %s %s", request.method, request.path)
+            return problems.bad_gateway("the client went away")  # nobody is left to read it
         components.metrics.upstream_errors.labels("refused").inc()
         return problems.bad_gateway(f"the upstream is unreachable ({type(error).__name__})")
     async with upstream:
@@ -83,20 +91,64 @@ async def _stream_back(
     response.headers.extend(without_hop_by_hop(upstream.headers))
     response.headers.update(problems.ratelimit_headers(verdict.limits))
     if verdict.shadow_refusals:
-        response.headers["Sidecar-Shadow-Refusal"] = ", ".join(s.charge.limit.name for s in verdict.shadow_refusals)
+        response.headers["Sidecar-Shadow-Refusal"] = ", ".join(
+            s.charge.limit.name for s in verdict.shadow_refusals
+        )
     await response.prepare(request)
-    try:
-        async for chunk in upstream.content.iter_chunked(CHUNK_SIZE):
-            await response.write(chunk)
-    except (aiohttp.ClientError, TimeoutError) as error:
-        # The status line is gone already: the only honest signal left is a cut connection.
-        components.metrics.upstream_errors.labels("broken").inc()
-        log.warning("upstream broke mid-response on %s %s: %s", request.method, request.path, type(error).__name__)
-        if request.transport is not None:
-            request.transport.abort()
-        return response
-    await response.write_eof()
+    await _relay_body(request, upstream, response, components)
     return response
+
+
+async def _relay_body(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    components: Components,
+) -> None:
+    """Copy the body chunk by chunk; reads and writes fail apart so the blame lands on the right side.
+
+    (aiohttp's "client went away" error is a ClientError too, so one except around both would
+    count every client that hangs up as an upstream failure.)
+    """
+    while True:
+        try:
+            chunk = await upstream.content.read(CHUNK_SIZE)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            _upstream_broke(request, components, error)
+            return
+        if not await _deliver(request, response, chunk):
+            return
+
+
+def _upstream_broke(request: web.Request, components: Components, error: BaseException) -> None:
+    """The status line is gone already: the only honest signal left is a cut connection."""
+    components.metrics.upstream_errors.labels("broken").inc()
+    log.warning(
+        "upstream broke mid-response on %s %s: %s", request.method, request.path, type(error).__name__
+    )
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def _deliver(request: web.Request, response: web.StreamResponse, chunk: bytes) -> bool:
+    """Write one chunk (b"" ends the body); False once the body is done or the client has gone.
+
+    A client that leaves is not the upstream's failure, so nothing is counted; leaving
+    `async with upstream` then drops the upstream connection, which stops the upstream too.
+    """
+    try:
+        if chunk:
+            await response.write(chunk)
+        else:
+            await response.write_eof()
+    except ConnectionError:
+        log.debug("client left mid-response on %s %s", request.method, request.path)
+        return False
+    return bool(chunk)
+
+
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
 
 
 def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -117,13 +169,20 @@ def without_hop_by_hop(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 def upstream_request_headers(request: web.Request, verdict: Verdict) -> CIMultiDict[str]:
     forwarding = {"x-forwarded-for", "x-forwarded-proto"}
     dropped = HOP_BY_HOP | IDENTITY_HEADERS | forwarding | connection_listed(request.headers)
-    headers = CIMultiDict((n, v) for n, v in request.headers.items() if n.lower() not in dropped)
+    headers = _one_spelling((n, v) for n, v in request.headers.items() if n.lower() not in dropped)
     headers["X-Forwarded-For"] = _appended(request.headers, "X-Forwarded-For", request.remote or "unknown")
     headers["X-Forwarded-Proto"] = _appended(request.headers, "X-Forwarded-Proto", request.scheme)
     if verdict.customer is not None and verdict.decision is not Decision.PUBLIC:
         headers["X-Customer-Id"] = verdict.customer.id
         headers["X-Customer-Plan"] = verdict.customer.plan
     return headers
+
+
+def _one_spelling(pairs: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """Repeats of a name take its first spelling: aiohttp's ClientSession keeps only the last of
+    names that differ in case (X-Tag, x-tag) and would silently drop the others' values."""
+    first: dict[str, str] = {}
+    return CIMultiDict((first.setdefault(name.lower(), name), value) for name, value in pairs)
 
 
 def _appended(headers: CIMultiDictProxy[str], name: str, value: str) -> str:

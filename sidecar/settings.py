@@ -40,7 +40,6 @@ class Settings:
     admin: Address = Address("127.0.0.1", 9000)
     policies: Path = Path("policies")
     redis_url: str | None = None
-    redis_cluster: bool = False
     data_dir: Path = Path(".sidecar")
     admin_token: str | None = None
     billing_secret: str | None = None
@@ -74,9 +73,18 @@ def parse_http_url(value: str, name: str) -> str:
 
 
 def parse_redis_url(value: str, name: str) -> str:
-    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+    parts = urlsplit(value)
+    if parts.scheme == "redis+sentinel" or "cluster=true" in parts.query.lower():
+        raise SettingsInvalid(f"{name}={value!r}: {_TOPOLOGY_NOT_YET}")
+    if parts.scheme not in ("redis", "rediss", "unix"):
         raise SettingsInvalid(f"{name}={value!r}: expected a redis://, rediss:// or unix:// URL")
     return value
+
+
+_TOPOLOGY_NOT_YET = (
+    "Redis Sentinel and Cluster are not supported by this version; use one Redis server "
+    "(redis://, rediss://, unix://) or the embedded store"
+)
 
 
 def parse_seconds(value: str, name: str) -> float:
@@ -138,8 +146,9 @@ def build_settings(flags: Mapping[str, Any], env: Mapping[str, str]) -> Settings
             values[field] = parse(str(flag_value), f"--{flag.replace('_', '-')}")
         elif env.get(variable):
             values[field] = parse(env[variable], variable)
-    if flags.get("redis_cluster"):
-        values["redis_cluster"] = True
+    if flags.get("redis_cluster") or values.pop("redis_cluster", False):
+        flag_or_variable = "--redis-cluster" if flags.get("redis_cluster") else "SIDECAR_REDIS_CLUSTER"
+        raise SettingsInvalid(f"{flag_or_variable}: {_TOPOLOGY_NOT_YET}")
     settings = Settings(**values)
     _check_admin_exposure(settings)
     return settings

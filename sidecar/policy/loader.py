@@ -9,12 +9,11 @@ one file may name a meter defined in another.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import enum
 import os
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from functools import partial
@@ -22,14 +21,12 @@ from types import MappingProxyType
 from typing import Generic, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
-import yaml
-from yaml.constructor import SafeConstructor
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import ScalarNode, SequenceNode
 
 from sidecar.errors import PolicyError, PolicyInvalid
 from sidecar.policy.model import (
-    Aggregation,
     DEFAULT_BILLING_INTERVAL,
+    Aggregation,
     Billing,
     BillingFormat,
     Customer,
@@ -45,12 +42,28 @@ from sidecar.policy.model import (
     SourceKind,
     StoreFailure,
 )
+from sidecar.policy.nodes import (
+    At,
+    compose,
+    is_tag,
+    policy_files,
+    read_bool,
+    read_choice,
+    read_fields,
+    read_int,
+    read_items,
+    read_optional,
+    read_pairs,
+    read_required,
+    read_str,
+    read_word,
+    report_expected,
+    unknown_key_message,
+)
 
 T = TypeVar("T")
 E = TypeVar("E", bound=enum.Enum)
 
-_TAG = "tag:yaml.org,2002:"
-_CONSTRUCTOR = SafeConstructor()
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -100,11 +113,11 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     value. An API key that is not a ``sha256:`` hash is never echoed, as it may be a secret.
     """
     draft = _Draft()
-    for file in _policy_files(os.fspath(path), draft.errors):
+    for file in policy_files(os.fspath(path), draft.errors):
         draft.sources.append(file)
-        root = _compose(file, draft.errors)
+        root = compose(file, draft.errors)
         if root is not None:
-            _read_file(draft, _At(file, "", root, draft.errors))
+            _read_file(draft, At(file, "", root, draft.errors))
     for check in draft.checks:
         check()
     if draft.errors:
@@ -112,50 +125,11 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     return _build(draft)
 
 
-# -- where a node is, and the errors it reports into -------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class _At:
-    """A node, where it sits (file and dotted path), and the error list it reports into."""
-
-    file: str
-    path: str
-    node: Node
-    errors: list[PolicyError]
-
-    @property
-    def line(self) -> int:
-        return int(self.node.start_mark.line) + 1
-
-    @property
-    def col(self) -> int:
-        return int(self.node.start_mark.column) + 1
-
-    @property
-    def where(self) -> str:
-        return f"{os.path.basename(self.file)}:{self.line}:{self.col}"
-
-    @property
-    def tag(self) -> str:
-        return str(self.node.tag).removeprefix(_TAG)
-
-    def error(self, message: str) -> None:
-        self.errors.append(PolicyError(self.file, self.line, self.col, self.path, message))
-
-    def field(self, key: str, node: Node) -> _At:
-        path = f"{self.path}.{key}" if self.path else key
-        return dataclasses.replace(self, path=path, node=node)
-
-    def item(self, index: int, node: Node) -> _At:
-        return dataclasses.replace(self, path=f"{self.path}[{index}]", node=node)
-
-
 @dataclass(slots=True)
 class _Def(Generic[T]):
     """A named definition: where it was first made, and its value (None if it was invalid)."""
 
-    at: _At
+    at: At
     value: T | None
 
 
@@ -165,7 +139,7 @@ class _Draft:
 
     errors: list[PolicyError] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
-    sections: dict[str, _At] = field(default_factory=dict)
+    sections: dict[str, At] = field(default_factory=dict)
     identity: Identity = field(default_factory=Identity)
     billing: Billing | None = None
     store_failure: StoreFailure = StoreFailure.CLOSED
@@ -197,210 +171,7 @@ def _values(table: Mapping[str, _Def[T]]) -> dict[str, T]:
     return {name: entry.value for name, entry in table.items() if entry.value is not None}
 
 
-# -- files and YAML ---------------------------------------------------------------------------
-
-
-def _policy_files(path: str, errors: list[PolicyError]) -> list[str]:
-    if not os.path.exists(path):
-        errors.append(PolicyError(path, 1, 1, "", "no such file or directory"))
-        return []
-    if not os.path.isdir(path):
-        return [path]
-    names = _yaml_names(path, errors)
-    if names is None:
-        return []
-    files = [os.path.join(path, name) for name in sorted(names)]
-    files = [file for file in files if os.path.isfile(file)]
-    if not files:
-        errors.append(PolicyError(path, 1, 1, "", "no *.yaml or *.yml files in this directory"))
-    return files
-
-
-def _yaml_names(directory: str, errors: list[PolicyError]) -> list[str] | None:
-    try:
-        names = os.listdir(directory)
-    except OSError as exc:
-        errors.append(PolicyError(directory, 1, 1, "", f"cannot read directory: {exc.strerror}"))
-        return None
-    return [n for n in names if n.endswith((".yaml", ".yml")) and not n.startswith(".")]
-
-
-def _compose(file: str, errors: list[PolicyError]) -> Node | None:
-    text = _read_text(file, errors)
-    if text is None:
-        return None
-    try:
-        root: Node | None = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        errors.append(_yaml_error(file, text, exc))
-        return None
-    if root is None:
-        errors.append(PolicyError(file, 1, 1, "", _EMPTY))
-    return root
-
-
-_EMPTY = "empty policy file; expected a mapping with version: 1"
-
-
-def _read_text(file: str, errors: list[PolicyError]) -> str | None:
-    try:
-        with open(file, encoding="utf-8") as stream:
-            return stream.read()
-    except OSError as exc:
-        errors.append(PolicyError(file, 1, 1, "", f"cannot read file: {exc.strerror}"))
-    except UnicodeDecodeError as exc:
-        errors.append(PolicyError(file, 1, 1, "", f"file is not UTF-8 text: {exc.reason}"))
-    return None
-
-
-def _yaml_error(file: str, text: str, exc: yaml.YAMLError) -> PolicyError:
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    if isinstance(exc, yaml.MarkedYAMLError) and mark is not None:
-        context = f"{exc.context}, " if exc.context else ""
-        message = f"invalid YAML: {context}{exc.problem}"
-        return PolicyError(file, mark.line + 1, mark.column + 1, "", message)
-    position = getattr(exc, "position", 0)
-    line = text.count("\n", 0, position) + 1
-    col = position - text.rfind("\n", 0, position)
-    return PolicyError(file, line, col, "", f"invalid YAML: {getattr(exc, 'reason', exc)}")
-
-
-# -- node shapes and scalar types -------------------------------------------------------------
-
-
-def _describe(node: Node) -> str:
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    if isinstance(node, SequenceNode):
-        return "a list"
-    kind = str(node.tag).removeprefix(_TAG)
-    if kind == "null":
-        return "null"
-    return f"'{node.value}'" if kind == "str" else f"{kind} {node.value}"
-
-
-def _expected(at: _At, what: str) -> None:
-    at.error(f"expected {what}, got {_describe(at.node)}")
-
-
-def _is(at: _At, kind: str) -> bool:
-    return isinstance(at.node, ScalarNode) and at.tag == kind
-
-
-def _int(at: _At, minimum: int = 0) -> int | None:
-    what = f"an integer >= {minimum}"
-    if not _is(at, "int"):
-        _expected(at, what)
-        return None
-    value = int(_CONSTRUCTOR.construct_yaml_int(at.node))
-    if value < minimum:
-        at.error(f"expected {what}, got {value}")
-        return None
-    return value
-
-
-def _bool(at: _At) -> bool | None:
-    if _is(at, "bool"):
-        return bool(_CONSTRUCTOR.construct_yaml_bool(at.node))
-    _expected(at, "true or false")
-    return None
-
-
-def _str(at: _At, what: str = "a non-empty string") -> str | None:
-    if _is(at, "str") and at.node.value:
-        return str(at.node.value)
-    _expected(at, what)
-    return None
-
-
-def _word(
-    at: _At, noun: str, choices: Sequence[str], fold: Callable[[str], str] = str
-) -> str | None:
-    expected = f"one of {', '.join(choices)}"
-    if not isinstance(at.node, ScalarNode):
-        _expected(at, expected)
-        return None
-    word = fold(at.node.value)
-    if at.tag == "str" and word in choices:
-        return word
-    at.error(f"unknown {noun} '{at.node.value}'; expected {expected}")
-    return None
-
-
-def _choice(at: _At, kind: type[E], noun: str) -> E | None:
-    word = _word(at, noun, [member.value for member in kind])
-    return None if word is None else kind(word)
-
-
-def _items(at: _At) -> list[_At]:
-    if isinstance(at.node, SequenceNode):
-        return [at.item(index, node) for index, node in enumerate(at.node.value)]
-    _expected(at, "a list")
-    return []
-
-
-def _pairs(at: _At) -> list[tuple[str, _At, _At]] | None:
-    """(key, key position, value position) per entry; reports odd and duplicate keys."""
-    if not isinstance(at.node, MappingNode):
-        _expected(at, "a mapping")
-        return None
-    seen: dict[str, _At] = {}
-    pairs = []
-    for key_node, value_node in at.node.value:
-        key = _key(at, key_node)
-        if key is None:
-            continue
-        key_at = at.field(key, key_node)
-        if key in seen:
-            key_at.error(f"duplicate key '{key}' (first at line {seen[key].line})")
-            continue
-        seen[key] = key_at
-        pairs.append((key, key_at, at.field(key, value_node)))
-    return pairs
-
-
-def _key(at: _At, node: Node) -> str | None:
-    if isinstance(node, ScalarNode) and node.value:
-        return str(node.value)
-    dataclasses.replace(at, node=node).error(f"expected a name as key, got {_describe(node)}")
-    return None
-
-
-def _fields(at: _At, allowed: Sequence[str], required: Sequence[str] = ()) -> dict[str, _At] | None:
-    pairs = _pairs(at)
-    if pairs is None:
-        return None
-    fields = {}
-    for key, key_at, value_at in pairs:
-        if key in allowed:
-            fields[key] = value_at
-        else:
-            key_at.error(_unknown_key(key, allowed))
-    for key in required:
-        if key not in fields:
-            at.error(f"missing required key '{key}'")
-    return fields
-
-
-def _unknown_key(key: str, allowed: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    if close:
-        return f"unknown key '{key}'; did you mean '{close[0]}'?"
-    return f"unknown key '{key}'; valid keys are {', '.join(allowed)}"
-
-
-def _required(fields: dict[str, _At], key: str, parse: Callable[[_At], T | None]) -> T | None:
-    """The parsed value, or None when missing (already reported) or invalid."""
-    return parse(fields[key]) if key in fields else None
-
-
-def _optional(fields: dict[str, _At], key: str, parse: Callable[[_At], T | None], default: T) -> T:
-    """The parsed value, or the default when absent or invalid (an error is then recorded)."""
-    value = parse(fields[key]) if key in fields else None
-    return default if value is None else value
-
-
-def _valid_name(at: _At, noun: str, name: str) -> None:
+def _valid_name(at: At, noun: str, name: str) -> None:
     if not _NAME.fullmatch(name):
         at.error(
             f"invalid {noun} name '{name}'; use a lowercase letter, then lowercase letters, "
@@ -408,7 +179,7 @@ def _valid_name(at: _At, noun: str, name: str) -> None:
         )
 
 
-def _valid_id(at: _At, noun: str, name: str) -> None:
+def _valid_id(at: At, noun: str, name: str) -> None:
     if not _ID.fullmatch(name):
         at.error(
             f"invalid {noun} '{name}'; use a letter or digit, then letters, digits or . _ : @ - "
@@ -419,7 +190,7 @@ def _valid_id(at: _At, noun: str, name: str) -> None:
 # -- definitions and references -----------------------------------------------------------------
 
 
-def _define(table: dict[str, _Def[T]], noun: str, name: str, at: _At, value: T | None) -> None:
+def _define(table: dict[str, _Def[T]], noun: str, name: str, at: At, value: T | None) -> None:
     first = table.get(name)
     if first is not None:
         at.error(f"duplicate {noun} '{name}' (first defined at {first.at.where})")
@@ -427,7 +198,7 @@ def _define(table: dict[str, _Def[T]], noun: str, name: str, at: _At, value: T |
     table[name] = _Def(at, value)
 
 
-def _resolve(table: Mapping[str, _Def[T]], noun: str, at: _At, name: str) -> T | None:
+def _resolve(table: Mapping[str, _Def[T]], noun: str, at: At, name: str) -> T | None:
     """The named definition's value; None when unknown (reported here) or itself invalid."""
     found = table.get(name)
     if found is None:
@@ -438,11 +209,11 @@ def _resolve(table: Mapping[str, _Def[T]], noun: str, at: _At, name: str) -> T |
     return found.value
 
 
-def _names(draft: _Draft, at: _At, what: str, check: Callable[..., object]) -> tuple[str, ...]:
+def _names(draft: _Draft, at: At, what: str, check: Callable[..., object]) -> tuple[str, ...]:
     """A list of names, each checked by ``check(draft, at, name)`` once all files are read."""
     names = []
-    for item in _items(at):
-        name = _str(item, what)
+    for item in read_items(at):
+        name = read_str(item, what)
         if name is not None:
             names.append(name)
             draft.later(check, draft, item, name)
@@ -452,8 +223,8 @@ def _names(draft: _Draft, at: _At, what: str, check: Callable[..., object]) -> t
 # -- the top level ------------------------------------------------------------------------------
 
 
-def _read_file(draft: _Draft, at: _At) -> None:
-    pairs = _pairs(at)
+def _read_file(draft: _Draft, at: At) -> None:
+    pairs = read_pairs(at)
     if pairs is None:
         return
     if "version" not in (key for key, _, _ in pairs):
@@ -461,12 +232,12 @@ def _read_file(draft: _Draft, at: _At) -> None:
     for key, key_at, value_at in pairs:
         read = _SECTIONS.get(key)
         if read is None:
-            key_at.error(_unknown_key(key, _TOP_KEYS))
+            key_at.error(unknown_key_message(key, _TOP_KEYS))
         elif key not in _ONCE or _claim(draft, key, key_at):
             read(draft, value_at)
 
 
-def _claim(draft: _Draft, section: str, key_at: _At) -> bool:
+def _claim(draft: _Draft, section: str, key_at: At) -> bool:
     first = draft.sections.get(section)
     if first is not None:
         key_at.error(f"section '{section}' already defined at {first.where}")
@@ -475,60 +246,60 @@ def _claim(draft: _Draft, section: str, key_at: _At) -> bool:
     return True
 
 
-def _version(draft: _Draft, at: _At) -> None:
-    version = _int(at, minimum=1)
+def _version(draft: _Draft, at: At) -> None:
+    version = read_int(at, minimum=1)
     if version is not None and version != 1:
         at.error(f"unsupported version {version}; expected 1")
 
 
-def _identity(draft: _Draft, at: _At) -> None:
-    fields = _fields(at, ("api_key_headers",))
+def _identity(draft: _Draft, at: At) -> None:
+    fields = read_fields(at, ("api_key_headers",))
     if fields and "api_key_headers" in fields:
         headers = _header_names(fields["api_key_headers"])
         if headers:
             draft.identity = Identity(api_key_headers=headers)
 
 
-def _header_names(at: _At) -> tuple[str, ...] | None:
+def _header_names(at: At) -> tuple[str, ...] | None:
     mark = len(at.errors)
     if isinstance(at.node, SequenceNode) and not at.node.value:
         at.error("expected at least one header name, got an empty list")
-    names = tuple(name for item in _items(at) if (name := _header_name(item)) is not None)
+    names = tuple(name for item in read_items(at) if (name := _header_name(item)) is not None)
     return names if len(at.errors) == mark else None
 
 
-def _header_name(at: _At) -> str | None:
-    name = _str(at, "a header name")
+def _header_name(at: At) -> str | None:
+    name = read_str(at, "a header name")
     if name is not None and not _TOKEN.fullmatch(name):
         at.error(f"invalid header name '{name}'; use letters, digits and !#$%&'*+-.^_`|~")
         return None
     return name
 
 
-def _store_failure(draft: _Draft, at: _At) -> None:
+def _store_failure(draft: _Draft, at: At) -> None:
     mode = _store_mode(at)
     if mode is not None:
         draft.store_failure = mode
 
 
-def _store_mode(at: _At) -> StoreFailure | None:
-    return _choice(at, StoreFailure, "store_failure")
+def _store_mode(at: At) -> StoreFailure | None:
+    return read_choice(at, StoreFailure, "store_failure")
 
 
 # -- meters ----------------------------------------------------------------------------------
 
 
-def _meters(draft: _Draft, at: _At) -> None:
-    for name, key_at, value_at in _pairs(at) or ():
+def _meters(draft: _Draft, at: At) -> None:
+    for name, key_at, value_at in read_pairs(at) or ():
         _valid_name(key_at, "meter", name)
         _define(draft.meters, "meter", name, key_at, _meter(value_at, name))
 
 
-def _meter(at: _At, name: str) -> Meter | None:
-    fields = _fields(at, _METER_KEYS, required=("aggregation",))
+def _meter(at: At, name: str) -> Meter | None:
+    fields = read_fields(at, _METER_KEYS, required=("aggregation",))
     if fields is None:
         return None
-    aggregation = _required(fields, "aggregation", _aggregation)
+    aggregation = read_required(fields, "aggregation", _aggregation)
     source_at = fields.get("source")
     source = _source(source_at) if source_at else Source(kind=SourceKind.REQUEST)
     if aggregation is None or source is None:
@@ -538,11 +309,11 @@ def _meter(at: _At, name: str) -> Meter | None:
     return Meter(name=name, aggregation=aggregation, source=source)
 
 
-def _aggregation(at: _At) -> Aggregation | None:
-    return _choice(at, Aggregation, "aggregation")
+def _aggregation(at: At) -> Aggregation | None:
+    return read_choice(at, Aggregation, "aggregation")
 
 
-def _fits(aggregation: Aggregation, source: Source, at: _At) -> bool:
+def _fits(aggregation: Aggregation, source: Source, at: At) -> bool:
     if aggregation is Aggregation.COUNT and not source.at_request_time:
         at.error(f"aggregation 'count' counts requests; use 'sum' to add up {source}")
         return False
@@ -555,8 +326,8 @@ def _fits(aggregation: Aggregation, source: Source, at: _At) -> bool:
     return True
 
 
-def _source(at: _At) -> Source | None:
-    text = _str(at, "a source")
+def _source(at: At) -> Source | None:
+    text = read_str(at, "a source")
     source = None if text is None else _parse_source(text)
     if text is not None and source is None:
         at.error(f"invalid source '{text}'; {_SOURCE_HINT}")
@@ -577,16 +348,16 @@ def _parse_source(text: str) -> Source | None:
 # -- features --------------------------------------------------------------------------------
 
 
-def _features(draft: _Draft, at: _At) -> None:
-    for item in _items(at):
+def _features(draft: _Draft, at: At) -> None:
+    for item in read_items(at):
         _feature(draft, item)
 
 
-def _feature(draft: _Draft, at: _At) -> None:
-    fields = _fields(at, _FEATURE_KEYS, required=("name", "match"))
+def _feature(draft: _Draft, at: At) -> None:
+    fields = read_fields(at, _FEATURE_KEYS, required=("name", "match"))
     if fields is None:
         return
-    name = _required(fields, "name", partial(_str, what="a feature name"))
+    name = read_required(fields, "name", partial(read_str, what="a feature name"))
     if name is not None:
         _valid_name(fields["name"], "feature", name)
     feature = _feature_value(draft, fields, name or "")
@@ -594,33 +365,33 @@ def _feature(draft: _Draft, at: _At) -> None:
         _define(draft.features, "feature", name, fields["name"], feature)
 
 
-def _feature_value(draft: _Draft, fields: dict[str, _At], name: str) -> Feature | None:
+def _feature_value(draft: _Draft, fields: dict[str, At], name: str) -> Feature | None:
     mark = len(draft.errors)
-    route = _required(fields, "match", _match)
-    public = _optional(fields, "public", _bool, False)
-    cost = _optional(fields, "cost", partial(_cost, draft, public), MappingProxyType({}))
+    route = read_required(fields, "match", _match)
+    public = read_optional(fields, "public", read_bool, False)
+    cost = read_optional(fields, "cost", partial(_cost, draft, public), MappingProxyType({}))
     if route is None or not name or len(draft.errors) > mark:
         return None
     method, path = route
     return Feature(name=name, method=method, path=path, public=public, cost=cost)
 
 
-def _match(at: _At) -> tuple[str | None, str] | None:
+def _match(at: At) -> tuple[str | None, str] | None:
     mark = len(at.errors)
-    fields = _fields(at, _MATCH_KEYS, required=("path",))
-    path = _required(fields or {}, "path", _route_path)
-    method = _optional(fields or {}, "method", _method, None)
+    fields = read_fields(at, _MATCH_KEYS, required=("path",))
+    path = read_required(fields or {}, "path", _route_path)
+    method = read_optional(fields or {}, "method", _method, None)
     if path is None or len(at.errors) > mark:
         return None
     return method, path
 
 
-def _method(at: _At) -> str | None:
-    return _word(at, "method", _METHODS, str.upper)
+def _method(at: At) -> str | None:
+    return read_word(at, "method", _METHODS, str.upper)
 
 
-def _route_path(at: _At) -> str | None:
-    path = _str(at, "a path template")
+def _route_path(at: At) -> str | None:
+    path = read_str(at, "a path template")
     if path is None:
         return None
     if not path.startswith("/"):
@@ -636,20 +407,20 @@ def _route_path(at: _At) -> str | None:
     return path
 
 
-def _cost(draft: _Draft, public: bool, at: _At) -> Mapping[str, int] | None:
+def _cost(draft: _Draft, public: bool, at: At) -> Mapping[str, int] | None:
     if public:
         at.error("a public feature is not metered, so it cannot have a cost")
         return None
     amounts: dict[str, int] = {}
-    for meter, key_at, value_at in _pairs(at) or ():
+    for meter, key_at, value_at in read_pairs(at) or ():
         draft.later(_cost_meter, draft, key_at, meter)
-        amount = _int(value_at, minimum=1)
+        amount = read_int(value_at, minimum=1)
         if amount is not None:
             amounts[meter] = amount
     return MappingProxyType(amounts)
 
 
-def _cost_meter(draft: _Draft, at: _At, name: str) -> None:
+def _cost_meter(draft: _Draft, at: At, name: str) -> None:
     meter = _resolve(draft.meters, "meter", at, name)
     if meter is not None and not meter.source.at_request_time:
         at.error(
@@ -661,45 +432,45 @@ def _cost_meter(draft: _Draft, at: _At, name: str) -> None:
 # -- plans and limits ------------------------------------------------------------------------
 
 
-def _plans(draft: _Draft, at: _At) -> None:
-    for name, key_at, value_at in _pairs(at) or ():
+def _plans(draft: _Draft, at: At) -> None:
+    for name, key_at, value_at in read_pairs(at) or ():
         _valid_id(key_at, "plan name", name)
         _define(draft.plans, "plan", name, key_at, _plan(draft, value_at, name))
 
 
-def _plan(draft: _Draft, at: _At, name: str) -> Plan | None:
+def _plan(draft: _Draft, at: At, name: str) -> Plan | None:
     mark = len(at.errors)
-    fields = _fields(at, _PLAN_KEYS)
+    fields = read_fields(at, _PLAN_KEYS)
     if fields is None:
         return None
-    features = _optional(fields, "features", partial(_plan_features, draft), ())
+    features = read_optional(fields, "features", partial(_plan_features, draft), ())
     read_limits = partial(_limits, draft, name, features)
     plan = Plan(
         name=name,
         features=frozenset(features),
-        limits=_optional(fields, "limits", read_limits, ()),
-        prepaid=_optional(fields, "prepaid", partial(_prepaid, draft), ()),
-        shadow=_optional(fields, "shadow", _bool, False),
-        store_failure=_optional(fields, "store_failure", _store_mode, None),
+        limits=read_optional(fields, "limits", read_limits, ()),
+        prepaid=read_optional(fields, "prepaid", partial(_prepaid, draft), ()),
+        shadow=read_optional(fields, "shadow", read_bool, False),
+        store_failure=read_optional(fields, "store_failure", _store_mode, None),
     )
     return plan if len(at.errors) == mark else None
 
 
-def _plan_features(draft: _Draft, at: _At) -> tuple[str, ...]:
+def _plan_features(draft: _Draft, at: At) -> tuple[str, ...]:
     return _names(draft, at, "a feature name", _plan_feature)
 
 
-def _plan_feature(draft: _Draft, at: _At, name: str) -> None:
+def _plan_feature(draft: _Draft, at: At, name: str) -> None:
     feature = _resolve(draft.features, "feature", at, name)
     if feature is not None and feature.public:
         at.error(f"feature '{name}' is public and needs no entitlement")
 
 
-def _prepaid(draft: _Draft, at: _At) -> tuple[str, ...]:
+def _prepaid(draft: _Draft, at: At) -> tuple[str, ...]:
     return _names(draft, at, "a meter name", _prepaid_meter)
 
 
-def _prepaid_meter(draft: _Draft, at: _At, name: str) -> None:
+def _prepaid_meter(draft: _Draft, at: At, name: str) -> None:
     meter = _resolve(draft.meters, "meter", at, name)
     if meter is not None and meter.aggregation in _NOT_PREPAID:
         at.error(
@@ -713,10 +484,10 @@ def _prepaid_meter(draft: _Draft, at: _At, name: str) -> None:
         )
 
 
-def _limits(draft: _Draft, plan: str, features: tuple[str, ...], at: _At) -> tuple[Limit, ...]:
-    first_at: dict[tuple[str, Period, str | None], _At] = {}
+def _limits(draft: _Draft, plan: str, features: tuple[str, ...], at: At) -> tuple[Limit, ...]:
+    first_at: dict[tuple[str, Period, str | None], At] = {}
     limits = []
-    for item in _items(at):
+    for item in read_items(at):
         limit = _limit(draft, item, plan, features)
         if limit is None:
             continue
@@ -728,31 +499,31 @@ def _limits(draft: _Draft, plan: str, features: tuple[str, ...], at: _At) -> tup
     return tuple(limits)
 
 
-def _limit(draft: _Draft, at: _At, plan: str, features: tuple[str, ...]) -> Limit | None:
+def _limit(draft: _Draft, at: At, plan: str, features: tuple[str, ...]) -> Limit | None:
     mark = len(at.errors)
-    fields = _fields(at, _LIMIT_KEYS, required=("meter", "limit", "period"))
+    fields = read_fields(at, _LIMIT_KEYS, required=("meter", "limit", "period"))
     if fields is None:
         return None
-    meter = _required(fields, "meter", partial(_str, what="a meter name"))
-    limit = _required(fields, "limit", _int)
-    period = _required(fields, "period", partial(_choice, kind=Period, noun="period"))
-    feature = _optional(fields, "feature", partial(_str, what="a feature name"), None)
+    meter = read_required(fields, "meter", partial(read_str, what="a meter name"))
+    limit = read_required(fields, "limit", read_int)
+    period = read_required(fields, "period", partial(read_choice, kind=Period, noun="period"))
+    feature = read_optional(fields, "feature", partial(read_str, what="a feature name"), None)
     _limit_references(draft, fields, meter, feature, plan, features)
     burst = _burst(fields, period)
-    on_exceed = _optional(fields, "on_exceed", _on_exceed, OnExceed.REJECT)
-    shadow = _optional(fields, "shadow", _bool, False)
+    on_exceed = read_optional(fields, "on_exceed", _on_exceed, OnExceed.REJECT)
+    shadow = read_optional(fields, "shadow", read_bool, False)
     if meter is None or limit is None or period is None or len(at.errors) > mark:
         return None
     return Limit(meter=meter, limit=limit, period=period, burst=burst, feature=feature,
                  on_exceed=on_exceed, shadow=shadow)
 
 
-def _on_exceed(at: _At) -> OnExceed | None:
-    return _choice(at, OnExceed, "on_exceed")
+def _on_exceed(at: At) -> OnExceed | None:
+    return read_choice(at, OnExceed, "on_exceed")
 
 
-def _burst(fields: dict[str, _At], period: Period | None) -> int:
-    burst = _optional(fields, "burst", _int, 0)
+def _burst(fields: dict[str, At], period: Period | None) -> int:
+    burst = read_optional(fields, "burst", read_int, 0)
     if "burst" in fields and period is not None and not period.is_rate:
         fields["burst"].error(
             f"burst applies to rate periods (second, minute, hour), not '{period.value}'"
@@ -762,7 +533,7 @@ def _burst(fields: dict[str, _At], period: Period | None) -> int:
 
 def _limit_references(
     draft: _Draft,
-    fields: dict[str, _At],
+    fields: dict[str, At],
     meter: str | None,
     feature: str | None,
     plan: str,
@@ -774,7 +545,7 @@ def _limit_references(
         draft.later(_limit_feature, draft, fields["feature"], feature, plan, features)
 
 
-def _limit_meter(draft: _Draft, at: _At, name: str) -> None:
+def _limit_meter(draft: _Draft, at: At, name: str) -> None:
     meter = _resolve(draft.meters, "meter", at, name)
     if meter is not None and meter.aggregation in _NO_TOTAL:
         at.error(
@@ -788,7 +559,7 @@ def _limit_meter(draft: _Draft, at: _At, name: str) -> None:
 
 
 def _limit_feature(
-    draft: _Draft, at: _At, name: str, plan: str, features: Collection[str]
+    draft: _Draft, at: At, name: str, plan: str, features: Collection[str]
 ) -> None:
     if name not in draft.features:
         _resolve(draft.features, "feature", at, name)
@@ -802,34 +573,34 @@ def _limit_feature(
 # -- customers ---------------------------------------------------------------------------------
 
 
-def _customers(draft: _Draft, at: _At) -> None:
-    for customer_id, key_at, value_at in _pairs(at) or ():
+def _customers(draft: _Draft, at: At) -> None:
+    for customer_id, key_at, value_at in read_pairs(at) or ():
         _valid_id(key_at, "customer id", customer_id)
         customer = _customer(draft, value_at, customer_id)
         _define(draft.customers, "customer", customer_id, key_at, customer)
 
 
-def _customer(draft: _Draft, at: _At, customer_id: str) -> Customer | None:
+def _customer(draft: _Draft, at: At, customer_id: str) -> Customer | None:
     mark = len(at.errors)
-    fields = _fields(at, _CUSTOMER_KEYS, required=("plan",))
+    fields = read_fields(at, _CUSTOMER_KEYS, required=("plan",))
     if fields is None:
         return None
-    plan = _required(fields, "plan", partial(_str, what="a plan name"))
+    plan = read_required(fields, "plan", partial(read_str, what="a plan name"))
     if plan is not None:
         draft.later(_resolve, draft.plans, "plan", fields["plan"], plan)
-    keys = _optional(fields, "api_keys", partial(_api_keys, draft, customer_id), ())
-    anchor = _optional(fields, "billing_anchor", _date, None)
+    keys = read_optional(fields, "api_keys", partial(_api_keys, draft, customer_id), ())
+    anchor = read_optional(fields, "billing_anchor", _date, None)
     if plan is None or len(at.errors) > mark:
         return None
     return Customer(id=customer_id, plan=plan, api_key_hashes=keys, billing_anchor=anchor)
 
 
-def _api_keys(draft: _Draft, customer_id: str, at: _At) -> tuple[str, ...]:
+def _api_keys(draft: _Draft, customer_id: str, at: At) -> tuple[str, ...]:
     if not isinstance(at.node, SequenceNode):
         at.error("expected a list of sha256: key hashes (the value is not shown)")
         return ()
     hashes: list[str] = []
-    for item in _items(at):
+    for item in read_items(at):
         digest = _key_hash(item)
         if digest is None:
             continue
@@ -843,8 +614,8 @@ def _api_keys(draft: _Draft, customer_id: str, at: _At) -> tuple[str, ...]:
     return tuple(hashes)
 
 
-def _key_hash(at: _At) -> str | None:
-    text = str(at.node.value) if _is(at, "str") else ""
+def _key_hash(at: At) -> str | None:
+    text = str(at.node.value) if is_tag(at, "str") else ""
     match = _KEY_HASH.fullmatch(text)
     if match:
         return match.group(1)
@@ -861,9 +632,9 @@ def _key_hash(at: _At) -> str | None:
     return None
 
 
-def _date(at: _At) -> date | None:
+def _date(at: At) -> date | None:
     if not isinstance(at.node, ScalarNode):
-        _expected(at, "a date YYYY-MM-DD")
+        report_expected(at, "a date YYYY-MM-DD")
         return None
     text = str(at.node.value)
     if at.tag in ("str", "timestamp") and _DATE.fullmatch(text):
@@ -878,24 +649,24 @@ def _date(at: _At) -> date | None:
 # -- billing -----------------------------------------------------------------------------------
 
 
-def _billing(draft: _Draft, at: _At) -> None:
+def _billing(draft: _Draft, at: At) -> None:
     mark = len(at.errors)
-    fields = _fields(at, _BILLING_KEYS, required=("url",))
+    fields = read_fields(at, _BILLING_KEYS, required=("url",))
     if fields is None:
         return
-    url = _required(fields, "url", _url)
-    billing_format = _optional(fields, "format", _billing_format, BillingFormat.JSON)
-    interval = _optional(fields, "interval", partial(_int, minimum=1), DEFAULT_BILLING_INTERVAL)
+    url = read_required(fields, "url", _url)
+    billing_format = read_optional(fields, "format", _billing_format, BillingFormat.JSON)
+    interval = read_optional(fields, "interval", partial(read_int, minimum=1), DEFAULT_BILLING_INTERVAL)
     if url is not None and len(at.errors) == mark:
         draft.billing = Billing(url=url, format=billing_format, interval=interval)
 
 
-def _billing_format(at: _At) -> BillingFormat | None:
-    return _choice(at, BillingFormat, "format")
+def _billing_format(at: At) -> BillingFormat | None:
+    return read_choice(at, BillingFormat, "format")
 
 
-def _url(at: _At) -> str | None:
-    url = _str(at, "a URL")
+def _url(at: At) -> str | None:
+    url = read_str(at, "a URL")
     if url is None:
         return None
     parts = _split_url(url)
@@ -912,7 +683,7 @@ def _split_url(url: str) -> SplitResult | None:
         return None
 
 
-_SECTIONS: dict[str, Callable[[_Draft, _At], None]] = {
+_SECTIONS: dict[str, Callable[[_Draft, At], None]] = {
     "version": _version,
     "identity": _identity,
     "meters": _meters,

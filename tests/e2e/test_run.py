@@ -1,0 +1,389 @@
+"""`sidecar run` as a real process (SPEC §2): embedded redis-server, restart durability, SIGTERM drain,
+refusal of a bad policy, one sidecar per data directory.
+
+Each sidecar runs in its own session (process group) so that, if a test fails half-way, the
+teardown can kill the sidecar together with the redis-server it started, and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from sidecar.store.embedded import free_port
+from tests.conftest import key_hash, write_policy
+
+pytestmark = pytest.mark.slow
+
+ACME = "acme-key-1"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "policies"
+READY_TIMEOUT = 15.0
+EXIT_TIMEOUT = 10.0
+SLOW_UPSTREAM_SECONDS = 1.5
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=10)
+PROBE_TIMEOUT = aiohttp.ClientTimeout(total=1)
+
+ENTERED = web.AppKey("entered", asyncio.Event)
+
+
+@dataclass
+class Sidecar:
+    process: asyncio.subprocess.Process
+    proxy: str  # base URL of the proxy port
+    admin: str  # HOST:PORT of the admin port
+    stderr_path: Path
+    launched: float
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    async def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
+        return await asyncio.wait_for(self.process.wait(), timeout)
+
+    async def wait_ready(self, session: aiohttp.ClientSession) -> float:
+        """Seconds from launch until /readyz answers 200; fails the test if the process exits first."""
+        code = await self.ready_or_exit(session)
+        if code is not None:
+            pytest.fail(f"sidecar exited {code} before ready:\n{self.stderr}")
+        return time.monotonic() - self.launched
+
+    async def ready_or_exit(self, session: aiohttp.ClientSession) -> int | None:
+        """Polls /readyz until 200 (None) or until the process exits (its code), within READY_TIMEOUT."""
+        deadline = self.launched + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.returncode is not None:
+                return self.process.returncode
+            try:
+                async with session.get(f"http://{self.admin}/readyz", timeout=PROBE_TIMEOUT) as probe:
+                    if probe.status == 200:
+                        return None
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.05)
+        pytest.fail(f"sidecar neither ready nor exited within {READY_TIMEOUT}s:\n{self.stderr}")
+
+    async def terminate(self) -> tuple[int, float]:
+        """SIGTERM to the sidecar alone; returns (exit code, seconds to exit)."""
+        sent = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        code = await self.wait_exit()
+        return code, time.monotonic() - sent
+
+
+Launcher = Callable[..., Awaitable[Sidecar]]
+
+
+def child_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+
+
+@pytest.fixture
+async def launch(tmp_path: Path) -> AsyncIterator[Launcher]:
+    started: list[Sidecar] = []
+
+    async def start(policies: Path, upstream_url: str, data_dir: Path) -> Sidecar:
+        index = len(started)
+        stderr_path = tmp_path / f"sidecar-{index}.stderr"
+        listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        command = [
+            sys.executable, "-m", "sidecar", "run",
+            "--listen", listen, "--admin", admin, "--upstream", upstream_url,
+            "--policies", str(policies), "--data-dir", str(data_dir),
+        ]  # fmt: skip
+        launched = time.monotonic()
+        with stderr_path.open("wb") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=stderr,
+                cwd=tmp_path,
+                env=child_environment(),
+                start_new_session=True,
+            )
+        sidecar = Sidecar(process, f"http://{listen}", admin, stderr_path, launched)
+        started.append(sidecar)
+        return sidecar
+
+    try:
+        yield start
+    finally:
+        for sidecar in started:
+            if sidecar.process.returncode is None:
+                sidecar.process.send_signal(signal.SIGTERM)
+                with contextlib.suppress(TimeoutError):
+                    await sidecar.wait_exit()
+            with contextlib.suppress(ProcessLookupError):  # the group: the sidecar and its redis-server
+                os.killpg(sidecar.process.pid, signal.SIGKILL)
+            if sidecar.process.returncode is None:
+                await sidecar.process.wait()
+
+
+async def _search(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def _slow(request: web.Request) -> web.Response:
+    request.app[ENTERED].set()
+    await asyncio.sleep(SLOW_UPSTREAM_SECONDS)
+    return web.json_response({"slow": True})
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> TestServer:
+    app = web.Application()
+    app[ENTERED] = asyncio.Event()
+    app.router.add_get("/v1/search", _search)
+    app.router.add_get("/v1/slow", _slow)
+    return await aiohttp_server(app, host="127.0.0.1")
+
+
+def upstream_url(server: TestServer) -> str:
+    return str(server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Path:
+    return write_policy(
+        tmp_path,
+        f"""
+        version: 1
+        meters:
+          requests: {{aggregation: count}}
+        features:
+          - {{name: search, match: {{method: GET, path: /v1/search}}}}
+          - {{name: slow, match: {{method: GET, path: /v1/slow}}}}
+        plans:
+          pro:
+            features: [search, slow]
+            limits:
+              - {{meter: requests, limit: 10, period: month}}
+        customers:
+          acme: {{plan: pro, api_keys: ["{key_hash(ACME)}"]}}
+        """,
+    )
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
+        yield client
+
+
+async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str, str]:
+    async with session.get(url, headers={"X-API-Key": ACME}) as response:
+        return response.status, response.headers.get("RateLimit", ""), await response.text()
+
+
+async def sidecar_cli(*args: str) -> tuple[int, str, str]:
+    """A `python -m sidecar ...` subprocess: (exit code, stdout, stderr), bounded in time."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=child_environment(),
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def cli_usage(customer: str, admin: str) -> dict[str, object]:
+    code, out, err = await sidecar_cli("usage", customer, "--admin", admin, "--json")
+    assert code == 0, err
+    document: dict[str, object] = json.loads(out)
+    return document
+
+
+def timing(name: str, seconds: float) -> None:
+    """Startup and shutdown times, for the record (shown with -s or -rP)."""
+    print(f"timing: {name}: {seconds:.2f}s")
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids of the process group that are still running (zombies excluded), from Linux /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == pgid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+# -- (a) embedded store, restart durability -----------------------------------------------------
+
+
+async def test_embedded_store_serves_and_a_monthly_counter_survives_a_restart(
+    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    first = await launch(policy, upstream_url(upstream), data_dir)
+    timing("startup, cold, embedded redis", await first.wait_ready(session))
+    assert [(await get(session, f"{first.proxy}/v1/search"))[0] for _ in range(2)] == [200, 200]
+    assert (data_dir / "redis").is_dir()
+
+    code, seconds = await first.terminate()
+    timing("exit after SIGTERM, idle", seconds)
+    assert code == 0, first.stderr
+    assert live_group_members(first.process.pid) == [], "the embedded redis-server outlived the sidecar"
+
+    second = await launch(policy, upstream_url(upstream), data_dir)
+    timing("startup, restart on the same data dir", await second.wait_ready(session))
+    document = await cli_usage("acme", second.admin)
+    assert (document["customer"], document["plan"]) == ("acme", "pro")
+    assert document["limits"] == [
+        {
+            "meter": "requests",
+            "period": "month",
+            "feature": None,
+            "limit": 10,
+            "used": 2,
+            "remaining": 8,
+            "reset": document["limits"][0]["reset"],  # type: ignore[index]
+        }
+    ]
+    status, ratelimit, _ = await get(session, f"{second.proxy}/v1/search")
+    assert status == 200
+    assert ratelimit.startswith('"requests-month";r=7;t=')
+
+
+# -- (b) SIGTERM drains in-flight requests ----------------------------------------------------
+
+
+async def test_sigterm_lets_an_in_flight_request_finish_then_exits_0(
+    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    sidecar = await launch(policy, upstream_url(upstream), tmp_path / "data")
+    await sidecar.wait_ready(session)
+    in_flight = asyncio.create_task(get(session, f"{sidecar.proxy}/v1/slow"))
+    try:
+        await asyncio.wait_for(upstream.app[ENTERED].wait(), 5)
+        sent = time.monotonic()
+        sidecar.process.send_signal(signal.SIGTERM)
+        status, _, body = await asyncio.wait_for(in_flight, 10)
+        code = await sidecar.wait_exit()
+    finally:
+        in_flight.cancel()
+        await asyncio.gather(in_flight, return_exceptions=True)
+    timing("exit after SIGTERM, draining a 1.5 s request", time.monotonic() - sent)
+    assert (status, json.loads(body)) == (200, {"slow": True})
+    assert code == 0, sidecar.stderr
+    assert live_group_members(sidecar.process.pid) == [], "the embedded redis-server outlived the sidecar"
+
+
+# -- (c) a bad policy is refused at startup -------------------------------------------------------
+
+
+async def test_bad_policy_makes_run_exit_1_with_the_located_error(
+    launch: Launcher, upstream: TestServer, tmp_path: Path
+) -> None:
+    bad = FIXTURES / "bad_misspelled_limit_key.yaml"
+    data_dir = tmp_path / "data"
+    sidecar = await launch(bad, upstream_url(upstream), data_dir)
+    code = await sidecar.wait_exit(30)
+    assert code == 1
+    assert f"{bad}:13:27: plans.free.limits[0].limt: unknown key 'limt'" in sidecar.stderr
+    assert not (data_dir / "redis").exists()
+
+
+# -- (d) one sidecar per data directory ----------------------------------------------------------
+
+
+async def test_second_run_on_the_same_data_dir_fails_clearly_and_the_first_keeps_serving(
+    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    first = await launch(policy, upstream_url(upstream), data_dir)
+    await first.wait_ready(session)
+    second = await launch(policy, upstream_url(upstream), data_dir)
+    code = await second.wait_exit(30)
+    assert code == 2
+    assert str(data_dir) in second.stderr
+    assert "in use" in second.stderr
+    assert (await get(session, f"{first.proxy}/v1/search"))[0] == 200
+    assert (await first.terminate())[0] == 0
+
+
+async def test_restart_after_a_crash_never_runs_two_redis_servers_on_one_data_dir(
+    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A crashed (SIGKILLed, OOM-killed) sidecar leaves its redis-server behind. The next sidecar on
+    that data dir must either take the data dir back (the old server gone, nothing lost) or refuse
+    clearly; it must never start a second redis-server on the same append-only files."""
+    data_dir = tmp_path / "data"
+    crashed = await launch(policy, upstream_url(upstream), data_dir)
+    await crashed.wait_ready(session)
+    assert [(await get(session, f"{crashed.proxy}/v1/search"))[0] for _ in range(2)] == [200, 200]
+    os.kill(crashed.process.pid, signal.SIGKILL)
+    await crashed.wait_exit()
+
+    restarted = await launch(policy, upstream_url(upstream), data_dir)
+    code = await restarted.ready_or_exit(session)
+    if code is not None:
+        assert code == 2, restarted.stderr
+        assert str(data_dir) in restarted.stderr
+        return
+    leftover = live_group_members(crashed.process.pid)
+    assert leftover == [], (
+        f"redis-server {leftover} of the crashed sidecar still runs on {data_dir / 'redis'}"
+    )
+    document = await cli_usage("acme", restarted.admin)
+    assert document["limits"][0]["used"] == 2  # type: ignore[index]
+
+
+async def test_sigint_stops_run_like_sigterm(
+    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    sidecar = await launch(policy, upstream_url(upstream), tmp_path / "data")
+    await sidecar.wait_ready(session)
+    sidecar.process.send_signal(signal.SIGINT)
+    assert await sidecar.wait_exit() == 0, sidecar.stderr
+    assert live_group_members(sidecar.process.pid) == [], "the embedded redis-server outlived the sidecar"
+
+
+# -- `sidecar usage` against a running sidecar ----------------------------------------------------
+
+
+async def test_usage_command_prints_the_table(
+    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    sidecar = await launch(policy, upstream_url(upstream), tmp_path / "data")
+    await sidecar.wait_ready(session)
+    assert (await get(session, f"{sidecar.proxy}/v1/search"))[0] == 200
+    code, out, err = await sidecar_cli("usage", "acme", "--admin", sidecar.admin)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split() == ["customer", "acme", "plan", "pro"]
+    assert lines[1].split() == ["meter", "period", "feature", "limit", "used", "remaining", "reset"]
+    assert lines[2].split()[:6] == ["requests", "month", "-", "10", "1", "9"]
+
+
+async def test_usage_command_for_an_unknown_customer_exits_1_with_the_404(
+    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    sidecar = await launch(policy, upstream_url(upstream), tmp_path / "data")
+    await sidecar.wait_ready(session)
+    code, out, err = await sidecar_cli("usage", "mallory", "--admin", sidecar.admin)
+    assert (code, out) == (1, "")
+    assert "404" in err
+    assert "mallory" in err
