@@ -55,7 +55,7 @@ def response_request(
         tuple(
             UsageCharge(meter.name, feature, amounts[meter.name], _USAGE_OPS[meter.aggregation])
             for meter in spec.measured
-            if meter.name in amounts
+            if meter.name in amounts and (amounts[meter.name] > 0 or _USAGE_OPS[meter.aggregation] != "+")
         )
         if policy.billing
         else ()

@@ -40,6 +40,7 @@ class Verdict:
     plan: Plan | None = None
     limits: tuple[LimitState, ...] = ()
     store_time: float = 0.0
+    spec: ChargeSpec | None = None  # what the admitted request charges; its measured meters come later
 
     @property
     def forwards(self) -> bool:
@@ -83,15 +84,16 @@ async def admit(policy: Policy, store: Store, method: str, path: str, headers: M
 async def _meter(
     policy: Policy, store: Store, customer: Customer, plan: Plan, feature: Feature, spec: ChargeSpec
 ) -> Verdict:
-    admitted = Verdict(decision=Decision.ADMITTED, feature=feature, customer=customer, plan=plan)
+    admitted = Verdict(decision=Decision.ADMITTED, feature=feature, customer=customer, plan=plan, spec=spec)
     if not spec.limits and not (spec.usage and policy.billing):
-        return admitted
+        return admitted  # nothing to check at admission; measured meters are still charged later
     try:
         admission = await check_and_meter(store, policy, customer, feature.name, spec)
     except StoreUnavailable:
         failure = plan.store_failure or policy.store_failure
-        decision = Decision.ADMITTED_UNMETERED if failure is StoreFailure.OPEN else Decision.UNAVAILABLE
-        return Verdict(decision=decision, feature=feature, customer=customer, plan=plan)
+        if failure is StoreFailure.OPEN:
+            return Verdict(decision=Decision.ADMITTED_UNMETERED, feature=feature, customer=customer, plan=plan)
+        return Verdict(decision=Decision.UNAVAILABLE, feature=feature, customer=customer, plan=plan)
     decision = Decision.REFUSED if admission.outcome is Outcome.REFUSED else Decision.ADMITTED
     return Verdict(
         decision=decision,
@@ -100,6 +102,7 @@ async def _meter(
         plan=plan,
         limits=admission.limits,
         store_time=admission.store_time,
+        spec=spec,
     )
 
 

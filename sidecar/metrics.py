@@ -6,8 +6,9 @@ its registry, so several instances can live in one process (tests, workers).
 
 from __future__ import annotations
 
-from sidecar.gate import Decision, Verdict
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from sidecar.gate import Decision, Verdict
 
 # Sidecar overhead: from the request's arrival to the moment it is handed to the upstream.
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -38,6 +39,12 @@ class Metrics:
             "sidecar_store_errors",
             "Store calls that failed or timed out, by operation.",
             ["operation"],
+            registry=self.registry,
+        )
+        self.unmeasured = Counter(
+            "sidecar_unmeasured",
+            "Responses whose meter value could not be read (missing or non-numeric); nothing was charged.",
+            ["meter"],
             registry=self.registry,
         )
         self.upstream_errors = Counter(

@@ -47,6 +47,10 @@ def problem(status: int, title: str, detail: str, *, headers: dict[str, str] | N
     )
 
 
+def bad_request(detail: str) -> web.Response:
+    return problem(400, "Bad Request", detail)
+
+
 def unauthorized(header_names: tuple[str, ...]) -> web.Response:
     return problem(
         401,

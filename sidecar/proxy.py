@@ -19,6 +19,8 @@ from yarl import URL
 from sidecar import problems
 from sidecar.components import COMPONENTS, SESSION, Components
 from sidecar.gate import Decision, Verdict, admit
+from sidecar.metering import Tally, charge_response, reads_json
+from sidecar.policy.routes import has_dot_segments
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -46,21 +48,32 @@ SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 async def handle(request: web.Request) -> web.StreamResponse:
     components = request.app[COMPONENTS]
-    started = time.perf_counter()
+    tally = Tally()
+    if has_dot_segments(request.path):
+        return problems.bad_request("a path with . or .. segments is not accepted; send the normalised path")
     policy = components.holder.current
     verdict = await admit(policy, components.store, request.method, request.path, request.headers)
     components.metrics.record_verdict(verdict)
     if not verdict.forwards:
         return problems.refusal(verdict, policy, request.method, request.path)
-    components.metrics.overhead.observe(time.perf_counter() - started)
-    return await forward(request, components, verdict)
+    components.metrics.overhead.observe(time.perf_counter() - tally.started)
+    if reads_json(verdict.spec):
+        tally.capture = bytearray()
+    response, upstream_headers = await forward(request, components, verdict, tally)
+    if upstream_headers is not None:
+        exchange = tally.exchange(request.headers, upstream_headers)
+        await charge_response(components, policy, verdict, exchange)
+    return response
 
 
-async def forward(request: web.Request, components: Components, verdict: Verdict) -> web.StreamResponse:
+async def forward(
+    request: web.Request, components: Components, verdict: Verdict, tally: Tally
+) -> tuple[web.StreamResponse, CIMultiDictProxy[str] | None]:
+    """The response, and the upstream's headers when it answered (None when it did not)."""
     # Path and query exactly as sent; rel_url, not raw_path, because raw_path is the whole target of
     # an absolute-form request line (RFC 9112 §3.2.2), whose scheme and host are not ours to follow.
     url = URL(components.settings.upstream + request.rel_url.raw_path_qs, encoded=True)
-    body = request.content.iter_chunked(CHUNK_SIZE) if request.body_exists else None
+    body = tally.count_request(request.content.iter_chunked(CHUNK_SIZE)) if request.body_exists else None
     try:
         upstream = await request.app[SESSION].request(
             request.method,
@@ -72,20 +85,24 @@ async def forward(request: web.Request, components: Components, verdict: Verdict
         )
     except TimeoutError:
         components.metrics.upstream_errors.labels("timeout").inc()
-        return problems.gateway_timeout("the upstream did not answer in time")
+        return problems.gateway_timeout("the upstream did not answer in time"), None
     except aiohttp.ClientError as error:
         if _client_gone(request):
             # The body being relayed broke off because its sender left: not the upstream's failure.
             log.debug("client left mid-request on %s %s", request.method, request.path)
-            return problems.bad_gateway("the client went away")  # nobody is left to read it
+            return problems.bad_gateway("the client went away"), None  # nobody is left to read it
         components.metrics.upstream_errors.labels("refused").inc()
-        return problems.bad_gateway(f"the upstream is unreachable ({type(error).__name__})")
+        return problems.bad_gateway(f"the upstream is unreachable ({type(error).__name__})"), None
     async with upstream:
-        return await _stream_back(request, upstream, verdict, components)
+        return await _stream_back(request, upstream, verdict, components, tally), upstream.headers
 
 
 async def _stream_back(
-    request: web.Request, upstream: aiohttp.ClientResponse, verdict: Verdict, components: Components
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    verdict: Verdict,
+    components: Components,
+    tally: Tally,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(without_hop_by_hop(upstream.headers))
@@ -95,7 +112,7 @@ async def _stream_back(
             s.charge.limit.name for s in verdict.shadow_refusals
         )
     await response.prepare(request)
-    await _relay_body(request, upstream, response, components)
+    await _relay_body(request, upstream, response, components, tally)
     return response
 
 
@@ -104,6 +121,7 @@ async def _relay_body(
     upstream: aiohttp.ClientResponse,
     response: web.StreamResponse,
     components: Components,
+    tally: Tally,
 ) -> None:
     """Copy the body chunk by chunk; reads and writes fail apart so the blame lands on the right side.
 
@@ -116,6 +134,7 @@ async def _relay_body(
         except (aiohttp.ClientError, TimeoutError) as error:
             _upstream_broke(request, components, error)
             return
+        tally.saw_response(chunk)
         if not await _deliver(request, response, chunk):
             return
 

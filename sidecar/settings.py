@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from sidecar.errors import SettingsInvalid
 
+
 @dataclass(frozen=True, slots=True)
 class Address:
     host: str

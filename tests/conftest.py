@@ -7,7 +7,6 @@ PATH), started once per session without persistence and flushed before each test
 from __future__ import annotations
 
 import asyncio
-import json
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -132,9 +131,17 @@ def make_components(policy_path: Path, upstream_url: str, redis_url: str, **over
     return Components(settings=settings, holder=PolicyHolder.load(policy_path), store=store, metrics=Metrics())
 
 
-async def gather_statuses(calls: list[Awaitable[int]]) -> list[int]:
-    return list(await asyncio.gather(*calls))
+async def raw_exchange(port: int, head: str) -> tuple[int, bytes]:
+    """Send a request head exactly as written and read the answer to EOF (it must say Connection: close).
 
-
-def json_lines(records: list[dict[str, object]]) -> str:
-    return "\n".join(json.dumps(r) for r in records)
+    aiohttp's client cannot send this: it keeps only the last of repeated names spelled differently.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.encode())
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]

@@ -13,6 +13,12 @@ if TYPE_CHECKING:
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+def has_dot_segments(path: str) -> bool:
+    """A decoded path with `.` or `..` segments: an upstream that normalises it would serve a
+    route other than the one the route table matched, so such paths are refused, not routed."""
+    return any(segment in (".", "..") for segment in path.split("/"))
+
+
 def template_to_regex(template: str) -> re.Pattern[str]:
     """`/v1/exports/{id}` matches `/v1/exports/abc` but not `/v1/exports/abc/x` nor `/v1/exports/`."""
     parts = _PLACEHOLDER.split(template)

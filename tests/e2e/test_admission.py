@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SidecarFactory, Upstream, key_hash, write_policy
+from tests.conftest import SidecarFactory, Upstream, key_hash, raw_exchange, write_policy
 
 ACME, BOB = "acme-key-1", "bob-key-1"
 
@@ -182,3 +182,15 @@ async def test_quota_of_n_admits_exactly_n_across_two_replicas_under_concurrency
     assert statuses.count(200) == quota
     assert statuses.count(429) == 2 * clients_per_replica - quota
     assert len(upstream.seen) == quota
+
+
+@pytest.mark.parametrize("path", ["/v1/search/..", "/v1/%2E%2E/v1/search", "/v1/./search"])
+async def test_path_with_dot_segments_is_400_and_never_routed(
+    sidecar: SidecarFactory, policy: Path, upstream: Upstream, path: str
+) -> None:
+    client = await sidecar(policy, upstream.url)
+    assert client.port is not None
+    head = f"GET {path} HTTP/1.1\r\nHost: api\r\nX-API-Key: {ACME}\r\nConnection: close\r\n\r\n"
+    status, _ = await raw_exchange(client.port, head)
+    assert status == 400
+    assert upstream.seen == []

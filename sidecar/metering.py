@@ -1,0 +1,94 @@
+"""Response-time metering: tally an exchange while it streams, then charge what it measured.
+
+The tally counts request and response bytes as they pass and, only when a meter reads a JSON
+path, keeps up to measure.JSON_CAPTURE_LIMIT bytes of a JSON response. When the response ends
+(completely, or cut off by either side) the measured meters are read and charged in one store
+round trip, to their limits and to the billing summary of the window the store's clock is in.
+A value that cannot be read charges nothing and is counted in sidecar_unmeasured_total.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+from sidecar.charges import response_request
+from sidecar.components import Components
+from sidecar.errors import StoreUnavailable
+from sidecar.gate import Verdict, at_store_time
+from sidecar.measure import JSON_CAPTURE_LIMIT, Exchange, measure
+from sidecar.policy.model import ChargeSpec, Policy, SourceKind
+
+log = logging.getLogger("sidecar.metering")
+
+
+def reads_json(spec: ChargeSpec | None) -> bool:
+    return spec is not None and any(m.source.kind is SourceKind.RESPONSE_JSON for m in spec.measured)
+
+
+@dataclass(slots=True)
+class Tally:
+    """What passed through for one request; ``capture`` is None unless a JSON meter needs the body."""
+
+    started: float = field(default_factory=time.perf_counter)
+    request_bytes: int = 0
+    response_bytes: int = 0
+    capture: bytearray | None = None
+    overflowed: bool = False
+
+    async def count_request(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            self.request_bytes += len(chunk)
+            yield chunk
+
+    def saw_response(self, chunk: bytes) -> None:
+        self.response_bytes += len(chunk)
+        if self.capture is None or self.overflowed:
+            return
+        if len(self.capture) + len(chunk) > JSON_CAPTURE_LIMIT:
+            self.overflowed = True
+            self.capture = None
+        else:
+            self.capture += chunk
+
+    def exchange(self, request_headers: Mapping[str, str], response_headers: Mapping[str, str]) -> Exchange:
+        return Exchange(
+            request_headers=request_headers,
+            response_headers=response_headers,
+            request_bytes=self.request_bytes,
+            response_bytes=self.response_bytes,
+            duration_ms=int((time.perf_counter() - self.started) * 1000),
+            json_body=bytes(self.capture) if self.capture is not None else None,
+        )
+
+
+async def charge_response(components: Components, policy: Policy, verdict: Verdict, exchange: Exchange) -> None:
+    """Charge every measured meter of the admitted (plan, feature); never raises for the store."""
+    spec, customer, feature = verdict.spec, verdict.customer, verdict.feature
+    if spec is None or customer is None or feature is None or not spec.measured:
+        return
+    amounts = _amounts(components, spec, exchange)
+    if not amounts:
+        return
+    try:
+        await at_store_time(
+            components.store,
+            components.store.charge,
+            lambda now: response_request(policy, customer, feature.name, spec, amounts, now),
+        )
+    except StoreUnavailable as error:
+        components.metrics.store_errors.labels("charge").inc()
+        log.warning("response-time usage of %s not charged: %s", feature.name, error)
+
+
+def _amounts(components: Components, spec: ChargeSpec, exchange: Exchange) -> dict[str, int]:
+    amounts = {}
+    for meter in spec.measured:
+        amount = measure(meter.source, exchange)
+        if amount is None:
+            components.metrics.unmeasured.labels(meter.name).inc()
+        else:
+            amounts[meter.name] = amount
+    return amounts
