@@ -57,6 +57,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if not verdict.forwards:
         return problems.refusal(verdict, policy, request.method, request.path)
     components.metrics.overhead.observe(time.perf_counter() - tally.started)
+    if verdict.shadow_refusals and verdict.customer is not None:
+        names = ", ".join(state.charge.limit.name for state in verdict.shadow_refusals)
+        log.info("shadow: %s on %s would have been refused by %s", verdict.customer.id, request.path, names)
     if reads_json(verdict.spec):
         tally.capture = bytearray()
     response, upstream_headers = await forward(request, components, verdict, tally)

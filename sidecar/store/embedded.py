@@ -56,12 +56,16 @@ def free_port() -> int:
 class EmbeddedRedis:
     """Start with ``start()`` (returns the URL), stop with ``stop()``; both block briefly."""
 
-    def __init__(self, data_dir: Path, *, persistent: bool = True) -> None:
+    def __init__(self, data_dir: Path, *, persistent: bool = True, port: int = 0) -> None:
         self.data_dir = data_dir
         self.persistent = persistent
-        self.port = 0
+        self.port = port
         self._process: subprocess.Popen[bytes] | None = None
         self._lock: IO[str] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
 
     @property
     def url(self) -> str:
@@ -70,7 +74,7 @@ class EmbeddedRedis:
     def start(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
-        self.port = free_port()
+        self.port = self.port or free_port()
         assert self._lock is not None
         self._process = subprocess.Popen(
             self._command(),

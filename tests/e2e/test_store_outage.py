@@ -1,0 +1,120 @@
+"""Redis stopped or paused: every request is answered within the store timeout, by store_failure,
+and the sidecar recovers by itself when Redis returns."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from sidecar.app import build_proxy_app
+from sidecar.components import COMPONENTS
+from sidecar.store.embedded import EmbeddedRedis
+from tests.conftest import Upstream, key_hash, make_components, write_policy
+
+KEY = "acme-key-1"
+STORE_TIMEOUT = 0.05
+# The answer must come within the store timeout plus the sidecar's own work; generous for CI.
+ANSWER_BUDGET = 0.25
+
+Client = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture
+def outage_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path / "redis", persistent=False)
+    server.start()
+    yield server
+    if server.pid is not None:
+        os.kill(server.pid, signal.SIGCONT)
+    server.stop()
+
+
+def policy(tmp_path: Path, store_failure: str) -> Path:
+    return write_policy(
+        tmp_path,
+        f"""
+        version: 1
+        meters: {{requests: {{aggregation: count}}}}
+        features: [{{name: search, match: {{path: /v1/search}}}}]
+        plans: {{p: {{features: [search], limits: [{{meter: requests, limit: 100, period: day}}]}}}}
+        customers: {{acme: {{plan: p, api_keys: ["{key_hash(KEY)}"]}}}}
+        store_failure: {store_failure}
+        """,
+    )
+
+
+@pytest.fixture
+def make_client(
+    aiohttp_client: Callable[..., Awaitable[Client]], outage_redis: EmbeddedRedis, upstream: Upstream, tmp_path: Path
+) -> Callable[[str], Awaitable[Client]]:
+    async def make(store_failure: str) -> Client:
+        components = make_components(
+            policy(tmp_path, store_failure), upstream.url, outage_redis.url, store_timeout=STORE_TIMEOUT
+        )
+        app = build_proxy_app(components)
+        app.on_cleanup.append(lambda _: components.store.close())
+        return await aiohttp_client(app, server_kwargs={"host": "127.0.0.1"})
+
+    return make
+
+
+async def timed_get(client: Client) -> tuple[int, float, dict[str, str]]:
+    started = time.perf_counter()
+    response = await client.get("/v1/search", headers={"X-API-Key": KEY})
+    await response.read()
+    return response.status, time.perf_counter() - started, dict(response.headers)
+
+
+async def test_stopped_store_fails_closed_fast_and_recovers_when_it_returns(
+    make_client: Callable[[str], Awaitable[Client]], outage_redis: EmbeddedRedis
+) -> None:
+    client = await make_client("closed")
+    assert (await timed_get(client))[0] == 200
+    outage_redis.stop()
+    answers = [await timed_get(client) for _ in range(5)]
+    assert [status for status, _, _ in answers] == [503] * 5
+    assert max(elapsed for _, elapsed, _ in answers) < ANSWER_BUDGET
+    assert all(headers["Retry-After"] == "1" for _, _, headers in answers)
+    outage_redis.start()  # same port
+    assert (await timed_get(client))[0] == 200
+    errors = client.app[COMPONENTS].metrics.registry.get_sample_value(
+        "sidecar_store_errors_total", {"operation": "check_and_meter"}
+    )
+    assert errors == 5
+
+
+async def test_paused_store_is_cut_off_at_the_store_timeout_and_recovers(
+    make_client: Callable[[str], Awaitable[Client]], outage_redis: EmbeddedRedis
+) -> None:
+    client = await make_client("closed")
+    assert (await timed_get(client))[0] == 200
+    assert outage_redis.pid is not None
+    os.kill(outage_redis.pid, signal.SIGSTOP)
+    try:
+        answers = [await timed_get(client) for _ in range(3)]
+    finally:
+        os.kill(outage_redis.pid, signal.SIGCONT)
+    assert [status for status, _, _ in answers] == [503] * 3
+    assert all(STORE_TIMEOUT <= elapsed < ANSWER_BUDGET for _, elapsed, _ in answers)
+    assert (await timed_get(client))[0] == 200
+
+
+async def test_fail_open_admits_while_the_store_is_down(
+    make_client: Callable[[str], Awaitable[Client]], outage_redis: EmbeddedRedis, upstream: Upstream
+) -> None:
+    client = await make_client("open")
+    outage_redis.stop()
+    status, elapsed, _ = await timed_get(client)
+    assert (status, len(upstream.seen)) == (200, 1)
+    assert elapsed < ANSWER_BUDGET
+    admitted_unmetered = client.app[COMPONENTS].metrics.registry.get_sample_value(
+        "sidecar_requests_total", {"decision": "admitted_unmetered", "feature": "search", "plan": "p"}
+    )
+    assert admitted_unmetered == 1
