@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from sidecar import problems
 from sidecar.components import COMPONENTS
@@ -47,7 +48,7 @@ async def customer_usage(request: web.Request) -> web.Response:
 
 
 @web.middleware
-async def require_token(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Under /admin/, a configured SIDECAR_ADMIN_TOKEN must be presented as a Bearer token."""
     token = request.app[COMPONENTS].settings.admin_token
     if token and request.path.startswith("/admin/"):

@@ -34,7 +34,9 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     settings = app[COMPONENTS].settings
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.upstream_timeout, sock_read=settings.upstream_timeout),
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.upstream_timeout, sock_read=settings.upstream_timeout
+        ),
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         trust_env=False,

@@ -21,9 +21,7 @@ def meter_request(
 ) -> MeterRequest:
     """Limits to check and usage to record; usage is recorded only when billing is configured."""
     limits = tuple(
-        LimitCharge(
-            s.limit, s.amount, window_for(s.limit, now, customer), s.enforced, s.counts_requests
-        )
+        LimitCharge(s.limit, s.amount, window_for(s.limit, now, customer), s.enforced, s.counts_requests)
         for s in spec.limits
     )
     usage = (

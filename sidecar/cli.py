@@ -76,7 +76,9 @@ def run_command(args: argparse.Namespace) -> int:
 
     try:
         settings = build_settings(vars(args), os.environ)
-        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         holder = PolicyHolder.load(settings.policies)
         asyncio.run((serve_demo if args.demo else serve)(settings, holder))
     except (SettingsInvalid, EmbeddedStoreFailed) as error:
@@ -117,7 +119,10 @@ def usage_command(args: argparse.Namespace) -> int:
         print(f"sidecar: {url}: {error.code} {_detail(error)}", file=sys.stderr)
         return EXIT_INVALID
     except (urllib.error.URLError, OSError) as error:
-        print(f"sidecar: cannot reach the admin API at {args.admin} ({error}); is `sidecar run` up?", file=sys.stderr)
+        print(
+            f"sidecar: cannot reach the admin API at {args.admin} ({error}); is `sidecar run` up?",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     print(json.dumps(document, indent=2) if args.json else usage_table(document))
     return EXIT_OK
@@ -136,5 +141,7 @@ def usage_table(document: dict[str, Any]) -> str:
         tuple("-" if row[name] is None else str(row[name]) for name in header) for row in document["limits"]
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     return "\n".join([f"customer {document['customer']}  plan {document['plan']}", *lines])

@@ -54,11 +54,7 @@ class Verdict:
     @property
     def shadow_refusals(self) -> tuple[LimitState, ...]:
         """Limits that would have refused had they not been shadow limits (or on a shadow plan)."""
-        return tuple(
-            s
-            for s in self.limits
-            if s.over and not s.charge.enforced and s.charge.limit.is_hard
-        )
+        return tuple(s for s in self.limits if s.over and not s.charge.enforced and s.charge.limit.is_hard)
 
 
 _FORWARDED = frozenset({Decision.PUBLIC, Decision.ADMITTED, Decision.ADMITTED_UNMETERED})
@@ -92,7 +88,9 @@ async def _meter(
     except StoreUnavailable:
         failure = plan.store_failure or policy.store_failure
         if failure is StoreFailure.OPEN:
-            return Verdict(decision=Decision.ADMITTED_UNMETERED, feature=feature, customer=customer, plan=plan)
+            return Verdict(
+                decision=Decision.ADMITTED_UNMETERED, feature=feature, customer=customer, plan=plan
+            )
         return Verdict(decision=Decision.UNAVAILABLE, feature=feature, customer=customer, plan=plan)
     decision = Decision.REFUSED if admission.outcome is Outcome.REFUSED else Decision.ADMITTED
     return Verdict(

@@ -64,7 +64,9 @@ class Tally:
         )
 
 
-async def charge_response(components: Components, policy: Policy, verdict: Verdict, exchange: Exchange) -> None:
+async def charge_response(
+    components: Components, policy: Policy, verdict: Verdict, exchange: Exchange
+) -> None:
     """Charge every measured meter of the admitted (plan, feature); never raises for the store."""
     spec, customer, feature = verdict.spec, verdict.customer, verdict.feature
     if spec is None or customer is None or feature is None or not spec.measured:

@@ -1,7 +1,8 @@
 """RFC 9457 problem+json answers and the rate-limit headers: the only place a Verdict becomes a status.
 
 Rate-limit headers follow draft-ietf-httpapi-ratelimit-headers-10 (structured fields):
-``RateLimit-Policy: "requests-month";q=100000;w=2592000`` and ``RateLimit: "requests-month";r=98766;t=604800``.
+``RateLimit-Policy: "requests-month";q=100000;w=2592000`` and
+``RateLimit: "requests-month";r=98766;t=604800``.
 Meters that do not count requests carry ``sc-qu="<meter>"``.
 """
 
@@ -37,7 +38,9 @@ def refusal(verdict: Verdict, policy: Policy, method: str, path: str) -> web.Res
     return unavailable(STORE_RETRY_AFTER)
 
 
-def problem(status: int, title: str, detail: str, *, headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
+def problem(
+    status: int, title: str, detail: str, *, headers: dict[str, str] | None = None, **extra: Any
+) -> web.Response:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
     return web.Response(
         status=status,
@@ -115,7 +118,9 @@ def too_many_requests(verdict: Verdict) -> web.Response:
         "violated-policies": [s.charge.limit.name for s in refusing],
     }
     headers = {"Retry-After": str(retry_after), **ratelimit_headers(verdict.limits)}
-    return web.Response(status=429, body=json.dumps(body).encode(), content_type=PROBLEM_JSON, headers=headers)
+    return web.Response(
+        status=429, body=json.dumps(body).encode(), content_type=PROBLEM_JSON, headers=headers
+    )
 
 
 def ratelimit_headers(states: tuple[LimitState, ...]) -> dict[str, str]:

@@ -55,7 +55,9 @@ async def _embedded_store(stack: AsyncExitStack, settings: Settings) -> str:
 
 async def _site(stack: AsyncExitStack, app: web.Application, settings: Settings, *, admin: bool) -> None:
     address = settings.admin if admin else settings.listen
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.drain_timeout, handle_signals=False)
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=settings.drain_timeout, handle_signals=False
+    )
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()

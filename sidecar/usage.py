@@ -26,7 +26,9 @@ async def _read(policy: Policy, store: Store, customer: Customer) -> Admission:
     limits = policy.plans[customer.plan].limits
 
     def charges_at(now: float) -> tuple[LimitCharge, ...]:
-        return tuple(LimitCharge(limit, 0, window_for(limit, now, customer), enforced=False) for limit in limits)
+        return tuple(
+            LimitCharge(limit, 0, window_for(limit, now, customer), enforced=False) for limit in limits
+        )
 
     return await at_store_time(
         store,

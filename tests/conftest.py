@@ -128,7 +128,9 @@ def sidecar(
 def make_components(policy_path: Path, upstream_url: str, redis_url: str, **overrides: object) -> Components:
     settings = Settings(**{"upstream": upstream_url, "store_timeout": TEST_STORE_TIMEOUT, **overrides})  # type: ignore[arg-type]
     store = RedisStore(connect(redis_url, settings.store_timeout), timeout=settings.store_timeout)
-    return Components(settings=settings, holder=PolicyHolder.load(policy_path), store=store, metrics=Metrics())
+    return Components(
+        settings=settings, holder=PolicyHolder.load(policy_path), store=store, metrics=Metrics()
+    )
 
 
 async def raw_exchange(port: int, head: str) -> tuple[int, bytes]:

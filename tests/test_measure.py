@@ -48,9 +48,15 @@ def test_each_source_reads_its_fact(kind: SourceKind, argument: str | None, expe
         (SourceKind.RESPONSE_JSON, "usage.flag", {}),
         (SourceKind.RESPONSE_JSON, "usage.total_tokens.deeper", {}),
         (SourceKind.RESPONSE_JSON, "usage.total_tokens", {"json_body": b"not json"}),
-        (SourceKind.RESPONSE_JSON, "usage.total_tokens", {"json_body": b'{"usage": {"total_tokens": Infinity}}'}),
+        (
+            SourceKind.RESPONSE_JSON,
+            "usage.total_tokens",
+            {"json_body": b'{"usage": {"total_tokens": Infinity}}'},
+        ),
         (SourceKind.RESPONSE_JSON, "usage.total_tokens", {"json_body": None}),
     ],
 )
-def test_unreadable_values_are_none_not_a_guess(kind: SourceKind, argument: str, overrides: dict[str, object]) -> None:
+def test_unreadable_values_are_none_not_a_guess(
+    kind: SourceKind, argument: str, overrides: dict[str, object]
+) -> None:
     assert measure(Source(kind=kind, argument=argument), exchange(**overrides)) is None

@@ -101,7 +101,6 @@ def test_cluster_and_sentinel_are_refused_clearly_until_supported(
         build_settings(flags, env)
 
 
-
 # -- every parser's error names the flag or variable and the bad value ---------------------------
 
 BAD_VALUES = [

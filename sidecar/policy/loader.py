@@ -87,7 +87,14 @@ _MEASURED_ONLY = (Aggregation.MAX, Aggregation.MIN, Aggregation.UNIQUE)
 _NOT_PREPAID = _MEASURED_ONLY
 
 _TOP_KEYS = (
-    "version", "identity", "meters", "features", "plans", "customers", "billing", "store_failure",
+    "version",
+    "identity",
+    "meters",
+    "features",
+    "plans",
+    "customers",
+    "billing",
+    "store_failure",
 )
 _ONCE = ("identity", "billing", "store_failure")
 _METER_KEYS = ("aggregation", "source")
@@ -369,7 +376,8 @@ def _feature_value(draft: _Draft, fields: dict[str, At], name: str) -> Feature |
     mark = len(draft.errors)
     route = read_required(fields, "match", _match)
     public = read_optional(fields, "public", read_bool, False)
-    cost = read_optional(fields, "cost", partial(_cost, draft, public), MappingProxyType({}))
+    no_cost: Mapping[str, int] = MappingProxyType({})
+    cost = read_optional(fields, "cost", partial(_cost, draft, public), no_cost)
     if route is None or not name or len(draft.errors) > mark:
         return None
     method, path = route
@@ -423,10 +431,7 @@ def _cost(draft: _Draft, public: bool, at: At) -> Mapping[str, int] | None:
 def _cost_meter(draft: _Draft, at: At, name: str) -> None:
     meter = _resolve(draft.meters, "meter", at, name)
     if meter is not None and not meter.source.at_request_time:
-        at.error(
-            f"cost can only be given for request-time meters; "
-            f"'{name}' is measured from {meter.source}"
-        )
+        at.error(f"cost can only be given for request-time meters; '{name}' is measured from {meter.source}")
 
 
 # -- plans and limits ------------------------------------------------------------------------
@@ -443,7 +448,7 @@ def _plan(draft: _Draft, at: At, name: str) -> Plan | None:
     fields = read_fields(at, _PLAN_KEYS)
     if fields is None:
         return None
-    features = read_optional(fields, "features", partial(_plan_features, draft), ())
+    features: tuple[str, ...] = read_optional(fields, "features", partial(_plan_features, draft), ())
     read_limits = partial(_limits, draft, name, features)
     plan = Plan(
         name=name,
@@ -514,8 +519,15 @@ def _limit(draft: _Draft, at: At, plan: str, features: tuple[str, ...]) -> Limit
     shadow = read_optional(fields, "shadow", read_bool, False)
     if meter is None or limit is None or period is None or len(at.errors) > mark:
         return None
-    return Limit(meter=meter, limit=limit, period=period, burst=burst, feature=feature,
-                 on_exceed=on_exceed, shadow=shadow)
+    return Limit(
+        meter=meter,
+        limit=limit,
+        period=period,
+        burst=burst,
+        feature=feature,
+        on_exceed=on_exceed,
+        shadow=shadow,
+    )
 
 
 def _on_exceed(at: At) -> OnExceed | None:
@@ -525,9 +537,7 @@ def _on_exceed(at: At) -> OnExceed | None:
 def _burst(fields: dict[str, At], period: Period | None) -> int:
     burst = read_optional(fields, "burst", read_int, 0)
     if "burst" in fields and period is not None and not period.is_rate:
-        fields["burst"].error(
-            f"burst applies to rate periods (second, minute, hour), not '{period.value}'"
-        )
+        fields["burst"].error(f"burst applies to rate periods (second, minute, hour), not '{period.value}'")
     return burst
 
 
@@ -548,9 +558,7 @@ def _limit_references(
 def _limit_meter(draft: _Draft, at: At, name: str) -> None:
     meter = _resolve(draft.meters, "meter", at, name)
     if meter is not None and meter.aggregation in _NO_TOTAL:
-        at.error(
-            f"meter '{name}': a limit on a '{meter.aggregation.value}' meter has no running total"
-        )
+        at.error(f"meter '{name}': a limit on a '{meter.aggregation.value}' meter has no running total")
     elif meter is not None and meter.aggregation is Aggregation.UNIQUE:
         at.error(
             f"meter '{name}': a limit on a 'unique' meter is not supported by this version: it would "
@@ -558,16 +566,11 @@ def _limit_meter(draft: _Draft, at: At, name: str) -> None:
         )
 
 
-def _limit_feature(
-    draft: _Draft, at: At, name: str, plan: str, features: Collection[str]
-) -> None:
+def _limit_feature(draft: _Draft, at: At, name: str, plan: str, features: Collection[str]) -> None:
     if name not in draft.features:
         _resolve(draft.features, "feature", at, name)
     elif name not in features:
-        at.error(
-            f"limit is scoped to feature '{name}', which plan '{plan}' does not list "
-            "in its features"
-        )
+        at.error(f"limit is scoped to feature '{name}', which plan '{plan}' does not list in its features")
 
 
 # -- customers ---------------------------------------------------------------------------------
@@ -588,7 +591,7 @@ def _customer(draft: _Draft, at: At, customer_id: str) -> Customer | None:
     plan = read_required(fields, "plan", partial(read_str, what="a plan name"))
     if plan is not None:
         draft.later(_resolve, draft.plans, "plan", fields["plan"], plan)
-    keys = read_optional(fields, "api_keys", partial(_api_keys, draft, customer_id), ())
+    keys: tuple[str, ...] = read_optional(fields, "api_keys", partial(_api_keys, draft, customer_id), ())
     anchor = read_optional(fields, "billing_anchor", _date, None)
     if plan is None or len(at.errors) > mark:
         return None

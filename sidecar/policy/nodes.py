@@ -12,7 +12,7 @@ import enum
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -64,7 +64,6 @@ class At:
 
     def item(self, index: int, node: Node) -> At:
         return dataclasses.replace(self, path=f"{self.path}[{index}]", node=node)
-
 
 
 # -- files and YAML ---------------------------------------------------------------------------
@@ -162,7 +161,7 @@ def read_int(at: At, minimum: int = 0) -> int | None:
     if not is_tag(at, "int"):
         report_expected(at, what)
         return None
-    value = int(_CONSTRUCTOR.construct_yaml_int(at.node))
+    value = int(_CONSTRUCTOR.construct_yaml_int(cast(ScalarNode, at.node)))
     if value < minimum:
         at.error(f"expected {what}, got {value}")
         return None
@@ -171,7 +170,7 @@ def read_int(at: At, minimum: int = 0) -> int | None:
 
 def read_bool(at: At) -> bool | None:
     if is_tag(at, "bool"):
-        return bool(_CONSTRUCTOR.construct_yaml_bool(at.node))
+        return bool(_CONSTRUCTOR.construct_yaml_bool(cast(ScalarNode, at.node)))
     report_expected(at, "true or false")
     return None
 
@@ -183,9 +182,7 @@ def read_str(at: At, what: str = "a non-empty string") -> str | None:
     return None
 
 
-def read_word(
-    at: At, noun: str, choices: Sequence[str], fold: Callable[[str], str] = str
-) -> str | None:
+def read_word(at: At, noun: str, choices: Sequence[str], fold: Callable[[str], str] = str) -> str | None:
     expected = f"one of {', '.join(choices)}"
     if not isinstance(at.node, ScalarNode):
         report_expected(at, expected)

@@ -22,9 +22,7 @@ def has_dot_segments(path: str) -> bool:
 def template_to_regex(template: str) -> re.Pattern[str]:
     """`/v1/exports/{id}` matches `/v1/exports/abc` but not `/v1/exports/abc/x` nor `/v1/exports/`."""
     parts = _PLACEHOLDER.split(template)
-    pattern = "".join(
-        "[^/]+" if index % 2 else re.escape(literal) for index, literal in enumerate(parts)
-    )
+    pattern = "".join("[^/]+" if index % 2 else re.escape(literal) for index, literal in enumerate(parts))
     return re.compile(pattern + r"\Z")
 
 

@@ -101,7 +101,11 @@ class EmbeddedRedis:
             self._lock = None
 
     def _command(self) -> list[str]:
-        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persistent else ["--appendonly", "no"]
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "everysec"]
+            if self.persistent
+            else ["--appendonly", "no"]
+        )
         return [
             redis_server_binary(),
             "--port", str(self.port),

@@ -123,9 +123,7 @@ def _meter_arguments(request: MeterRequest) -> tuple[list[str], list[Any]]:
     return key_list, args
 
 
-def _limit_arguments(
-    customer_id: str, charges: tuple[LimitCharge, ...]
-) -> tuple[list[str], list[Any]]:
+def _limit_arguments(customer_id: str, charges: tuple[LimitCharge, ...]) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of the limit part of both scripts (ARGV[1] is filled by the caller)."""
     key_list: list[str] = []
     args: list[Any] = [0, len(charges)]

@@ -49,7 +49,8 @@ async def test_admitted_request_reaches_upstream_with_the_real_identity(
 ) -> None:
     client = await sidecar(policy, upstream.url)
     response = await client.get(
-        "/v1/search?q=a%20b&x=1", headers={"X-API-Key": BOB, "X-Customer-Id": "mallory", "X-Customer-Plan": "pro"}
+        "/v1/search?q=a%20b&x=1",
+        headers={"X-API-Key": BOB, "X-Customer-Id": "mallory", "X-Customer-Plan": "pro"},
     )
     assert response.status == 200
     seen = dict((k.lower(), v) for k, v in upstream.seen[0]["headers"])  # type: ignore[union-attr]
@@ -101,7 +102,9 @@ async def test_route_matching_no_feature_is_404_problem(
     assert (await response.json(content_type="application/problem+json"))["status"] == 404
 
 
-async def test_method_outside_the_template_is_404(sidecar: SidecarFactory, policy: Path, upstream: Upstream) -> None:
+async def test_method_outside_the_template_is_404(
+    sidecar: SidecarFactory, policy: Path, upstream: Upstream
+) -> None:
     client = await sidecar(policy, upstream.url)
     assert (await client.post("/v1/search", headers={"X-API-Key": ACME})).status == 404
 
@@ -143,7 +146,10 @@ async def test_admitted_response_carries_draft10_ratelimit_headers_tightest_firs
     policy_items = response.headers["RateLimit-Policy"].split(", ")
     assert policy_items[0].startswith('"requests-month";q=25;w=')
     assert '"requests-second";q=100;w=1' in policy_items
-    assert any(item.startswith('"tokens-month";q=1000;w=') and item.endswith(';sc-qu="tokens"') for item in policy_items)
+    assert any(
+        item.startswith('"tokens-month";q=1000;w=') and item.endswith(';sc-qu="tokens"')
+        for item in policy_items
+    )
     assert response.headers["RateLimit"].startswith('"requests-month";r=24;t=')
 
 

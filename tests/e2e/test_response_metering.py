@@ -1,4 +1,4 @@
-"""Meters only the response can tell (tokens, bytes, time): admitted while units remain, charged at the end."""
+"""Meters only the response tells (tokens, bytes, time): admitted while units remain, charged at the end."""
 
 from __future__ import annotations
 

@@ -57,7 +57,9 @@ async def test_soft_limit_serves_past_its_ceiling_and_keeps_counting(
 
 
 @pytest.mark.parametrize(
-    ("plan_extra", "limit_extra"), [("", ", shadow: true"), ("shadow: true", "")], ids=["shadow-limit", "shadow-plan"]
+    ("plan_extra", "limit_extra"),
+    [("", ", shadow: true"), ("shadow: true", "")],
+    ids=["shadow-limit", "shadow-plan"],
 )
 async def test_shadow_reports_would_be_refusals_in_header_metric_and_log(
     sidecar: SidecarFactory,
@@ -73,5 +75,8 @@ async def test_shadow_reports_would_be_refusals_in_header_metric_and_log(
     assert statuses == [200] * 4
     assert last.headers["Sidecar-Shadow-Refusal"] == "requests-day"
     registry = client.app[COMPONENTS].metrics.registry
-    assert registry.get_sample_value("sidecar_shadow_refusals_total", {"plan": "p", "limit": "requests-day"}) == 2
+    assert (
+        registry.get_sample_value("sidecar_shadow_refusals_total", {"plan": "p", "limit": "requests-day"})
+        == 2
+    )
     assert sum("would have been refused by requests-day" in r.getMessage() for r in caplog.records) == 2

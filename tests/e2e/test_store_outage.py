@@ -52,7 +52,10 @@ def policy(tmp_path: Path, store_failure: str) -> Path:
 
 @pytest.fixture
 def make_client(
-    aiohttp_client: Callable[..., Awaitable[Client]], outage_redis: EmbeddedRedis, upstream: Upstream, tmp_path: Path
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    outage_redis: EmbeddedRedis,
+    upstream: Upstream,
+    tmp_path: Path,
 ) -> Callable[[str], Awaitable[Client]]:
     async def make(store_failure: str) -> Client:
         components = make_components(

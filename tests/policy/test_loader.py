@@ -47,85 +47,151 @@ def errors_of(path: Path | str) -> list[str]:
 # -- one fixture per error message ------------------------------------------------------------
 
 BAD = [
-    ("unknown_top_key", "14:1: quotas: unknown key 'quotas'; valid keys are version, identity, "
-     "meters, features, plans, customers, billing, store_failure"),
-    ("misspelled_limit_key", "13:27: plans.free.limits[0].limt: unknown key 'limt'; "
-     "did you mean 'limit'?"),
+    (
+        "unknown_top_key",
+        "14:1: quotas: unknown key 'quotas'; valid keys are version, identity, "
+        "meters, features, plans, customers, billing, store_failure",
+    ),
+    ("misspelled_limit_key", "13:27: plans.free.limits[0].limt: unknown key 'limt'; did you mean 'limit'?"),
     ("duplicate_key", "17:5: customers.acme.plan: duplicate key 'plan' (first at line 16)"),
     ("missing_version", "1:1: missing required key 'version'"),
     ("wrong_version", "1:10: version: unsupported version 2; expected 1"),
-    ("unknown_period", "13:48: plans.free.limits[0].period: unknown period 'fortnight'; "
-     "expected one of second, minute, hour, day, week, month"),
-    ("unknown_aggregation", "3:27: meters.requests.aggregation: unknown aggregation 'avg'; "
-     "expected one of count, sum, max, min, unique"),
-    ("source", "3:38: meters.tokens.source: invalid source 'response.heder:X-Usage-Tokens'; "
-     "expected request, request.bytes, response.bytes, response.duration_ms, "
-     "request.header:NAME, response.header:NAME or response.json:a.b.c"),
-    ("count_source", "3:40: meters.egress.source: aggregation 'count' counts requests; "
-     "use 'sum' to add up response.bytes"),
-    ("measured_source_missing", "3:26: meters.payload.aggregation: aggregation 'max' needs a "
-     "measured source such as request.bytes or request.header:NAME, not 'request'"),
-    ("meter_name", "3:3: meters.Requests: invalid meter name 'Requests'; use a lowercase letter, "
-     "then lowercase letters, digits or _ (at most 63 characters)"),
-    ("cost_response_meter", "8:12: features[0].cost.tokens: cost can only be given for "
-     "request-time meters; 'tokens' is measured from response.header:X-Usage-Tokens"),
-    ("public_cost", "6:65: features[0].cost: a public feature is not metered, "
-     "so it cannot have a cost"),
-    ("method", "3:36: features[0].match.method: unknown method 'FETCH'; "
-     "expected one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+    (
+        "unknown_period",
+        "13:48: plans.free.limits[0].period: unknown period 'fortnight'; "
+        "expected one of second, minute, hour, day, week, month",
+    ),
+    (
+        "unknown_aggregation",
+        "3:27: meters.requests.aggregation: unknown aggregation 'avg'; "
+        "expected one of count, sum, max, min, unique",
+    ),
+    (
+        "source",
+        "3:38: meters.tokens.source: invalid source 'response.heder:X-Usage-Tokens'; "
+        "expected request, request.bytes, response.bytes, response.duration_ms, "
+        "request.header:NAME, response.header:NAME or response.json:a.b.c",
+    ),
+    (
+        "count_source",
+        "3:40: meters.egress.source: aggregation 'count' counts requests; use 'sum' to add up response.bytes",
+    ),
+    (
+        "measured_source_missing",
+        "3:26: meters.payload.aggregation: aggregation 'max' needs a "
+        "measured source such as request.bytes or request.header:NAME, not 'request'",
+    ),
+    (
+        "meter_name",
+        "3:3: meters.Requests: invalid meter name 'Requests'; use a lowercase letter, "
+        "then lowercase letters, digits or _ (at most 63 characters)",
+    ),
+    (
+        "cost_response_meter",
+        "8:12: features[0].cost.tokens: cost can only be given for "
+        "request-time meters; 'tokens' is measured from response.header:X-Usage-Tokens",
+    ),
+    ("public_cost", "6:65: features[0].cost: a public feature is not metered, so it cannot have a cost"),
+    (
+        "method",
+        "3:36: features[0].match.method: unknown method 'FETCH'; "
+        "expected one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+    ),
     ("path_slash", "3:34: features[0].match.path: path 'v1/search' must start with '/'"),
-    ("path_placeholder", "3:48: features[0].match.path: segment 'x{id}.csv' of path "
-     "'/v1/exports/x{id}.csv': a placeholder like {id} must fill a whole path segment"),
-    ("duplicate_feature", "4:12: features[1].name: duplicate feature 'search' "
-     "(first defined at bad_duplicate_feature.yaml:3:12)"),
+    (
+        "path_placeholder",
+        "3:48: features[0].match.path: segment 'x{id}.csv' of path "
+        "'/v1/exports/x{id}.csv': a placeholder like {id} must fill a whole path segment",
+    ),
+    (
+        "duplicate_feature",
+        "4:12: features[1].name: duplicate feature 'search' "
+        "(first defined at bad_duplicate_feature.yaml:3:12)",
+    ),
     ("bool", "3:53: features[0].public: expected true or false, got 'yes'"),
-    ("plan_unknown_feature", "11:24: plans.free.features[1]: unknown feature 'exprot'; "
-     "did you mean 'export'?"),
-    ("public_feature_in_plan", "11:24: plans.free.features[1]: feature 'health' is public "
-     "and needs no entitlement"),
-    ("limit_unknown_meter", "13:17: plans.free.limits[0].meter: unknown meter 'reqests'; "
-     "did you mean 'requests'?"),
-    ("limit_feature_not_in_plan", "13:60: plans.free.limits[0].feature: limit is scoped to "
-     "feature 'export', which plan 'free' does not list in its features"),
-    ("limit_on_max_meter", "7:17: plans.free.limits[0].meter: meter 'payload': a limit on a "
-     "'max' meter has no running total"),
-    ("burst_month", "13:62: plans.free.limits[0].burst: burst applies to rate periods "
-     "(second, minute, hour), not 'month'"),
+    (
+        "plan_unknown_feature",
+        "11:24: plans.free.features[1]: unknown feature 'exprot'; did you mean 'export'?",
+    ),
+    (
+        "public_feature_in_plan",
+        "11:24: plans.free.features[1]: feature 'health' is public and needs no entitlement",
+    ),
+    (
+        "limit_unknown_meter",
+        "13:17: plans.free.limits[0].meter: unknown meter 'reqests'; did you mean 'requests'?",
+    ),
+    (
+        "limit_feature_not_in_plan",
+        "13:60: plans.free.limits[0].feature: limit is scoped to "
+        "feature 'export', which plan 'free' does not list in its features",
+    ),
+    (
+        "limit_on_max_meter",
+        "7:17: plans.free.limits[0].meter: meter 'payload': a limit on a 'max' meter has no running total",
+    ),
+    (
+        "burst_month",
+        "13:62: plans.free.limits[0].burst: burst applies to rate periods "
+        "(second, minute, hour), not 'month'",
+    ),
     ("negative_limit", "13:34: plans.free.limits[0].limit: expected an integer >= 0, got -5"),
-    ("float_limit", "13:34: plans.free.limits[0].limit: expected an integer >= 0, "
-     "got float 1.5"),
+    ("float_limit", "13:34: plans.free.limits[0].limit: expected an integer >= 0, got float 1.5"),
     ("bool_limit", "13:34: plans.free.limits[0].limit: expected an integer >= 0, got bool true"),
     ("missing_key", "13:9: plans.free.limits[0]: missing required key 'period'"),
-    ("duplicate_limit", "14:9: plans.free.limits[1]: duplicate limit requests-month; "
-     "first at line 13"),
-    ("prepaid_unsupported", "6:45: plans.credits.prepaid[0]: prepaid credit on meter 'tokens' is not "
-     "supported by this version: it would not be enforced, so it is refused"),
-    ("limit_on_unique_meter", "8:22: plans.p.limits[0].meter: meter 'users': a limit on a 'unique' meter "
-     "is not supported by this version: it would not be enforced, so it is refused"),
-    ("prepaid_unique", "6:15: plans.credits.prepaid[0]: meter 'users' has aggregation 'unique'; "
-     "prepaid credit draws down a 'count' or 'sum' meter"),
-    ("api_key_clear", "17:16: customers.acme.api_keys[0]: api key is not a sha256: hash "
-     "(the value is not shown); store the hash instead: use `sidecar hash-key KEY`"),
-    ("api_key_hash_form", "17:16: customers.acme.api_keys[0]: api key 'sha256:ABC123' is not "
-     "sha256: followed by 64 lowercase hex digits; use `sidecar hash-key KEY` to compute it"),
-    ("duplicate_api_key", "20:16: customers.bob.api_keys[0]: api key already belongs to "
-     "customer 'acme'"),
-    ("billing_anchor", "15:38: customers.acme.billing_anchor: invalid date '2026-02-30'; "
-     "expected a date YYYY-MM-DD"),
+    ("duplicate_limit", "14:9: plans.free.limits[1]: duplicate limit requests-month; first at line 13"),
+    (
+        "prepaid_unsupported",
+        "6:45: plans.credits.prepaid[0]: prepaid credit on meter 'tokens' is not "
+        "supported by this version: it would not be enforced, so it is refused",
+    ),
+    (
+        "limit_on_unique_meter",
+        "8:22: plans.p.limits[0].meter: meter 'users': a limit on a 'unique' meter "
+        "is not supported by this version: it would not be enforced, so it is refused",
+    ),
+    (
+        "prepaid_unique",
+        "6:15: plans.credits.prepaid[0]: meter 'users' has aggregation 'unique'; "
+        "prepaid credit draws down a 'count' or 'sum' meter",
+    ),
+    (
+        "api_key_clear",
+        "17:16: customers.acme.api_keys[0]: api key is not a sha256: hash "
+        "(the value is not shown); store the hash instead: use `sidecar hash-key KEY`",
+    ),
+    (
+        "api_key_hash_form",
+        "17:16: customers.acme.api_keys[0]: api key 'sha256:ABC123' is not "
+        "sha256: followed by 64 lowercase hex digits; use `sidecar hash-key KEY` to compute it",
+    ),
+    ("duplicate_api_key", "20:16: customers.bob.api_keys[0]: api key already belongs to customer 'acme'"),
+    (
+        "billing_anchor",
+        "15:38: customers.acme.billing_anchor: invalid date '2026-02-30'; expected a date YYYY-MM-DD",
+    ),
     ("customer_plan", "15:16: customers.acme.plan: unknown plan 'gold'"),
-    ("customer_id", "15:3: customers.acme{1}: invalid customer id 'acme{1}'; use a letter or "
-     "digit, then letters, digits or . _ : @ - (at most 128 characters)"),
-    ("header_name", "3:21: identity.api_key_headers[0]: invalid header name 'X API Key'; "
-     "use letters, digits and !#$%&'*+-.^_`|~"),
-    ("billing_format", "4:11: billing.format: unknown format 'csv'; "
-     "expected one of json, stripe, lago, openmeter"),
-    ("billing_url", "3:8: billing.url: invalid url 'ftp://billing.internal/usage'; "
-     "expected an http:// or https:// URL"),
+    (
+        "customer_id",
+        "15:3: customers.acme{1}: invalid customer id 'acme{1}'; use a letter or "
+        "digit, then letters, digits or . _ : @ - (at most 128 characters)",
+    ),
+    (
+        "header_name",
+        "3:21: identity.api_key_headers[0]: invalid header name 'X API Key'; "
+        "use letters, digits and !#$%&'*+-.^_`|~",
+    ),
+    (
+        "billing_format",
+        "4:11: billing.format: unknown format 'csv'; expected one of json, stripe, lago, openmeter",
+    ),
+    (
+        "billing_url",
+        "3:8: billing.url: invalid url 'ftp://billing.internal/usage'; expected an http:// or https:// URL",
+    ),
     ("billing_interval", "4:13: billing.interval: expected an integer >= 1, got 0"),
-    ("store_failure", "2:16: store_failure: unknown store_failure 'sometimes'; "
-     "expected one of closed, open"),
-    ("yaml_syntax", "4:9: invalid YAML: while parsing a flow mapping, "
-     "expected ',' or '}', but got ':'"),
+    ("store_failure", "2:16: store_failure: unknown store_failure 'sometimes'; expected one of closed, open"),
+    ("yaml_syntax", "4:9: invalid YAML: while parsing a flow mapping, expected ',' or '}', but got ':'"),
     ("empty", "1:1: empty policy file; expected a mapping with version: 1"),
     ("not_mapping", "1:1: expected a mapping, got a list"),
 ]
@@ -150,8 +216,10 @@ def test_a_clear_text_api_key_is_never_echoed() -> None:
 
 def test_api_keys_given_as_one_string_are_not_echoed_either(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
-    path.write_text("version: 1\nplans: {free: {}}\ncustomers:\n  acme:\n    plan: free\n"
-                    "    api_keys: sk_live_TOPSECRET\n")
+    path.write_text(
+        "version: 1\nplans: {free: {}}\ncustomers:\n  acme:\n    plan: free\n"
+        "    api_keys: sk_live_TOPSECRET\n"
+    )
     assert errors_of(path) == [
         f"{path}:6:15: customers.acme.api_keys: expected a list of sha256: key hashes "
         "(the value is not shown)"
@@ -162,7 +230,9 @@ def test_every_field_of_a_section_is_checked(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text("version: 1\nbilling: {url: 'ftp://x', format: csv, interval: 1.0}\n")
     assert [error.split(": ")[1] for error in errors_of(path)] == [
-        "billing.url", "billing.format", "billing.interval",
+        "billing.url",
+        "billing.format",
+        "billing.interval",
     ]
 
 
@@ -176,8 +246,7 @@ def test_errors_are_structured_and_one_based() -> None:
             line=13,
             col=48,
             path="plans.free.limits[0].period",
-            message="unknown period 'fortnight'; "
-            "expected one of second, minute, hour, day, week, month",
+            message="unknown period 'fortnight'; expected one of second, minute, hour, day, week, month",
         ),
     )
 
@@ -242,24 +311,32 @@ def write(directory: Path, name: str, text: str) -> Path:
 
 def test_directory_files_merge_in_name_order(tmp_path: Path) -> None:
     # a-plans.yaml names the meter and a feature that b-meters.yml defines.
-    write(tmp_path, "a-plans.yaml", (
-        "version: 1\n"
-        "features:\n"
-        "  - {name: export, match: {method: post, path: '/v1/exports/{id}'}}\n"
-        "plans:\n"
-        "  free:\n"
-        "    features: [search, export]\n"
-        "    limits: [{meter: requests, limit: 5, period: second}]\n"
-        "customers:\n"
-        "  bob: {plan: free}\n"
-    ))
-    write(tmp_path, "b-meters.yml", (
-        "version: 1\n"
-        "meters:\n"
-        "  requests: {aggregation: count}\n"
-        "features:\n"
-        "  - {name: search, match: {path: /v1/search}}\n"
-    ))
+    write(
+        tmp_path,
+        "a-plans.yaml",
+        (
+            "version: 1\n"
+            "features:\n"
+            "  - {name: export, match: {method: post, path: '/v1/exports/{id}'}}\n"
+            "plans:\n"
+            "  free:\n"
+            "    features: [search, export]\n"
+            "    limits: [{meter: requests, limit: 5, period: second}]\n"
+            "customers:\n"
+            "  bob: {plan: free}\n"
+        ),
+    )
+    write(
+        tmp_path,
+        "b-meters.yml",
+        (
+            "version: 1\n"
+            "meters:\n"
+            "  requests: {aggregation: count}\n"
+            "features:\n"
+            "  - {name: search, match: {path: /v1/search}}\n"
+        ),
+    )
     write(tmp_path, "notes.txt", "ignored\n")
     policy = load_policy(tmp_path)
     assert [feature.name for feature in policy.features] == ["export", "search"]
@@ -282,9 +359,7 @@ def test_section_defined_in_two_files(tmp_path: Path) -> None:
     billing = "billing:\n  url: http://127.0.0.1:8099/usage\n"
     write(tmp_path, "a.yaml", "version: 1\n" + billing)
     second = write(tmp_path, "b.yaml", "version: 1\n\n" + billing)
-    assert errors_of(tmp_path) == [
-        f"{second}:3:1: billing: section 'billing' already defined at a.yaml:2:1"
-    ]
+    assert errors_of(tmp_path) == [f"{second}:3:1: billing: section 'billing' already defined at a.yaml:2:1"]
 
 
 def test_errors_from_several_files_sort_by_file_then_line(tmp_path: Path) -> None:
@@ -332,7 +407,10 @@ def test_good_policy_plans_and_limits() -> None:
     pro = load_policy(GOOD).plans["pro"]
     assert pro.features == frozenset({"search", "export", "complete"})
     assert [limit.name for limit in pro.limits] == [
-        "requests-month", "tokens-month", "requests-second", "requests-day-export",
+        "requests-month",
+        "tokens-month",
+        "requests-second",
+        "requests-day-export",
     ]
     tokens, rate, scoped = pro.limits[1], pro.limits[2], pro.limits[3]
     assert tokens.on_exceed is OnExceed.ALLOW and not tokens.is_hard
@@ -355,18 +433,22 @@ def test_good_policy_customers_and_key_index() -> None:
 
 
 def test_quoted_dates_methods_and_top_level_sections(tmp_path: Path) -> None:
-    path = write(tmp_path, "p.yaml", (
-        "version: 1\n"
-        "identity: {api_key_headers: [X-Key]}\n"
-        "meters:\n"
-        "  bytes_in: {aggregation: sum, source: request.bytes}\n"
-        "  answer: {aggregation: unique, source: 'response.json:data.user.id'}\n"
-        "features: [{name: a, match: {method: Get, path: /a}}]\n"
-        "plans: {p: {features: [a], shadow: true, store_failure: open}}\n"
-        "customers: {'c:1': {plan: p, billing_anchor: '2026-03-31'}}\n"
-        "billing: {url: 'https://billing.example/usage', format: openmeter, interval: 30}\n"
-        "store_failure: open\n"
-    ))
+    path = write(
+        tmp_path,
+        "p.yaml",
+        (
+            "version: 1\n"
+            "identity: {api_key_headers: [X-Key]}\n"
+            "meters:\n"
+            "  bytes_in: {aggregation: sum, source: request.bytes}\n"
+            "  answer: {aggregation: unique, source: 'response.json:data.user.id'}\n"
+            "features: [{name: a, match: {method: Get, path: /a}}]\n"
+            "plans: {p: {features: [a], shadow: true, store_failure: open}}\n"
+            "customers: {'c:1': {plan: p, billing_anchor: '2026-03-31'}}\n"
+            "billing: {url: 'https://billing.example/usage', format: openmeter, interval: 30}\n"
+            "store_failure: open\n"
+        ),
+    )
     policy = load_policy(path)
     assert policy.identity.api_key_headers == ("X-Key",)
     assert policy.meters["answer"].source.argument == "data.user.id"

@@ -13,9 +13,14 @@ from sidecar.store.base import LimitCharge, MeterRequest, Outcome, UsageCharge
 from sidecar.store.redis import RedisStore
 
 
-def month_charge(limit: int, amount: int = 1, *, now: float, enforced: bool = True, meter: str = "requests") -> LimitCharge:
+def month_charge(
+    limit: int, amount: int = 1, *, now: float, enforced: bool = True, meter: str = "requests"
+) -> LimitCharge:
     return LimitCharge(
-        Limit(meter=meter, limit=limit, period=Period.MONTH), amount, calendar_window(Period.MONTH, now), enforced
+        Limit(meter=meter, limit=limit, period=Period.MONTH),
+        amount,
+        calendar_window(Period.MONTH, now),
+        enforced,
     )
 
 
@@ -38,7 +43,9 @@ async def ttls(client: aioredis.Redis) -> dict[bytes, int]:
 
 async def test_calendar_quota_admits_exactly_its_limit(store: RedisStore) -> None:
     now = store.time()
-    outcomes = [(await store.check_and_meter(request_for(month_charge(3, now=now)))).outcome for _ in range(5)]
+    outcomes = [
+        (await store.check_and_meter(request_for(month_charge(3, now=now)))).outcome for _ in range(5)
+    ]
     assert outcomes == [Outcome.ADMITTED] * 3 + [Outcome.REFUSED] * 2
 
 
@@ -48,7 +55,9 @@ async def test_refused_request_leaves_the_store_byte_for_byte_unchanged(store: R
     for _ in range(2):
         await store.check_and_meter(request_for(*charges, usage=(UsageCharge("requests", "search", 1, "+"),)))
     values_before, ttls_before = await dumps(store.client), await ttls(store.client)
-    refused = await store.check_and_meter(request_for(*charges, usage=(UsageCharge("requests", "search", 1, "+"),)))
+    refused = await store.check_and_meter(
+        request_for(*charges, usage=(UsageCharge("requests", "search", 1, "+"),))
+    )
     assert refused.outcome is Outcome.REFUSED
     assert await dumps(store.client) == values_before
     ttls_after = await ttls(store.client)
@@ -135,7 +144,9 @@ async def test_response_time_meter_is_admitted_while_units_remain_and_not_charge
     assert await store.client.keys("*") == []
 
 
-async def test_window_that_does_not_hold_the_store_time_is_stale_and_writes_nothing(store: RedisStore) -> None:
+async def test_window_that_does_not_hold_the_store_time_is_stale_and_writes_nothing(
+    store: RedisStore,
+) -> None:
     last_year = store.time() - 400 * 86400
     stale = await store.check_and_meter(request_for(month_charge(10, now=last_year)))
     assert stale.outcome is Outcome.STALE
@@ -181,7 +192,9 @@ async def test_response_charge_to_a_moving_window_counts_in_that_window(store: R
 async def test_response_charge_records_max_and_sum_usage(store: RedisStore) -> None:
     for amount in (5, 9, 3):
         charged = await store.charge(
-            request_for(usage=(UsageCharge("bytes", "up", amount, "+"), UsageCharge("largest", "up", amount, "max")))
+            request_for(
+                usage=(UsageCharge("bytes", "up", amount, "+"), UsageCharge("largest", "up", amount, "max"))
+            )
         )
     window = int(charged.store_time) // 60 * 60
     usage = await store.client.hgetall("sc:{c:acme}:u")
