@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from sidecar import problems
-from sidecar.components import COMPONENTS
-from sidecar.errors import StoreUnavailable
+from sidecar.components import COMPONENTS, Components
+from sidecar.errors import PolicyInvalid, StoreUnavailable
 from sidecar.usage import usage_document
+
+
+async def reload_policy(components: Components) -> PolicyInvalid | None:
+    """Load the policy files off the event loop and swap them in; a refusal keeps the old policy."""
+    try:
+        await asyncio.to_thread(components.holder.reload)
+    except PolicyInvalid as invalid:
+        components.metrics.policy_reloads.labels("refused").inc()
+        return invalid
+    components.metrics.policy_reloads.labels("applied").inc()
+    components.metrics.policy_loaded.set(time.time())
+    return None
+
+
+async def reload(request: web.Request) -> web.Response:
+    """200 once the new policy is in force; 422 with every located error when it is refused."""
+    components = request.app[COMPONENTS]
+    refused = await reload_policy(components)
+    if refused is not None:
+        return problems.problem(
+            422,
+            "Policy refused",
+            "the policy files are invalid; the policy in force is unchanged",
+            errors=[str(error) for error in refused.errors],
+        )
+    return web.json_response({"status": "applied", "policy": components.holder.current.summary()})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -68,3 +96,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/customers/{customer}/usage", customer_usage)
+    app.router.add_post("/admin/reload", reload)

@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 
 from aiohttp import web
 
+from sidecar.admin import reload_policy
 from sidecar.app import build_admin_app, build_proxy_app
 from sidecar.components import Components
 from sidecar.metrics import Metrics
@@ -26,11 +27,12 @@ log = logging.getLogger("sidecar")
 
 
 async def serve(settings: Settings, holder: PolicyHolder) -> None:
-    """Run until SIGTERM or SIGINT, then drain and return."""
+    """Run until SIGTERM or SIGINT, then drain and return. SIGHUP reloads the policy."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    reloads: set[asyncio.Task[object]] = set()
     async with AsyncExitStack() as stack:
         url = settings.redis_url or await _embedded_store(stack, settings)
         store = RedisStore(connect(url, settings.store_timeout), timeout=settings.store_timeout)
@@ -38,11 +40,18 @@ async def serve(settings: Settings, holder: PolicyHolder) -> None:
         metrics = Metrics()
         metrics.policy_loaded.set(time.time())
         components = Components(settings=settings, holder=holder, store=store, metrics=metrics)
+        loop.add_signal_handler(signal.SIGHUP, _start_reload, components, reloads)
         await _site(stack, build_admin_app(components), settings, admin=True)
         await _site(stack, build_proxy_app(components), settings, admin=False)
         log.info("serving %s → %s; admin on %s", settings.listen, settings.upstream, settings.admin)
         await stopping.wait()
         log.info("stopping: draining in-flight requests (up to %ss)", settings.drain_timeout)
+
+
+def _start_reload(components: Components, running: set[asyncio.Task[object]]) -> None:
+    task: asyncio.Task[object] = asyncio.ensure_future(reload_policy(components))
+    running.add(task)  # held until done: the loop keeps only weak references to tasks
+    task.add_done_callback(running.discard)
 
 
 async def _embedded_store(stack: AsyncExitStack, settings: Settings) -> str:

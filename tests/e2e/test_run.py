@@ -387,3 +387,36 @@ async def test_usage_command_for_an_unknown_customer_exits_1_with_the_404(
     assert (code, out) == (1, "")
     assert "404" in err
     assert "mallory" in err
+
+
+# -- SIGHUP reloads the policy -------------------------------------------------------------------
+
+
+async def test_sighup_puts_an_edited_policy_in_force_and_a_broken_one_is_refused(
+    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    sidecar = await launch(policy, upstream_url(upstream), tmp_path / "data")
+    await sidecar.wait_ready(session)
+    assert "q=10;" in await policy_header(session, sidecar)
+    policy.write_text(policy.read_text().replace("limit: 10,", "limit: 20,"))
+    sidecar.process.send_signal(signal.SIGHUP)
+    assert await eventually(lambda: policy_header(session, sidecar), "q=20;")
+    policy.write_text(policy.read_text().replace("limit: 20,", "limt: 30,"))
+    sidecar.process.send_signal(signal.SIGHUP)
+    await asyncio.sleep(0.5)
+    assert "q=20;" in await policy_header(session, sidecar)
+    assert sidecar.process.returncode is None
+
+
+async def policy_header(session: aiohttp.ClientSession, sidecar: Sidecar) -> str:
+    async with session.get(f"{sidecar.proxy}/v1/search", headers={"X-API-Key": ACME}) as response:
+        return response.headers.get("RateLimit-Policy", "")
+
+
+async def eventually(probe: Callable[[], Awaitable[str]], expected: str, seconds: float = 5.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < deadline:
+        if expected in await probe():
+            return True
+        await asyncio.sleep(0.05)
+    return False
