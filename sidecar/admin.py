@@ -75,6 +75,26 @@ async def customer_usage(request: web.Request) -> web.Response:
     return web.json_response(document)
 
 
+async def dead_letters(request: web.Request) -> web.Response:
+    """Summaries billing refused for good, with the answer it gave."""
+    components = request.app[COMPONENTS]
+    try:
+        letters = await components.outbox.dead_letters()
+    except StoreUnavailable:
+        return problems.unavailable(problems.STORE_RETRY_AFTER)
+    return web.json_response({"dead_letters": letters})
+
+
+async def redrive(request: web.Request) -> web.Response:
+    """Put every dead letter back in its outbox, unchanged, to be pushed again (after a fix)."""
+    components = request.app[COMPONENTS]
+    try:
+        moved = await components.outbox.redrive(int(components.store.time() * 1000))
+    except StoreUnavailable:
+        return problems.unavailable(problems.STORE_RETRY_AFTER)
+    return web.json_response({"redriven": moved})
+
+
 @web.middleware
 async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Under /admin/, a configured SIDECAR_ADMIN_TOKEN must be presented as a Bearer token."""
@@ -97,3 +117,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/customers/{customer}/usage", customer_usage)
     app.router.add_post("/admin/reload", reload)
+    app.router.add_get("/admin/billing/dead-letters", dead_letters)
+    app.router.add_post("/admin/billing/dead-letters/redrive", redrive)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
+from sidecar.billing.marks import DirtyMarks
+from sidecar.billing.outbox import Outbox
 from sidecar.metrics import Metrics
 from sidecar.policy.holder import PolicyHolder
 from sidecar.settings import Settings
@@ -19,6 +21,8 @@ class Components:
     holder: PolicyHolder
     store: Store
     metrics: Metrics
+    outbox: Outbox
+    marks: DirtyMarks = field(default_factory=DirtyMarks)
 
 
 COMPONENTS = web.AppKey("components", Components)

@@ -47,6 +47,11 @@ class Verdict:
         return self.decision in _FORWARDED
 
     @property
+    def recorded_usage(self) -> bool:
+        """The admission call added this request's request-time usage to a billing summary."""
+        return self.decision is Decision.ADMITTED and self.spec is not None and bool(self.spec.usage)
+
+    @property
     def refusing(self) -> tuple[LimitState, ...]:
         """Limits that refused the request (enforced and over)."""
         return tuple(s for s in self.limits if s.over and s.charge.enforced)

@@ -75,7 +75,7 @@ async def charge_response(
     if not amounts:
         return
     try:
-        await at_store_time(
+        charged = await at_store_time(
             components.store,
             components.store.charge,
             lambda now: response_request(policy, customer, feature.name, spec, amounts, now),
@@ -83,6 +83,9 @@ async def charge_response(
     except StoreUnavailable as error:
         components.metrics.store_errors.labels("charge").inc()
         log.warning("response-time usage of %s not charged: %s", feature.name, error)
+        return
+    if policy.billing:
+        components.marks.note(customer.id, charged.store_time, policy.billing)
 
 
 def _amounts(components: Components, spec: ChargeSpec, exchange: Exchange) -> dict[str, int]:

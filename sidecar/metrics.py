@@ -65,6 +65,28 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.billing_pushes = Counter(
+            "sidecar_billing_pushes",
+            "Billing push requests by outcome (delivered, retry, rejected).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.billing_pending = Gauge(
+            "sidecar_billing_pending_summaries",
+            "Summaries waiting in outboxes for a 2xx from billing.",
+            registry=self.registry,
+        )
+        self.billing_oldest_age = Gauge(
+            "sidecar_billing_oldest_pending_age_seconds",
+            "Age of the oldest undelivered summary seen in the last push cycle, from its window end.",
+            registry=self.registry,
+        )
+        self.billing_dead_letters = Counter(
+            "sidecar_billing_dead_letters",
+            "Summaries billing refused for good (4xx), kept as dead letters for re-driving.",
+            registry=self.registry,
+        )
+
     def record_verdict(self, verdict: Verdict) -> None:
         feature = verdict.feature.name if verdict.feature else ""
         plan = verdict.plan.name if verdict.plan else ""

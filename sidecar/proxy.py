@@ -57,6 +57,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if not verdict.forwards:
         return problems.refusal(verdict, policy, request.method, request.path)
     components.metrics.overhead.observe(time.perf_counter() - tally.started)
+    if policy.billing and verdict.recorded_usage and verdict.customer:
+        components.marks.note(verdict.customer.id, verdict.store_time, policy.billing)
     if verdict.shadow_refusals and verdict.customer is not None:
         names = ", ".join(state.charge.limit.name for state in verdict.shadow_refusals)
         log.info("shadow: %s on %s would have been refused by %s", verdict.customer.id, request.path, names)

@@ -12,10 +12,13 @@ import signal
 import time
 from contextlib import AsyncExitStack
 
+import aiohttp
 from aiohttp import web
 
 from sidecar.admin import reload_policy
 from sidecar.app import build_admin_app, build_proxy_app
+from sidecar.billing.outbox import BILLING_STORE_TIMEOUT, Outbox
+from sidecar.billing.pusher import Pusher
 from sidecar.components import Components
 from sidecar.metrics import Metrics
 from sidecar.policy.holder import PolicyHolder
@@ -24,6 +27,8 @@ from sidecar.store.embedded import EmbeddedRedis
 from sidecar.store.redis import RedisStore, connect
 
 log = logging.getLogger("sidecar")
+
+BILLING_CONNECTIONS = 8
 
 
 async def serve(settings: Settings, holder: PolicyHolder) -> None:
@@ -39,13 +44,42 @@ async def serve(settings: Settings, holder: PolicyHolder) -> None:
         stack.push_async_callback(store.close)
         metrics = Metrics()
         metrics.policy_loaded.set(time.time())
-        components = Components(settings=settings, holder=holder, store=store, metrics=metrics)
+        outbox = Outbox(connect(url, BILLING_STORE_TIMEOUT, max_connections=BILLING_CONNECTIONS))
+        stack.push_async_callback(outbox.client.aclose)
+        components = Components(settings=settings, holder=holder, store=store, metrics=metrics, outbox=outbox)
+        await _pusher(stack, components)
         loop.add_signal_handler(signal.SIGHUP, _start_reload, components, reloads)
         await _site(stack, build_admin_app(components), settings, admin=True)
         await _site(stack, build_proxy_app(components), settings, admin=False)
         log.info("serving %s → %s; admin on %s", settings.listen, settings.upstream, settings.admin)
         await stopping.wait()
         log.info("stopping: draining in-flight requests (up to %ss)", settings.drain_timeout)
+
+
+async def _pusher(stack: AsyncExitStack, components: Components) -> None:
+    """Run the billing pusher beside the servers; on shutdown (after the proxy drained, so every
+    charge is in) it stops, and one last cycle pushes whatever windows have closed."""
+    session = aiohttp.ClientSession(trust_env=False)
+    stack.push_async_callback(session.close)
+    pusher = Pusher(
+        holder=components.holder,
+        outbox=components.outbox,
+        marks=components.marks,
+        session=session,
+        metrics=components.metrics,
+        clock=components.store.time,
+        secret=components.settings.billing_secret,
+        token=components.settings.billing_token,
+    )
+    stopping = asyncio.Event()
+    task = asyncio.create_task(pusher.run(stopping))
+
+    async def stop() -> None:
+        stopping.set()
+        await task
+        await pusher.cycle()
+
+    stack.push_async_callback(stop)
 
 
 def _start_reload(components: Components, running: set[asyncio.Task[object]]) -> None:

@@ -44,6 +44,7 @@ class Settings:
     data_dir: Path = Path(".sidecar")
     admin_token: str | None = None
     billing_secret: str | None = None
+    billing_token: str | None = None
     upstream_timeout: float = 30.0
     store_timeout: float = 0.05
     drain_timeout: float = 30.0
@@ -51,7 +52,7 @@ class Settings:
 
     def __repr__(self) -> str:
         """Never show the secrets: settings get logged at startup."""
-        hidden = {"admin_token", "billing_secret"}
+        hidden = {"admin_token", "billing_secret", "billing_token"}
         fields = (
             f"{name}={'***' if name in hidden and getattr(self, name) else repr(getattr(self, name))}"
             for name in self.__dataclass_fields__
@@ -131,6 +132,7 @@ _SOURCES: tuple[tuple[str, str | None, str, Callable[[str, str], Any]], ...] = (
     ("data_dir", "data_dir", "SIDECAR_DATA_DIR", _path),
     ("admin_token", None, "SIDECAR_ADMIN_TOKEN", _text),
     ("billing_secret", None, "SIDECAR_BILLING_SECRET", _text),
+    ("billing_token", None, "SIDECAR_BILLING_TOKEN", _text),
     ("upstream_timeout", "upstream_timeout", "SIDECAR_UPSTREAM_TIMEOUT", parse_seconds),
     ("store_timeout", "store_timeout", "SIDECAR_STORE_TIMEOUT", parse_seconds),
     ("drain_timeout", "drain_timeout", "SIDECAR_DRAIN_TIMEOUT", parse_seconds),

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.app import build_admin_app, build_proxy_app
+from sidecar.billing.outbox import Outbox
 from sidecar.components import Components
 from sidecar.identity import hash_key
 from sidecar.metrics import Metrics
@@ -129,7 +130,11 @@ def make_components(policy_path: Path, upstream_url: str, redis_url: str, **over
     settings = Settings(**{"upstream": upstream_url, "store_timeout": TEST_STORE_TIMEOUT, **overrides})  # type: ignore[arg-type]
     store = RedisStore(connect(redis_url, settings.store_timeout), timeout=settings.store_timeout)
     return Components(
-        settings=settings, holder=PolicyHolder.load(policy_path), store=store, metrics=Metrics()
+        settings=settings,
+        holder=PolicyHolder.load(policy_path),
+        store=store,
+        metrics=Metrics(),
+        outbox=Outbox(store.client),
     )
 
 

@@ -102,8 +102,8 @@ _FEATURE_KEYS = ("name", "match", "public", "cost")
 _MATCH_KEYS = ("method", "path")
 _PLAN_KEYS = ("features", "limits", "prepaid", "shadow", "store_failure")
 _LIMIT_KEYS = ("meter", "limit", "period", "burst", "feature", "on_exceed", "shadow")
-_CUSTOMER_KEYS = ("plan", "api_keys", "billing_anchor")
-_BILLING_KEYS = ("url", "format", "interval")
+_CUSTOMER_KEYS = ("plan", "api_keys", "billing_anchor", "stripe_customer_id", "lago_subscription_id")
+_BILLING_KEYS = ("url", "format", "interval", "grace", "batch_size")
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
@@ -593,9 +593,18 @@ def _customer(draft: _Draft, at: At, customer_id: str) -> Customer | None:
         draft.later(_resolve, draft.plans, "plan", fields["plan"], plan)
     keys: tuple[str, ...] = read_optional(fields, "api_keys", partial(_api_keys, draft, customer_id), ())
     anchor = read_optional(fields, "billing_anchor", _date, None)
+    stripe_id = read_optional(fields, "stripe_customer_id", read_str, None)
+    lago_id = read_optional(fields, "lago_subscription_id", read_str, None)
     if plan is None or len(at.errors) > mark:
         return None
-    return Customer(id=customer_id, plan=plan, api_key_hashes=keys, billing_anchor=anchor)
+    return Customer(
+        id=customer_id,
+        plan=plan,
+        api_key_hashes=keys,
+        billing_anchor=anchor,
+        stripe_customer_id=stripe_id,
+        lago_subscription_id=lago_id,
+    )
 
 
 def _api_keys(draft: _Draft, customer_id: str, at: At) -> tuple[str, ...]:
@@ -660,8 +669,37 @@ def _billing(draft: _Draft, at: At) -> None:
     url = read_required(fields, "url", _url)
     billing_format = read_optional(fields, "format", _billing_format, BillingFormat.JSON)
     interval = read_optional(fields, "interval", partial(read_int, minimum=1), DEFAULT_BILLING_INTERVAL)
+    grace = read_optional(fields, "grace", read_int, 5)
+    batch_size = read_optional(fields, "batch_size", partial(read_int, minimum=1), 100)
     if url is not None and len(at.errors) == mark:
-        draft.billing = Billing(url=url, format=billing_format, interval=interval)
+        draft.billing = Billing(
+            url=url, format=billing_format, interval=interval, grace=grace, batch_size=batch_size
+        )
+        draft.later(_billing_ids, draft, billing_format)
+    if billing_format is BillingFormat.LAGO and batch_size > LAGO_MAX_BATCH:
+        fields["batch_size"].error(
+            f"Lago accepts at most {LAGO_MAX_BATCH} events per batch, got {batch_size}"
+        )
+
+
+LAGO_MAX_BATCH = 100  # POST /api/v1/events/batch refuses more with 422 too_many_events
+_BILLING_ID_FIELDS = {
+    BillingFormat.STRIPE: "stripe_customer_id",
+    BillingFormat.LAGO: "lago_subscription_id",
+}
+
+
+def _billing_ids(draft: _Draft, billing_format: BillingFormat) -> None:
+    """Stripe and Lago address a customer by their own id: every customer must name it."""
+    field_name = _BILLING_ID_FIELDS.get(billing_format)
+    if field_name is None:
+        return
+    for customer_id, entry in draft.customers.items():
+        if entry.value is not None and getattr(entry.value, field_name) is None:
+            entry.at.error(
+                f"billing format '{billing_format.value}' needs {field_name} on every customer; "
+                f"'{customer_id}' has none"
+            )
 
 
 def _billing_format(at: At) -> BillingFormat | None:

@@ -171,6 +171,8 @@ class Customer:
     plan: str
     api_key_hashes: tuple[str, ...] = ()
     billing_anchor: date | None = None
+    stripe_customer_id: str | None = None  # billing format stripe: payload[stripe_customer_id]
+    lago_subscription_id: str | None = None  # billing format lago: external_subscription_id
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -180,9 +182,13 @@ class Identity:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Billing:
+    """Where and how usage summaries go. A window is pushed `grace` seconds after it closes."""
+
     url: str
     format: BillingFormat = BillingFormat.JSON
     interval: int = 60
+    grace: int = 5
+    batch_size: int = 100
 
 
 DEFAULT_BILLING_INTERVAL = 60

@@ -31,3 +31,32 @@ def quota(customer_id: str, limit_name: str, window_start: int) -> str:
 def usage(customer_id: str) -> str:
     """Hash of billing usage: field "<window_start>|<meter>|<feature>" → value, until pushed."""
     return f"{customer_tag(customer_id)}:u"
+
+
+def revisions(customer_id: str) -> str:
+    """Hash "<window_start>|<meter>|<feature>" → how many times that window has been closed."""
+    return f"{customer_tag(customer_id)}:rev"
+
+
+def outbox(customer_id: str) -> str:
+    """Hash summary id → frozen summary JSON, until billing answers 2xx."""
+    return f"{customer_tag(customer_id)}:ob"
+
+
+def dead_letters(customer_id: str) -> str:
+    """Hash summary id → {summary, reason} for summaries billing refused for good (4xx)."""
+    return f"{customer_tag(customer_id)}:dl"
+
+
+# Schedules shared by every replica: sorted sets of customer ids scored by when (epoch ms) each
+# is due. They are indexes only; a periodic scan of the per-customer keys rebuilds them.
+DIRTY = f"{PREFIX}:billing:dirty"  # customers with usage in windows not yet closed
+PENDING = f"{PREFIX}:billing:pending"  # customers with summaries waiting in their outbox
+DEAD = f"{PREFIX}:billing:dead"  # customers with dead letters
+USAGE_PATTERN = f"{PREFIX}:{{c:*}}:u"
+OUTBOX_PATTERN = f"{PREFIX}:{{c:*}}:ob"
+
+
+def customer_of(key: str) -> str:
+    """The customer id inside a per-customer key's hash tag."""
+    return key[key.index("{c:") + 3 : key.index("}")]

@@ -34,10 +34,11 @@ MAX_CONNECTIONS = 64
 _OUTCOMES = {1: Outcome.ADMITTED, 0: Outcome.REFUSED, -1: Outcome.STALE}
 
 
-def load_script(name: str) -> str:
-    """A script's source with the shared lib.lua in front of it."""
+def load_script(name: str, *, shared: bool = True) -> str:
+    """A script's source, with the shared lib.lua in front of it unless ``shared`` is False."""
     lua = resources.files("sidecar.store").joinpath("lua")
-    return lua.joinpath("lib.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
+    source = lua.joinpath(f"{name}.lua").read_text()
+    return lua.joinpath("lib.lua").read_text() + "\n" + source if shared else source
 
 
 def connect(url: str, timeout: float, *, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
@@ -86,11 +87,7 @@ class RedisStore:
         await self.client.aclose()
 
     async def _call(self, operation: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await operation
-        except (RedisError, TimeoutError, OSError) as error:
-            raise StoreUnavailable(f"store did not answer: {type(error).__name__}") from error
+        return await bounded(operation, self._timeout)
 
     def _admission(
         self, reply: Sequence[Any], charges: tuple[LimitCharge, ...], *, has_over: bool = True
@@ -111,6 +108,15 @@ class RedisStore:
             for i, charge in enumerate(charges)
         )
         return Admission(outcome, store_time, states)
+
+
+async def bounded(operation: Awaitable[T], timeout: float) -> T:
+    """Await a redis call for at most `timeout`; every failure becomes StoreUnavailable."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await operation
+    except (RedisError, TimeoutError, OSError) as error:
+        raise StoreUnavailable(f"store did not answer: {type(error).__name__}") from error
 
 
 def _meter_arguments(request: MeterRequest) -> tuple[list[str], list[Any]]:

@@ -182,6 +182,15 @@ BAD = [
         "use letters, digits and !#$%&'*+-.^_`|~",
     ),
     (
+        "lago_batch_size",
+        "6:89: billing.batch_size: Lago accepts at most 100 events per batch, got 500",
+    ),
+    (
+        "billing_id_missing",
+        "7:3: customers.bob: billing format 'stripe' needs stripe_customer_id on every customer; "
+        "'bob' has none",
+    ),
+    (
         "billing_format",
         "4:11: billing.format: unknown format 'csv'; expected one of json, stripe, lago, openmeter",
     ),
