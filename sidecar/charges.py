@@ -32,7 +32,13 @@ def meter_request(
     return MeterRequest(customer.id, limits, usage, policy.billing_interval)
 
 
-_USAGE_OPS = {Aggregation.COUNT: "+", Aggregation.SUM: "+", Aggregation.MAX: "max", Aggregation.MIN: "min"}
+_USAGE_OPS = {
+    Aggregation.COUNT: "+",
+    Aggregation.SUM: "+",
+    Aggregation.MAX: "max",
+    Aggregation.MIN: "min",
+    Aggregation.UNIQUE: "uniq",
+}
 
 
 def response_request(
@@ -42,8 +48,10 @@ def response_request(
     spec: ChargeSpec,
     amounts: Mapping[str, int],
     now: float,
+    distinct: Mapping[str, str] | None = None,
 ) -> MeterRequest:
-    """What the response told, charged to the limits on those meters and recorded for billing."""
+    """What the response told, charged to the limits on those meters and recorded for billing;
+    `distinct` holds the values unique meters saw."""
     limits = tuple(
         LimitCharge(s.limit, amounts[s.limit.meter], window_for(s.limit, now, customer), s.enforced, False)
         for s in spec.limits
@@ -55,6 +63,7 @@ def response_request(
             for meter in spec.measured
             if meter.name in amounts and (amounts[meter.name] > 0 or _USAGE_OPS[meter.aggregation] != "+")
         )
+        + tuple(UsageCharge(meter, feature, 1, "uniq", value) for meter, value in (distinct or {}).items())
         if policy.billing
         else ()
     )

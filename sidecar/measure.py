@@ -47,6 +47,20 @@ def measure(source: Source, exchange: Exchange) -> int | None:
     return None
 
 
+def measure_text(source: Source, exchange: Exchange) -> str | None:
+    """The value a `unique` meter counts distinct occurrences of: a header or a JSON scalar, as text."""
+    kind = source.kind
+    if kind is SourceKind.REQUEST_HEADER:
+        return exchange.request_headers.get(source.argument or "") or None
+    if kind is SourceKind.RESPONSE_HEADER:
+        return exchange.response_headers.get(source.argument or "") or None
+    if kind is SourceKind.RESPONSE_JSON and exchange.json_body is not None:
+        value = _json_path(exchange.json_body, source.argument or "")
+        return str(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
+    amount = measure(source, exchange)
+    return None if amount is None else str(amount)
+
+
 def _number(value: object) -> int | None:
     """A non-negative whole amount from a header string or a JSON number; anything else is None."""
     if isinstance(value, str):

@@ -18,8 +18,8 @@ from sidecar.charges import response_request
 from sidecar.components import Components
 from sidecar.errors import StoreUnavailable
 from sidecar.gate import Verdict, at_store_time
-from sidecar.measure import JSON_CAPTURE_LIMIT, Exchange, measure
-from sidecar.policy.model import ChargeSpec, Policy, SourceKind
+from sidecar.measure import JSON_CAPTURE_LIMIT, Exchange, measure, measure_text
+from sidecar.policy.model import Aggregation, ChargeSpec, Policy, SourceKind
 
 log = logging.getLogger("sidecar.metering")
 
@@ -72,13 +72,14 @@ async def charge_response(
     if spec is None or customer is None or feature is None or not spec.measured:
         return
     amounts = _amounts(components, spec, exchange)
-    if not amounts:
+    distinct = _distinct(components, spec, exchange)
+    if not amounts and not distinct:
         return
     try:
         charged = await at_store_time(
             components.store,
             components.store.charge,
-            lambda now: response_request(policy, customer, feature.name, spec, amounts, now),
+            lambda now: response_request(policy, customer, feature.name, spec, amounts, now, distinct),
         )
     except StoreUnavailable as error:
         components.metrics.store_errors.labels("charge").inc()
@@ -91,9 +92,25 @@ async def charge_response(
 def _amounts(components: Components, spec: ChargeSpec, exchange: Exchange) -> dict[str, int]:
     amounts = {}
     for meter in spec.measured:
+        if meter.aggregation is Aggregation.UNIQUE:
+            continue
         amount = measure(meter.source, exchange)
         if amount is None:
             components.metrics.unmeasured.labels(meter.name).inc()
         else:
             amounts[meter.name] = amount
     return amounts
+
+
+def _distinct(components: Components, spec: ChargeSpec, exchange: Exchange) -> dict[str, str]:
+    """The value each unique meter saw in this exchange."""
+    values = {}
+    for meter in spec.measured:
+        if meter.aggregation is not Aggregation.UNIQUE:
+            continue
+        value = measure_text(meter.source, exchange)
+        if value is None:
+            components.metrics.unmeasured.labels(meter.name).inc()
+        else:
+            values[meter.name] = value
+    return values

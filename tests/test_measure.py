@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.measure import Exchange, measure
+from sidecar.measure import Exchange, measure, measure_text
 from sidecar.policy.model import Source, SourceKind
 
 
@@ -60,3 +60,20 @@ def test_unreadable_values_are_none_not_a_guess(
     kind: SourceKind, argument: str, overrides: dict[str, object]
 ) -> None:
     assert measure(Source(kind=kind, argument=argument), exchange(**overrides)) is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "argument", "expected"),
+    [
+        (SourceKind.REQUEST_HEADER, "X-Units", "4"),
+        (SourceKind.RESPONSE_HEADER, "X-Missing", None),
+        (SourceKind.RESPONSE_JSON, "usage.total_tokens", "400"),
+        (SourceKind.RESPONSE_JSON, "usage.flag", None),
+        (SourceKind.RESPONSE_JSON, "usage", None),
+        (SourceKind.RESPONSE_BYTES, None, "2048"),
+    ],
+)
+def test_unique_meters_read_their_value_as_text(
+    kind: SourceKind, argument: str | None, expected: str | None
+) -> None:
+    assert measure_text(Source(kind=kind, argument=argument), exchange()) == expected

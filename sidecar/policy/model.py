@@ -247,9 +247,7 @@ def resolve_charges(
     measured = tuple(
         meter
         for meter in meters.values()
-        if not meter.source.at_request_time
-        and meter.aggregation is not Aggregation.UNIQUE
-        and (billing or meter.name in limited)
+        if not meter.source.at_request_time and (billing or meter.name in limited)
     )
     return ChargeSpec(tuple(limits), usage, measured)
 

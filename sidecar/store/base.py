@@ -39,7 +39,8 @@ class UsageCharge:
     meter: str
     feature: str
     amount: int
-    op: str  # "+" adds (count, sum); "max" / "min" keep the extreme
+    op: str  # "+" adds (count, sum); "max" / "min" keep the extreme; "uniq" notes `distinct`
+    distinct: str = ""  # the value a unique meter saw; counted once per window at close
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,7 +125,10 @@ def _meter_arguments(request: MeterRequest) -> tuple[list[str], list[Any]]:
     key_list.append(keys.usage(request.customer_id))
     args[0] = request.billing_interval
     for charge in request.usage:
-        args += (f"{charge.meter}|{charge.feature}", charge.op, charge.amount)
+        suffix = f"{charge.meter}|{charge.feature}"
+        if charge.op == "uniq":
+            suffix = f"{suffix}|{charge.distinct}"
+        args += (suffix, charge.op, charge.amount)
     return key_list, args
 
 

@@ -120,3 +120,18 @@ async def test_rebuild_finds_usage_and_outboxes_the_schedules_lost(store: RedisS
     await outbox.rebuild_schedules()
     assert [c for c, _ in await outbox.due_dirty(now_ms=0, limit=10)] == ["bob"]
     assert await outbox.claim_pending(now_ms=0, lease_end_ms=1, limit=10) == ["acme"]
+
+
+async def test_a_unique_meter_closes_into_the_count_of_distinct_values_per_window(
+    store: RedisStore, outbox: Outbox
+) -> None:
+    for user in ("ann", "bo", "ann", "cy", "bo"):
+        admission = await store.charge(
+            MeterRequest("acme", (), (UsageCharge("users", "search", 1, "uniq", user),), 60)
+        )
+    window = int(admission.store_time) // 60 * 60
+    await outbox.close("acme", "pro", 60, window + 60, {"users": "unique"})
+    (summary,) = await outbox.summaries("acme")
+    assert (summary.value, summary.aggregation) == (3, "unique")
+    assert summary.id == summary_id("acme", "users", "search", window, 1)
+    assert await store.client.hlen(keys.usage("acme")) == 0

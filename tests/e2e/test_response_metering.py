@@ -43,6 +43,7 @@ def policy_with(tmp_path: Path, source: str, *, billing: bool = False) -> Path:
           tokens: {{aggregation: sum, source: "{source}"}}
           egress: {{aggregation: sum, source: response.bytes}}
           biggest: {{aggregation: max, source: response.bytes}}
+          users: {{aggregation: unique, source: "request.header:X-User"}}
         features: [{{name: complete, match: {{path: /v1/completions}}}}]
         plans:
           llm:
@@ -107,14 +108,17 @@ async def test_measured_usage_lands_in_the_billing_summary(
 ) -> None:
     client = await sidecar(policy_with(tmp_path, "response.header:X-Usage-Tokens", billing=True), llm)
     sizes = []
-    for tokens in (100, 250):
-        response = await client.post(f"/v1/completions?tokens={tokens}", headers=HEADERS)
+    for tokens, user in ((100, "ann"), (250, "bo"), (0, "ann")):
+        response = await client.post(f"/v1/completions?tokens={tokens}", headers=HEADERS | {"X-User": user})
         sizes.append(len(await response.read()))
     redis = aioredis.Redis.from_url(redis_url)
-    usage = {k.decode().split("|", 1)[1]: int(v) for k, v in (await redis.hgetall("sc:{c:acme}:u")).items()}
+    fields = {k.decode(): int(v) for k, v in (await redis.hgetall("sc:{c:acme}:u")).items()}
     await redis.aclose()
+    usage = {k.split("|", 1)[1]: v for k, v in fields.items() if not k.startswith("u|")}
+    distinct = sorted(k.rsplit("|", 1)[1] for k in fields if k.startswith("u|"))
+    assert distinct == ["ann", "bo"]
     assert usage == {
-        "requests|complete": 2,
+        "requests|complete": 3,
         "tokens|complete": 350,
         "egress|complete": sum(sizes),
         "biggest|complete": max(sizes),

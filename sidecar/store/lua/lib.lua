@@ -80,10 +80,14 @@ local function charge_calendar(key, window_end, amount)
 end
 
 -- Records ARGV[first..] usage triples (field suffix, op, amount) in the billing window's fields.
+-- A unique meter's value is kept as its own field, "u|<window>|<meter>|<feature>|<value>", and
+-- close.lua counts the distinct ones.
 local function record_usage(usage_key, window, first)
   for a = first, #ARGV, 3 do
     local field, op, amount = window .. '|' .. ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-    if op == '+' then
+    if op == 'uniq' then
+      redis.call('HSET', usage_key, 'u|' .. field, 1)
+    elseif op == '+' then
       redis.call('HINCRBY', usage_key, field, string.format('%d', amount))
     else
       local current = tonumber(redis.call('HGET', usage_key, field))
