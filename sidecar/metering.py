@@ -71,8 +71,7 @@ async def charge_response(
     spec, customer, feature = verdict.spec, verdict.customer, verdict.feature
     if spec is None or customer is None or feature is None or not spec.measured:
         return
-    amounts = _amounts(components, spec, exchange)
-    distinct = _distinct(components, spec, exchange)
+    amounts, distinct = _readings(components, spec, exchange)
     if not amounts and not distinct:
         return
     try:
@@ -89,28 +88,22 @@ async def charge_response(
         components.marks.note(customer.id, charged.store_time, policy.billing)
 
 
-def _amounts(components: Components, spec: ChargeSpec, exchange: Exchange) -> dict[str, int]:
-    amounts = {}
+def _readings(
+    components: Components, spec: ChargeSpec, exchange: Exchange
+) -> tuple[dict[str, int], dict[str, str]]:
+    """The amount each measured meter read, and the value each unique meter saw."""
+    amounts: dict[str, int] = {}
+    distinct: dict[str, str] = {}
     for meter in spec.measured:
         if meter.aggregation is Aggregation.UNIQUE:
-            continue
-        amount = measure(meter.source, exchange)
-        if amount is None:
-            components.metrics.unmeasured.labels(meter.name).inc()
+            text = measure_text(meter.source, exchange)
+            if text is not None:
+                distinct[meter.name] = text
+                continue
         else:
-            amounts[meter.name] = amount
-    return amounts
-
-
-def _distinct(components: Components, spec: ChargeSpec, exchange: Exchange) -> dict[str, str]:
-    """The value each unique meter saw in this exchange."""
-    values = {}
-    for meter in spec.measured:
-        if meter.aggregation is not Aggregation.UNIQUE:
-            continue
-        value = measure_text(meter.source, exchange)
-        if value is None:
-            components.metrics.unmeasured.labels(meter.name).inc()
-        else:
-            values[meter.name] = value
-    return values
+            amount = measure(meter.source, exchange)
+            if amount is not None:
+                amounts[meter.name] = amount
+                continue
+        components.metrics.unmeasured.labels(meter.name).inc()
+    return amounts, distinct

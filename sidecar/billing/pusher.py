@@ -71,9 +71,13 @@ class Pusher:
         self._next_rebuild = 0.0
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Cycle until `stopping` is set; a store or billing outage only delays the next cycle."""
+        """Cycle until `stopping` is set; a store or billing outage only delays the next cycle,
+        and an unexpected error is logged rather than ending billing for the process's lifetime."""
         while not stopping.is_set():
-            await self.cycle()
+            try:
+                await self.cycle()
+            except Exception:
+                log.exception("billing cycle failed; retrying next cycle")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), TICK_SECONDS)
 
