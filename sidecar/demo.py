@@ -6,13 +6,17 @@ identity, limits and rate-limit headers without any other software.
 
 from __future__ import annotations
 
+import logging
 import random
 
 from aiohttp import web
+from yarl import URL
 
 from sidecar.policy.holder import PolicyHolder
 from sidecar.server import serve
 from sidecar.settings import Settings
+
+log = logging.getLogger("sidecar.demo")
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -50,15 +54,44 @@ def demo_upstream_app() -> web.Application:
     return app
 
 
-async def serve_demo(settings: Settings, holder: PolicyHolder) -> None:
-    """Serve the demo upstream on --upstream's host and port, then the sidecar until SIGTERM."""
-    from yarl import URL
+async def receive_usage(request: web.Request) -> web.Response:
+    """A stand-in billing endpoint: logs each summary the sidecar pushes (format json)."""
+    body = await request.json()
+    for summary in body.get("summaries", []):
+        log.info(
+            "billing received %s: %s %s=%s (%s..%s)",
+            summary["id"][:12],
+            summary["customer"],
+            summary["meter"],
+            summary["value"],
+            summary["window_start"],
+            summary["window_end"],
+        )
+    return web.json_response({"received": len(body.get("summaries", []))})
 
-    upstream = URL(settings.upstream)
-    runner = web.AppRunner(demo_upstream_app(), access_log=None, handle_signals=False)
-    await runner.setup()
+
+def demo_billing_app(path: str) -> web.Application:
+    app = web.Application()
+    app.router.add_post(path, receive_usage)
+    return app
+
+
+async def serve_demo(settings: Settings, holder: PolicyHolder) -> None:
+    """Serve the demo upstream on --upstream's address and, when the policy bills to a loopback
+    URL, a logging billing receiver there; then the sidecar until SIGTERM."""
+    runners = [await _start(demo_upstream_app(), URL(settings.upstream))]
+    billing = holder.current.billing
+    if billing is not None and URL(billing.url).host in ("127.0.0.1", "localhost"):
+        runners.append(await _start(demo_billing_app(URL(billing.url).path), URL(billing.url)))
     try:
-        await web.TCPSite(runner, upstream.host, upstream.port).start()
         await serve(settings, holder)
     finally:
-        await runner.cleanup()
+        for runner in runners:
+            await runner.cleanup()
+
+
+async def _start(app: web.Application, address: URL) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, address.host, address.port).start()
+    return runner
