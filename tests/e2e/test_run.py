@@ -1,21 +1,18 @@
 """`sidecar run` as a real process (SPEC §2): embedded redis-server, restart durability, SIGTERM drain,
 refusal of a bad policy, one sidecar per data directory.
 
-Each sidecar runs in its own session (process group) so that, if a test fails half-way, the
-teardown can kill the sidecar together with the redis-server it started, and nothing else.
+The launching machinery (`launch`, `Sidecar`, `session`, ...) lives in tests/e2e/conftest.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -23,114 +20,23 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.store.embedded import free_port
 from tests.conftest import key_hash, write_policy
+from tests.e2e.conftest import (
+    ACME,
+    Launcher,
+    Sidecar,
+    child_environment,
+    get,
+    live_group_members,
+    timing,
+)
 
 pytestmark = pytest.mark.slow
 
-ACME = "acme-key-1"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "policies"
-READY_TIMEOUT = 15.0
-EXIT_TIMEOUT = 10.0
 SLOW_UPSTREAM_SECONDS = 1.5
-CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=10)
-PROBE_TIMEOUT = aiohttp.ClientTimeout(total=1)
 
 ENTERED = web.AppKey("entered", asyncio.Event)
-
-
-@dataclass
-class Sidecar:
-    process: asyncio.subprocess.Process
-    proxy: str  # base URL of the proxy port
-    admin: str  # HOST:PORT of the admin port
-    stderr_path: Path
-    launched: float
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    async def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
-        return await asyncio.wait_for(self.process.wait(), timeout)
-
-    async def wait_ready(self, session: aiohttp.ClientSession) -> float:
-        """Seconds from launch until /readyz answers 200; fails the test if the process exits first."""
-        code = await self.ready_or_exit(session)
-        if code is not None:
-            pytest.fail(f"sidecar exited {code} before ready:\n{self.stderr}")
-        return time.monotonic() - self.launched
-
-    async def ready_or_exit(self, session: aiohttp.ClientSession) -> int | None:
-        """Polls /readyz until 200 (None) or until the process exits (its code), within READY_TIMEOUT."""
-        deadline = self.launched + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.returncode is not None:
-                return self.process.returncode
-            try:
-                async with session.get(f"http://{self.admin}/readyz", timeout=PROBE_TIMEOUT) as probe:
-                    if probe.status == 200:
-                        return None
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            await asyncio.sleep(0.05)
-        pytest.fail(f"sidecar neither ready nor exited within {READY_TIMEOUT}s:\n{self.stderr}")
-
-    async def terminate(self) -> tuple[int, float]:
-        """SIGTERM to the sidecar alone; returns (exit code, seconds to exit)."""
-        sent = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        code = await self.wait_exit()
-        return code, time.monotonic() - sent
-
-
-Launcher = Callable[..., Awaitable[Sidecar]]
-
-
-def child_environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-
-
-@pytest.fixture
-async def launch(tmp_path: Path) -> AsyncIterator[Launcher]:
-    started: list[Sidecar] = []
-
-    async def start(policies: Path, upstream_url: str, data_dir: Path) -> Sidecar:
-        index = len(started)
-        stderr_path = tmp_path / f"sidecar-{index}.stderr"
-        listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-        command = [
-            sys.executable, "-m", "sidecar", "run",
-            "--listen", listen, "--admin", admin, "--upstream", upstream_url,
-            "--policies", str(policies), "--data-dir", str(data_dir),
-        ]  # fmt: skip
-        launched = time.monotonic()
-        with stderr_path.open("wb") as stderr:
-            process = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=stderr,
-                cwd=tmp_path,
-                env=child_environment(),
-                start_new_session=True,
-            )
-        sidecar = Sidecar(process, f"http://{listen}", admin, stderr_path, launched)
-        started.append(sidecar)
-        return sidecar
-
-    try:
-        yield start
-    finally:
-        for sidecar in started:
-            if sidecar.process.returncode is None:
-                sidecar.process.send_signal(signal.SIGTERM)
-                with contextlib.suppress(TimeoutError):
-                    await sidecar.wait_exit()
-            with contextlib.suppress(ProcessLookupError):  # the group: the sidecar and its redis-server
-                os.killpg(sidecar.process.pid, signal.SIGKILL)
-            if sidecar.process.returncode is None:
-                await sidecar.process.wait()
 
 
 async def _search(request: web.Request) -> web.Response:
@@ -178,17 +84,6 @@ def policy(tmp_path: Path) -> Path:
     )
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
-        yield client
-
-
-async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, str, str]:
-    async with session.get(url, headers={"X-API-Key": ACME}) as response:
-        return response.status, response.headers.get("RateLimit", ""), await response.text()
-
-
 async def sidecar_cli(*args: str) -> tuple[int, str, str]:
     """A `python -m sidecar ...` subprocess: (exit code, stdout, stderr), bounded in time."""
     process = await asyncio.create_subprocess_exec(
@@ -210,24 +105,6 @@ async def cli_usage(customer: str, admin: str) -> dict[str, object]:
     assert code == 0, err
     document: dict[str, object] = json.loads(out)
     return document
-
-
-def timing(name: str, seconds: float) -> None:
-    """Startup and shutdown times, for the record (shown with -s or -rP)."""
-    print(f"timing: {name}: {seconds:.2f}s")
-
-
-def live_group_members(pgid: int) -> list[int]:
-    """Pids of the process group that are still running (zombies excluded), from Linux /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue
-        if int(pgrp) == pgid and state != "Z":
-            members.append(int(stat.parent.name))
-    return members
 
 
 # -- (a) embedded store, restart durability -----------------------------------------------------
