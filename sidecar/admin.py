@@ -12,6 +12,7 @@ from aiohttp.typedefs import Handler
 from sidecar import problems
 from sidecar.components import COMPONENTS, Components
 from sidecar.errors import PolicyInvalid, StoreUnavailable
+from sidecar.policy.model import Customer, Policy
 from sidecar.usage import usage_document
 
 
@@ -67,6 +68,11 @@ async def customer_usage(request: web.Request) -> web.Response:
     customer = policy.customers.get(request.match_info["customer"])
     if customer is None:
         return problems.problem(404, "Not Found", f"no customer '{request.match_info['customer']}'")
+    return await usage_answer(components, policy, customer)
+
+
+async def usage_answer(components: Components, policy: Policy, customer: Customer) -> web.Response:
+    """The usage document of SPEC §7, or 503 when the store cannot be read."""
     try:
         document = await usage_document(policy, components.store, customer)
     except StoreUnavailable:

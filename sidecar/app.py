@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from sidecar import admin, proxy
+from sidecar import admin, proxy, selfservice
 from sidecar.components import COMPONENTS, SESSION, Components
 
 # Upstream connections kept open for reuse; a sidecar talks to one upstream.
@@ -18,6 +18,7 @@ def build_proxy_app(components: Components) -> web.Application:
     app = web.Application(handler_args={"max_field_size": 16384})
     app[COMPONENTS] = components
     app.cleanup_ctx.append(_upstream_session)
+    app.router.add_get(selfservice.PATH, selfservice.own_usage)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 

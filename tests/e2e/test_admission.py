@@ -200,3 +200,26 @@ async def test_path_with_dot_segments_is_400_and_never_routed(
     status, _ = await raw_exchange(client.port, head)
     assert status == 400
     assert upstream.seen == []
+
+
+async def test_a_customer_reads_its_own_usage_with_its_own_key(
+    sidecar: SidecarFactory, policy: Path, upstream: Upstream
+) -> None:
+    client = await sidecar(policy, upstream.url)
+    await client.get("/v1/search", headers={"X-API-Key": BOB})
+    response = await client.get("/_sidecar/usage", headers={"X-API-Key": BOB})
+    document = await response.json()
+    assert (document["customer"], document["plan"]) == ("bob", "free")
+    assert [(row["meter"], row["period"], row["used"], row["remaining"]) for row in document["limits"]] == [
+        ("requests", "month", 1, 2)
+    ]
+    assert upstream.seen[-1]["path"] == "/v1/search"
+
+
+async def test_own_usage_without_a_valid_key_is_401(
+    sidecar: SidecarFactory, policy: Path, upstream: Upstream
+) -> None:
+    client = await sidecar(policy, upstream.url)
+    response = await client.get("/_sidecar/usage", headers={"X-API-Key": "nope"})
+    assert response.status == 401
+    assert upstream.seen == []

@@ -1,0 +1,24 @@
+"""`GET /_sidecar/usage` on the proxy port: a customer reads its own usage with its own API key.
+
+The `/_sidecar/` prefix belongs to the sidecar; such a path never reaches the upstream.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from sidecar import problems
+from sidecar.admin import usage_answer
+from sidecar.components import COMPONENTS
+from sidecar.identity import identify
+
+PATH = "/_sidecar/usage"
+
+
+async def own_usage(request: web.Request) -> web.Response:
+    components = request.app[COMPONENTS]
+    policy = components.holder.current
+    customer = identify(request.headers, policy)
+    if customer is None:
+        return problems.unauthorized(policy.identity.api_key_headers)
+    return await usage_answer(components, policy, customer)
