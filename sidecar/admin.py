@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from sidecar import problems
 from sidecar.components import COMPONENTS, Components
-from sidecar.errors import PolicyInvalid, StoreUnavailable
+from sidecar.errors import StoreUnavailable
 from sidecar.policy.model import Customer, Policy
+from sidecar.reloading import reload_policy
 from sidecar.usage import usage_document
-
-
-async def reload_policy(components: Components) -> PolicyInvalid | None:
-    """Load the policy files off the event loop and swap them in; a refusal keeps the old policy."""
-    try:
-        await asyncio.to_thread(components.holder.reload)
-    except PolicyInvalid as invalid:
-        components.metrics.policy_reloads.labels("refused").inc()
-        return invalid
-    components.metrics.policy_reloads.labels("applied").inc()
-    components.metrics.policy_loaded.set(time.time())
-    return None
 
 
 async def reload(request: web.Request) -> web.Response:

@@ -7,21 +7,23 @@ timeout), close the admin port, close the store client, stop the embedded redis-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
+from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 
 import aiohttp
 from aiohttp import web
 
-from sidecar.admin import reload_policy
 from sidecar.app import build_admin_app, build_proxy_app
 from sidecar.billing.outbox import BILLING_STORE_TIMEOUT, Outbox
 from sidecar.billing.pusher import Pusher
 from sidecar.components import Components
 from sidecar.metrics import Metrics
 from sidecar.policy.holder import PolicyHolder
+from sidecar.reloading import reload_policy, watch
 from sidecar.settings import Settings
 from sidecar.store.embedded import EmbeddedRedis
 from sidecar.store.redis import RedisStore, connect
@@ -48,6 +50,7 @@ async def serve(settings: Settings, holder: PolicyHolder) -> None:
         stack.push_async_callback(outbox.client.aclose)
         components = Components(settings=settings, holder=holder, store=store, metrics=metrics, outbox=outbox)
         await _pusher(stack, components)
+        await _background(stack, watch(components, stopping))
         loop.add_signal_handler(signal.SIGHUP, _start_reload, components, reloads)
         await _site(stack, build_admin_app(components), settings, admin=True)
         await _site(stack, build_proxy_app(components), settings, admin=False)
@@ -80,6 +83,18 @@ async def _pusher(stack: AsyncExitStack, components: Components) -> None:
         await pusher.cycle()
 
     stack.push_async_callback(stop)
+
+
+async def _background(stack: AsyncExitStack, work: Coroutine[object, object, None]) -> None:
+    """Run `work` until shutdown, then cancel it (it holds nothing that needs flushing)."""
+    task = asyncio.create_task(work)
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(cancel)
 
 
 def _start_reload(components: Components, running: set[asyncio.Task[object]]) -> None:

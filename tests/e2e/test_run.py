@@ -297,3 +297,16 @@ async def eventually(probe: Callable[[], Awaitable[str]], expected: str, seconds
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+async def test_an_edited_policy_file_is_put_in_force_without_a_signal(
+    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    sidecar = await launch(policy, upstream_url(upstream), tmp_path / "data")
+    await sidecar.wait_ready(session)
+    assert "q=10;" in await policy_header(session, sidecar)
+    policy.write_text(policy.read_text().replace("limit: 10,", "limit: 40,"))
+    assert await eventually(lambda: policy_header(session, sidecar), "q=40;")
+    policy.write_text(policy.read_text().replace("limit: 40,", "limit: -1,"))
+    await asyncio.sleep(2.5)
+    assert "q=40;" in await policy_header(session, sidecar)
