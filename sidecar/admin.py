@@ -9,6 +9,7 @@ from aiohttp.typedefs import Handler
 
 from sidecar import problems
 from sidecar.components import COMPONENTS, Components
+from sidecar.customers import parse_customer
 from sidecar.errors import StoreUnavailable
 from sidecar.policy.model import Customer, Policy
 from sidecar.reloading import reload_policy
@@ -52,7 +53,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def customer_usage(request: web.Request) -> web.Response:
     components = request.app[COMPONENTS]
     policy = components.holder.current
-    customer = policy.customers.get(request.match_info["customer"])
+    customer = components.directory.all(policy).get(request.match_info["customer"])
     if customer is None:
         return problems.problem(404, "Not Found", f"no customer '{request.match_info['customer']}'")
     return await usage_answer(components, policy, customer)
@@ -66,6 +67,24 @@ async def usage_answer(components: Components, policy: Policy, customer: Custome
         components.metrics.store_errors.labels("read_limits").inc()
         return problems.unavailable(problems.STORE_RETRY_AFTER)
     return web.json_response(document)
+
+
+async def put_customer(request: web.Request) -> web.Response:
+    """Create or change a customer in Redis; every replica serves it within about a second."""
+    components = request.app[COMPONENTS]
+    policy = components.holder.current
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    parsed = parse_customer(request.match_info["customer"], body, policy, components.directory)
+    if isinstance(parsed, list):
+        return problems.problem(422, "Invalid customer", "the customer was not stored", errors=parsed)
+    try:
+        await components.directory.put(parsed)
+    except StoreUnavailable:
+        return problems.unavailable(problems.STORE_RETRY_AFTER)
+    return web.json_response({"customer": parsed.id, "plan": parsed.plan, "stored": True})
 
 
 async def dead_letters(request: web.Request) -> web.Response:
@@ -109,6 +128,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/customers/{customer}/usage", customer_usage)
+    app.router.add_put("/admin/customers/{customer}", put_customer)
     app.router.add_post("/admin/reload", reload)
     app.router.add_get("/admin/billing/dead-letters", dead_letters)
     app.router.add_post("/admin/billing/dead-letters/redrive", redrive)

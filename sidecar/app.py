@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -9,6 +11,7 @@ from aiohttp import web
 
 from sidecar import admin, proxy, selfservice
 from sidecar.components import COMPONENTS, SESSION, Components
+from sidecar.errors import StoreUnavailable
 
 # Upstream connections kept open for reuse; a sidecar talks to one upstream.
 UPSTREAM_CONNECTIONS = 1000
@@ -18,6 +21,7 @@ def build_proxy_app(components: Components) -> web.Application:
     app = web.Application(handler_args={"max_field_size": 16384})
     app[COMPONENTS] = components
     app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_stored_customers)
     app.router.add_get(selfservice.PATH, selfservice.own_usage)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
@@ -28,6 +32,18 @@ def build_admin_app(components: Components) -> web.Application:
     app[COMPONENTS] = components
     admin.add_routes(app)
     return app
+
+
+async def _stored_customers(app: web.Application) -> AsyncIterator[None]:
+    """Keep the stored customers fresh (one GET a second) while the proxy serves."""
+    directory = app[COMPONENTS].directory
+    with contextlib.suppress(StoreUnavailable):
+        await directory.refresh()
+    task = asyncio.create_task(directory.watch())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from sidecar.billing.marks import DirtyMarks
 from sidecar.billing.outbox import Outbox
+from sidecar.customers import CustomerDirectory
 from sidecar.metrics import Metrics
 from sidecar.policy.holder import PolicyHolder
 from sidecar.settings import Settings
@@ -22,6 +23,7 @@ class Components:
     store: Store
     metrics: Metrics
     outbox: Outbox
+    directory: CustomerDirectory
     marks: DirtyMarks = field(default_factory=DirtyMarks)
 
 

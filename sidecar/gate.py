@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sidecar.charges import meter_request
 from sidecar.errors import StoreUnavailable
-from sidecar.identity import identify
+from sidecar.identity import CustomerLookup, identify
 from sidecar.policy.model import ChargeSpec, Customer, Feature, Plan, Policy, StoreFailure
 from sidecar.store.base import Admission, LimitState, MeterRequest, Outcome, Store
 
@@ -65,18 +65,25 @@ class Verdict:
 _FORWARDED = frozenset({Decision.PUBLIC, Decision.ADMITTED, Decision.ADMITTED_UNMETERED})
 
 
-async def admit(policy: Policy, store: Store, method: str, path: str, headers: Mapping[str, str]) -> Verdict:
+async def admit(
+    policy: Policy,
+    customers: CustomerLookup,
+    store: Store,
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+) -> Verdict:
     """Decide one request. Only the check-and-meter step does I/O: one store round trip."""
     feature = policy.routes.feature_for(method, path)
     if feature is None:
         return Verdict(decision=Decision.NOT_FOUND)
     if feature.public:
         return Verdict(decision=Decision.PUBLIC, feature=feature)
-    customer = identify(headers, policy)
+    customer = identify(headers, policy, customers)
     if customer is None:
         return Verdict(decision=Decision.UNAUTHORIZED, feature=feature)
-    plan = policy.plans[customer.plan]
-    if not plan.entitles(feature.name):
+    plan = policy.plans.get(customer.plan)  # a stored customer may name a plan a reload removed
+    if plan is None or not plan.entitles(feature.name):
         return Verdict(decision=Decision.FORBIDDEN, feature=feature, customer=customer, plan=plan)
     spec = policy.charges[(plan.name, feature.name)]
     return await _meter(policy, store, customer, plan, feature, spec)

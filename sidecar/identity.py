@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from typing import Protocol
 
 from sidecar.policy.model import Customer, Policy
 
@@ -34,9 +35,12 @@ def presented_key(headers: Mapping[str, str], header_names: tuple[str, ...]) -> 
     return None
 
 
-def identify(headers: Mapping[str, str], policy: Policy) -> Customer | None:
+class CustomerLookup(Protocol):
+    """Finds a customer by key hash among the policy's and the stored customers."""
+
+    def by_key_hash(self, key_hash: str, policy: Policy) -> Customer | None: ...
+
+
+def identify(headers: Mapping[str, str], policy: Policy, customers: CustomerLookup) -> Customer | None:
     key = presented_key(headers, policy.identity.api_key_headers)
-    if key is None:
-        return None
-    customer_id = policy.customer_by_key_hash.get(hash_key(key))
-    return None if customer_id is None else policy.customers[customer_id]
+    return None if key is None else customers.by_key_hash(hash_key(key), policy)

@@ -52,7 +52,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if has_dot_segments(request.path):
         return problems.bad_request("a path with . or .. segments is not accepted; send the normalised path")
     policy = components.holder.current
-    verdict = await admit(policy, components.store, request.method, request.path, request.headers)
+    verdict = await admit(
+        policy, components.directory, components.store, request.method, request.path, request.headers
+    )
     components.metrics.record_verdict(verdict)
     if not verdict.forwards:
         return problems.refusal(verdict, policy, request.method, request.path)

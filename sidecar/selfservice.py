@@ -18,7 +18,7 @@ PATH = "/_sidecar/usage"
 async def own_usage(request: web.Request) -> web.Response:
     components = request.app[COMPONENTS]
     policy = components.holder.current
-    customer = identify(request.headers, policy)
+    customer = identify(request.headers, policy, components.directory)
     if customer is None:
         return problems.unauthorized(policy.identity.api_key_headers)
     return await usage_answer(components, policy, customer)

@@ -21,6 +21,7 @@ from sidecar.app import build_admin_app, build_proxy_app
 from sidecar.billing.outbox import BILLING_STORE_TIMEOUT, Outbox
 from sidecar.billing.pusher import Pusher
 from sidecar.components import Components
+from sidecar.customers import CustomerDirectory
 from sidecar.metrics import Metrics
 from sidecar.policy.holder import PolicyHolder
 from sidecar.reloading import reload_policy, watch
@@ -48,7 +49,14 @@ async def serve(settings: Settings, holder: PolicyHolder) -> None:
         metrics.policy_loaded.set(time.time())
         outbox = Outbox(connect(url, BILLING_STORE_TIMEOUT, max_connections=BILLING_CONNECTIONS))
         stack.push_async_callback(outbox.client.aclose)
-        components = Components(settings=settings, holder=holder, store=store, metrics=metrics, outbox=outbox)
+        components = Components(
+            settings=settings,
+            holder=holder,
+            store=store,
+            metrics=metrics,
+            outbox=outbox,
+            directory=CustomerDirectory(outbox.client),
+        )
         await _pusher(stack, components)
         await _background(stack, watch(components, stopping))
         loop.add_signal_handler(signal.SIGHUP, _start_reload, components, reloads)
@@ -71,6 +79,7 @@ async def _pusher(stack: AsyncExitStack, components: Components) -> None:
         session=session,
         metrics=components.metrics,
         clock=components.store.time,
+        directory=components.directory,
         secret=components.settings.billing_secret,
         token=components.settings.billing_token,
     )

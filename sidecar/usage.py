@@ -13,17 +13,17 @@ from sidecar.store.base import Admission, LimitCharge, LimitState, MeterRequest,
 
 async def usage_document(policy: Policy, store: Store, customer: Customer) -> dict[str, Any]:
     """Reads every limit of the customer's plan without charging anything."""
-    plan = policy.plans[customer.plan]
     admission = await _read(policy, store, customer)
     return {
         "customer": customer.id,
-        "plan": plan.name,
+        "plan": customer.plan,
         "limits": [_row(state, admission.store_time) for state in admission.limits],
     }
 
 
 async def _read(policy: Policy, store: Store, customer: Customer) -> Admission:
-    limits = policy.plans[customer.plan].limits
+    plan = policy.plans.get(customer.plan)  # a stored customer may name a plan a reload removed
+    limits = plan.limits if plan else ()
 
     def charges_at(now: float) -> tuple[LimitCharge, ...]:
         return tuple(

@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from sidecar.app import build_admin_app, build_proxy_app
 from sidecar.billing.outbox import Outbox
 from sidecar.components import Components
+from sidecar.customers import CustomerDirectory
 from sidecar.identity import hash_key
 from sidecar.metrics import Metrics
 from sidecar.policy.holder import PolicyHolder
@@ -135,6 +136,7 @@ def make_components(policy_path: Path, upstream_url: str, redis_url: str, **over
         store=store,
         metrics=Metrics(),
         outbox=Outbox(store.client),
+        directory=CustomerDirectory(store.client),
     )
 
 

@@ -27,10 +27,11 @@ from sidecar.billing.marks import DirtyMarks
 from sidecar.billing.outbox import Outbox
 from sidecar.billing.signing import signature
 from sidecar.billing.summaries import Summary
+from sidecar.customers import CustomerDirectory
 from sidecar.errors import StoreUnavailable
 from sidecar.metrics import Metrics
 from sidecar.policy.holder import PolicyHolder
-from sidecar.policy.model import Billing, BillingFormat, Policy
+from sidecar.policy.model import Billing, BillingFormat, Customer, Policy
 from sidecar.store import keys
 
 log = logging.getLogger("sidecar.billing")
@@ -55,6 +56,7 @@ class Pusher:
         session: aiohttp.ClientSession,
         metrics: Metrics,
         clock: Callable[[], float],
+        directory: CustomerDirectory,
         secret: str | None = None,
         token: str | None = None,
     ) -> None:
@@ -64,6 +66,7 @@ class Pusher:
         self.session = session
         self.metrics = metrics
         self.clock = clock
+        self.directory = directory
         self.secret = secret
         self.token = token
         self.backoff_base = backoff_base
@@ -112,8 +115,9 @@ class Pusher:
     async def _close_due(self, policy: Policy, billing: Billing, now_ms: int) -> None:
         cutoff = now_ms // 1000 - billing.grace
         aggregations = {name: meter.aggregation.value for name, meter in policy.meters.items()}
+        customers = self.directory.all(policy)
         for customer, seen in await self.outbox.due_dirty(now_ms, _CUSTOMERS_PER_CYCLE):
-            known = policy.customers.get(customer)
+            known = customers.get(customer)
             plan = known.plan if known else ""
             moved, open_window = await self.outbox.close(
                 customer, plan, billing.interval, cutoff, aggregations
@@ -140,8 +144,9 @@ class Pusher:
         """Each summary's outcome and, for a refusal, the reason billing gave."""
         outcomes: dict[str, tuple[Delivery, str]] = {}
         sendable = []
+        customers = self.directory.all(policy)
         for summary in summaries:
-            if _addressable(billing, policy, summary):
+            if _addressable(billing, customers, summary):
                 sendable.append(summary)
             else:
                 outcomes[summary.id] = (
@@ -150,7 +155,7 @@ class Pusher:
                 )
         for start in range(0, len(sendable), billing.batch_size):
             batch = sendable[start : start + billing.batch_size]
-            for request in encode(billing, batch, policy.customers, token=self.token):
+            for request in encode(billing, batch, customers, token=self.token):
                 outcomes.update(await self._send(billing, request))
         return outcomes
 
@@ -219,7 +224,8 @@ class Pusher:
         return now_ms + int(delay * random.uniform(0.5, 1.0) * 1000)
 
 
-def _addressable(billing: Billing, policy: Policy, summary: Summary) -> bool:
-    """Stripe and Lago need the customer's own id from the policy; json and openmeter do not."""
-    needs_policy = billing.format in (BillingFormat.STRIPE, BillingFormat.LAGO)
-    return not needs_policy or summary.customer in policy.customers
+def _addressable(billing: Billing, customers: Mapping[str, Customer], summary: Summary) -> bool:
+    """Stripe and Lago need the customer's own id from the policy or the store; json and
+    openmeter do not."""
+    needs_customer = billing.format in (BillingFormat.STRIPE, BillingFormat.LAGO)
+    return not needs_customer or summary.customer in customers

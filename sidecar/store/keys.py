@@ -53,6 +53,10 @@ def dead_letters(customer_id: str) -> str:
 DIRTY = f"{PREFIX}:billing:dirty"  # customers with usage in windows not yet closed
 PENDING = f"{PREFIX}:billing:pending"  # customers with summaries waiting in their outbox
 DEAD = f"{PREFIX}:billing:dead"  # customers with dead letters
+
+# Customers stored through the admin API: id → JSON, and a version bumped on every change.
+CUSTOMERS = f"{PREFIX}:{{customers}}:all"
+CUSTOMERS_VERSION = f"{PREFIX}:{{customers}}:version"
 USAGE_PATTERN = f"{PREFIX}:{{c:*}}:u"
 OUTBOX_PATTERN = f"{PREFIX}:{{c:*}}:ob"
 

@@ -119,6 +119,7 @@ async def replicas(
                 session=session,
                 metrics=components.metrics,
                 clock=components.store.time,
+                directory=components.directory,
                 secret=SECRET,
                 backoff_base=0.05,
             )
