@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sidecar.policy.model import Billing
+from sidecar.policy.windows import billing_window
 
 
 @dataclass(slots=True)
@@ -20,7 +21,7 @@ class DirtyMarks:
     due_ms: dict[str, int] = field(default_factory=dict)
 
     def note(self, customer: str, store_time: float, billing: Billing) -> None:
-        window_end = int(store_time) // billing.interval * billing.interval + billing.interval
+        window_end = billing_window(store_time, billing.interval)[1]
         due = (window_end + billing.grace) * 1000
         if due < self.due_ms.get(customer, due + 1):
             self.due_ms[customer] = due

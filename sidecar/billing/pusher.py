@@ -25,6 +25,7 @@ import aiohttp
 from sidecar.billing.formats import Delivery, PushRequest, classify, encode, lago_duplicates
 from sidecar.billing.marks import DirtyMarks
 from sidecar.billing.outbox import Outbox
+from sidecar.billing.signing import HEADER as SIGNATURE_HEADER
 from sidecar.billing.signing import signature
 from sidecar.billing.summaries import Summary
 from sidecar.customers import CustomerDirectory
@@ -165,7 +166,7 @@ class Pusher:
         and the rest are retried in a batch without them."""
         headers = dict(request.headers)
         if self.secret:
-            headers["Sidecar-Signature"] = signature(self.secret, request.body, int(time.time()))
+            headers[SIGNATURE_HEADER] = signature(self.secret, request.body, int(time.time()))
         duplicates: frozenset[int] = frozenset()
         try:
             async with self.session.post(
