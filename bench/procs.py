@@ -61,9 +61,7 @@ def pin_existing(pid: int, core: int | None) -> None:
     if core is None or not pinning_available():
         return
     if shutil.which("taskset"):
-        subprocess.run(
-            ["taskset", "-a", "-cp", str(core), str(pid)], check=True, stdout=subprocess.DEVNULL
-        )
+        subprocess.run(["taskset", "-a", "-cp", str(core), str(pid)], check=True, stdout=subprocess.DEVNULL)
         return
     for task in Path(f"/proc/{pid}/task").iterdir():
         os.sched_setaffinity(int(task.name), {core})

@@ -160,7 +160,9 @@ PARTS = (
         ("",),
     ),
     Part("the request handler, in all", ("handle (sidecar/proxy.py)",), ("handle (bench/bare_proxy.py)",)),
-    Part("· admission: route, identity, calendar windows, the EVALSHA call", ("admit (sidecar/gate.py)",), ()),
+    Part(
+        "· admission: route, identity, calendar windows, the EVALSHA call", ("admit (sidecar/gate.py)",), ()
+    ),
     Part(
         "  · of which redis-py and its timeouts (pool, pack, send, read, parse)",
         ("RedisStore._call (sidecar/store/redis.py)",),
@@ -266,7 +268,9 @@ def markdown(summary: Summary, *, top: int = 20) -> str:
         "| inclusive | function (file) |",
         "|---:|---|",
     ]
-    lines += [f"| {pct(summary.inclusive[name])} | `{name}` |" for name in HOT_PATH if summary.inclusive[name]]
+    lines += [
+        f"| {pct(summary.inclusive[name])} | `{name}` |" for name in HOT_PATH if summary.inclusive[name]
+    ]
     return "\n".join(lines)
 
 

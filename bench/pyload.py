@@ -88,7 +88,9 @@ async def run(
     stats = Stats()
     started = time.monotonic()
     deadline = started + seconds
-    await asyncio.gather(*(_connection(host, port, requests, stats, deadline, pace) for _ in range(connections)))
+    await asyncio.gather(
+        *(_connection(host, port, requests, stats, deadline, pace) for _ in range(connections))
+    )
     duration = time.monotonic() - started
     latencies = sorted(stats.latencies)
 

@@ -229,7 +229,9 @@ class Bench:
         pin_existing(self.redis.pid, LOAD_CORE)
         self.store = redis.Redis.from_url(self.redis_url, socket_timeout=5)
         self.upstream, self.upstream_url = self.start_upstream("upstream", SERVER_CORE)
-        self.log(f"redis-server {self.redis_url} (pid {self.redis.pid}), upstream {self.upstream_url}; load: {self.tool}")
+        self.log(
+            f"redis-server {self.redis_url} (pid {self.redis.pid}), upstream {self.upstream_url}; load: {self.tool}"
+        )
         for customers in self.o.customers:
             directory = self.workdir / f"n{customers}"
             directory.mkdir()
@@ -320,7 +322,9 @@ class Bench:
                 after = snapshot(self.store, proc, self.upstream, admin)
                 run = Run(kind, customers, mode, load, before, after, startup)
                 runs.append(run)
-                extra = f", EVALSHA/admitted {_fmt(run.per_request(run.scripts), 3)}" if kind == "sidecar" else ""
+                extra = (
+                    f", EVALSHA/admitted {_fmt(run.per_request(run.scripts), 3)}" if kind == "sidecar" else ""
+                )
                 self.log(
                     f"{kind} ({customers} customers, {mode}): {load.rps:.0f} req/s, p50 {load.p50_ms:.2f} ms, "
                     f"p99 {load.p99_ms:.2f} ms, non-2xx {load.non_2xx}, socket errors {load.socket_errors}{extra}"
@@ -329,8 +333,14 @@ class Bench:
         finally:
             exit_code = proc.stop()
         for run in runs:
-            run.peak_rss_kib, run.rss_kib, run.exit_code = memory.get("VmHWM", 0), memory.get("VmRSS", 0), exit_code
-        self.log(f"{kind} ({customers} customers) stopped, exit {exit_code}, peak RSS {runs[0].peak_rss_kib / 1024:.0f} MiB")
+            run.peak_rss_kib, run.rss_kib, run.exit_code = (
+                memory.get("VmHWM", 0),
+                memory.get("VmRSS", 0),
+                exit_code,
+            )
+        self.log(
+            f"{kind} ({customers} customers) stopped, exit {exit_code}, peak RSS {runs[0].peak_rss_kib / 1024:.0f} MiB"
+        )
         return runs
 
     def run_profiles(self) -> None:
@@ -360,8 +370,19 @@ class Bench:
             spy = Proc(
                 "py-spy",
                 [
-                    pyspy, "record", "--pid", str(proc.pid), "--duration", str(round(seconds)),
-                    "--rate", str(PROFILE_RATE), "--idle", "--format", "raw", "-o", str(output),
+                    pyspy,
+                    "record",
+                    "--pid",
+                    str(proc.pid),
+                    "--duration",
+                    str(round(seconds)),
+                    "--rate",
+                    str(PROFILE_RATE),
+                    "--idle",
+                    "--format",
+                    "raw",
+                    "-o",
+                    str(output),
                 ],  # fmt: skip
                 core=LOAD_CORE,
                 log=self.workdir / f"py-spy-{kind}.log",
@@ -434,7 +455,9 @@ class Bench:
         ]
         for mode in MODES:
             for _, side in self.pairs(mode):
-                others = {k: side.decided(k) for k in side.after.decisions if k != "admitted" and side.decided(k)}
+                others = {
+                    k: side.decided(k) for k in side.after.decisions if k != "admitted" and side.decided(k)
+                }
                 lines.append(
                     f"| {side.customers:,} | {mode} | {side.admitted:,} | {others or 'none'} "
                     f"| {side.after.store_errors - side.before.store_errors:.0f} "
@@ -456,8 +479,14 @@ class Bench:
                 f"| {_fmt(run.upstream_cpu_us, 0)} | {total:.0f} | {1e6 / total if total else 0:,.0f} "
                 f"| {run.load.rps:,.0f} |"
             )
-        lines += ["", "Redis commands per admitted request, by name (`INFO commandstats`, saturated runs):", ""]
-        lines += [f"- {side.customers:,} customers: {side.breakdown()}" for _, side in self.pairs("saturated")]
+        lines += [
+            "",
+            "Redis commands per admitted request, by name (`INFO commandstats`, saturated runs):",
+            "",
+        ]
+        lines += [
+            f"- {side.customers:,} customers: {side.breakdown()}" for _, side in self.pairs("saturated")
+        ]
         return "\n".join(lines)
 
     def targets(self) -> str:
@@ -478,7 +507,10 @@ class Bench:
                     (f"added p99 {mode} {added99:+.2f} ms (≤ {TARGET_P99_MS} ms)", added99 <= TARGET_P99_MS),
                 ]
             checks.append(
-                (f"{trips:.3f} EVALSHA per admitted request (≤ {TARGET_ROUND_TRIPS:g})", trips <= TARGET_ROUND_TRIPS)
+                (
+                    f"{trips:.3f} EVALSHA per admitted request (≤ {TARGET_ROUND_TRIPS:g})",
+                    trips <= TARGET_ROUND_TRIPS,
+                )
             )
             marks = "; ".join(f"{text} **{'met' if ok else 'missed'}**" for text, ok in checks)
             lines.append(f"- {side.customers:,} customers: {marks}.")
@@ -646,11 +678,15 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--no-profile", action="store_true", help="skip the two py-spy runs")
     parser.add_argument(
-        "--output", default=None, help="Markdown file to update (default BENCHMARKS.md for a full run; none with --quick)"
+        "--output",
+        default=None,
+        help="Markdown file to update (default BENCHMARKS.md for a full run; none with --quick)",
     )
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--keep-profile", default=None, help="copy py-spy's raw profiles beside this path")
-    parser.add_argument("--budget", type=float, default=330.0, help="seconds before the whole bench is stopped")
+    parser.add_argument(
+        "--budget", type=float, default=330.0, help="seconds before the whole bench is stopped"
+    )
     args = parser.parse_args(argv)
     customers = [int(c) for c in (args.customers or ("1" if args.quick else "1,1000,100000")).split(",")]
     duration = args.duration if args.duration is not None else (5.0 if args.quick else 10.0)
