@@ -8,7 +8,7 @@ decompression, no environment proxies, the same max_field_size, no access log. S
 the two is what metering costs: routing, identity, the Redis round trip, metrics and the
 RateLimit headers.
 
-    python -m bench.bare_proxy --listen 127.0.0.1:PORT --upstream http://127.0.0.1:PORT
+    python -m bench.bare_proxy --listen 127.0.0.1:PORT --upstream http://127.0.0.1:PORT [--uvloop]
 """
 
 from __future__ import annotations
@@ -144,8 +144,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bare_proxy")
     parser.add_argument("--listen", required=True, help="HOST:PORT (loopback)")
     parser.add_argument("--upstream", required=True, help="upstream base URL")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop (to measure what it gives)")
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
+    if args.uvloop:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(serve(host, int(port), args.upstream))
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.procs import run_bounded
 
@@ -99,18 +101,43 @@ def drive(
         pace = f"function delay()\n  return {pace_ms:g}\nend" if pace_ms else ""
         script.write_text(WRK_SCRIPT.replace("PACE_FUNCTION", pace))
         argv = [
-            "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
-            "-s", str(script), url, "--", str(keys), "0",
-        ]  # fmt: skip
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "5s",
+            "-s",
+            str(script),
+            url,
+            "--",
+            str(keys),
+            "0",
+        ]
     else:
         argv = [
-            sys.executable, "-m", "bench.pyload", "--url", url, "--keys", str(keys),
-            "--connections", str(connections), "--seconds", str(seconds), "--pace-ms", str(pace_ms),
-        ]  # fmt: skip
-    completed = run_bounded(argv, core=core, timeout=seconds + 20)
+            sys.executable,
+            "-m",
+            "bench.pyload",
+            "--url",
+            url,
+            "--keys",
+            str(keys),
+            "--connections",
+            str(connections),
+            "--seconds",
+            str(seconds),
+            "--pace-ms",
+            str(pace_ms),
+        ]
+    data = parse_result(run_bounded(argv, core=core, timeout=seconds + 20), tool)
+    socket_errors = sum(data.pop("socket_errors").values())
+    return LoadResult(tool=tool, socket_errors=socket_errors, **data)
+
+
+def parse_result(completed: subprocess.CompletedProcess[str], name: str) -> dict[str, Any]:
+    """The `BENCH_JSON {...}` line a measuring child printed."""
     for line in completed.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
-            data = json.loads(line.removeprefix("BENCH_JSON "))
-            socket_errors = sum(data.pop("socket_errors").values())
-            return LoadResult(tool=tool, socket_errors=socket_errors, **data)
-    raise RuntimeError(f"{tool} printed no result (exit {completed.returncode}): {completed.stderr[-2000:]}")
+            return dict(json.loads(line.removeprefix("BENCH_JSON ")))
+    raise RuntimeError(f"{name} printed no result (exit {completed.returncode}): {completed.stderr[-2000:]}")

@@ -94,6 +94,53 @@ class Summary:
         return sum(n for frames, n in self.busy_stacks if wanted & set(frames))
 
 
+_THREAD = re.compile(r"^thread \((?P<tid>\d+)\)")
+
+
+def summarise_leaves(raw: str, pid: int) -> Summary:
+    """Own time only, from a `--nonblocking --threads` profile: its stacks can be torn (read while
+    the process runs), so only each sample's top frame is used, of the main thread (tid == pid)."""
+    idle = total = 0
+    own: Counter[str] = Counter()
+    by_file: Counter[str] = Counter()
+    for line in raw.splitlines():
+        body, _, count = line.rpartition(" ")
+        parts = body.split(";")
+        thread = _THREAD.match(parts[0]) if parts else None
+        if not count.isdigit() or thread is None or int(thread["tid"]) != pid or len(parts) < 2:
+            continue
+        leaf = parse_frame(parts[-1])
+        total += int(count)
+        if _method(leaf.func) == _IDLE[0] and leaf.file.endswith(_IDLE[1]):
+            idle += int(count)
+            continue
+        own[leaf.short] += int(count)
+        by_file[short_path(leaf.file)] += int(count)
+    return Summary(total, idle, own, by_file, Counter())
+
+
+# Frames that sit on a system call: a blocking py-spy (which stops the process for each sample)
+# lands on them far more often than a non-blocking one.
+SYSCALL_FRAMES = (
+    ("send()", "_SelectorSocketTransport.write (asyncio/selector_events.py)"),
+    ("getpid() in asyncio.get_running_loop", "timeout (asyncio/timeouts.py)"),
+    ("recv()", "_SelectorSocketTransport._read_ready__data_received (asyncio/selector_events.py)"),
+)
+
+
+def bias_table(blocking: Summary, nonblocking: Summary) -> str:
+    def pct(summary: Summary, name: str) -> str:
+        return f"{100 * summary.own[name] / max(summary.busy, 1):.1f}%"
+
+    lines = [
+        "| frame (the system call under it) | own, blocking | own, non-blocking |",
+        "|---|---:|---:|",
+    ]
+    for label, name in SYSCALL_FRAMES:
+        lines.append(f"| `{name}` ({label}) | {pct(blocking, name)} | {pct(nonblocking, name)} |")
+    return "\n".join(lines)
+
+
 def summarise(raw: str) -> Summary:
     stacks = parse(raw)
     total = sum(count for _, count in stacks)
@@ -184,7 +231,7 @@ PARTS = (
         ("ClientSession._request (aiohttp/client.py)",),
     ),
     Part(
-        "  · of which the send() to the upstream (the upstream runs here: it shares the core)",
+        "  · of which the send() to the upstream",
         ("ClientRequest.send (aiohttp/client_reqrep.py)",),
         ("ClientRequest.send (aiohttp/client_reqrep.py)",),
         leaf=_SEND,
@@ -220,7 +267,7 @@ def comparison(profiles: dict[str, tuple[Summary, int, float]]) -> str:
     kinds = [k for k in ("bare", "sidecar") if k in profiles]
 
     def us(kind: str, samples: int | None) -> str:
-        summary, requests, rate = profiles[kind]
+        _, requests, rate = profiles[kind]
         if samples is None or not requests:
             return "—"
         return f"{samples / rate / requests * 1e6:.0f}"
@@ -241,14 +288,14 @@ def comparison(profiles: dict[str, tuple[Summary, int, float]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(summary: Summary, *, top: int = 20) -> str:
+def own_markdown(summary: Summary, *, top: int = 20, how: str = "") -> str:
     busy = max(summary.busy, 1)
 
     def pct(n: int, of: int = busy) -> str:
         return f"{100 * n / of:.1f}%"
 
     lines = [
-        f"Samples of the event-loop thread: {summary.samples}; waiting in epoll (idle): "
+        f"Samples of the event-loop thread{how}: {summary.samples}; waiting in epoll (idle): "
         f"{summary.idle} ({pct(summary.idle, max(summary.samples, 1))}); busy: {summary.busy}. "
         "Percentages below are of the busy samples.",
         "",
@@ -259,23 +306,47 @@ def markdown(summary: Summary, *, top: int = 20) -> str:
         "|---:|---|",
     ]
     lines += [f"| {pct(n)} | `{name}` |" for name, n in summary.own.most_common(top)]
+    packages: Counter[str] = Counter()
+    for file, n in summary.own_by_file.items():
+        packages[package(file)] += n
+    lines += ["", "**Own time by package:**", "", "| own | package |", "|---:|---|"]
+    lines += [f"| {pct(n)} | {name} |" for name, n in packages.most_common()]
     lines += ["", f"**Own time by file, top {top}:**", "", "| own | file |", "|---:|---|"]
     lines += [f"| {pct(n)} | `{name}` |" for name, n in summary.own_by_file.most_common(top)]
-    lines += [
-        "",
-        "**Inclusive time of the hot path** (the function and everything it called):",
+    return "\n".join(lines)
+
+
+def package(file: str) -> str:
+    """aiohttp/web_protocol.py → aiohttp; a top-level stdlib module → the standard library."""
+    if file == "<string>":
+        return "generated `__init__` of dataclasses (`<string>`)"
+    head, _, rest = file.partition("/")
+    if head == "sidecar" and rest.startswith("store/"):
+        return "sidecar (store)"
+    if rest:
+        return f"`{head}`"
+    return "standard library, other (selectors, enum, ...)"
+
+
+def inclusive_markdown(summary: Summary) -> str:
+    busy = max(summary.busy, 1)
+    lines = [
+        "**Inclusive time of the hot path** (blocking py-spy: the function and everything it called):",
         "",
         "| inclusive | function (file) |",
         "|---:|---|",
     ]
     lines += [
-        f"| {pct(summary.inclusive[name])} | `{name}` |" for name in HOT_PATH if summary.inclusive[name]
+        f"| {100 * summary.inclusive[name] / busy:.1f}% | `{name}` |"
+        for name in HOT_PATH
+        if summary.inclusive[name]
     ]
     return "\n".join(lines)
 
 
 def main() -> None:
-    print(markdown(summarise(Path(sys.argv[1]).read_text())))
+    summary = summarise(Path(sys.argv[1]).read_text())
+    print(own_markdown(summary) + "\n\n" + inclusive_markdown(summary))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """`python -m bench`: the bare proxy and the sidecar under the same load, side by side.
 
-Everything binds 127.0.0.1. Each proxy process serves one warm-up and two measured load runs
-(saturated, then paced), each at most `--warmup` / `--duration` seconds (2 s and 10 s by
-default, never over 15 s together); the whole bench is stopped by an alarm after `--budget`
-seconds, and every process it started is stopped (SIGTERM, then SIGKILL) on the way out.
+Everything binds 127.0.0.1. Each proxy process serves one warm-up and then one measured load run
+per mode (saturated, paced), of `--warmup` and `--duration` seconds (2 s and 10 s by default,
+never over 15 s together); the whole bench is stopped by an alarm after `--budget` seconds, and
+every process it started is stopped (SIGTERM, then SIGKILL) on the way out, whatever happened.
+
+In order: the bare proxy and the sidecar for each customer count; both again on uvloop (first
+customer count, saturated); the store call alone (bench.storecall); the profiles (py-spy).
 
 Cores (with two or more; with one, nothing is pinned):
   core 0: the load generator (wrk -t1 or bench.pyload), redis-server, py-spy, this script
   core 1: the proxy under test (bare or sidecar), the upstream
-For the two profiled runs only, a second upstream runs on core 0, so that the proxy has core 1 to
+For the profiled runs only, a second upstream runs on core 0, so that the proxy has core 1 to
 itself and the profile shows the proxy's own time.
 """
 
@@ -34,10 +37,24 @@ from pathlib import Path
 import aiohttp
 import redis
 
+try:
+    import uvloop
+except ImportError:  # the uvloop rows are skipped
+    uvloop = None  # type: ignore[assignment]
+
 from bench import profile
-from bench.loadgen import LoadResult, choose_tool, drive
+from bench.loadgen import LoadResult, choose_tool, drive, parse_result
 from bench.policy import api_key, write_keys, write_policy
-from bench.procs import Proc, allowed_cores, cores, free_port, pin_existing, pinning_available, stop_all
+from bench.procs import (
+    Proc,
+    allowed_cores,
+    cores,
+    free_port,
+    pin_existing,
+    pinning_available,
+    run_bounded,
+    stop_all,
+)
 from sidecar.store.embedded import EmbeddedRedis, redis_server_binary
 
 # The first two CPUs this process may use: the load generator's and the servers'.
@@ -73,7 +90,7 @@ class Snapshot:
 
 @dataclass
 class Run:
-    proxy: str  # "bare" or "sidecar"
+    proxy: str  # "bare" or "sidecar", with "+uvloop" when run on uvloop
     customers: int
     mode: str  # "saturated" or "paced"
     load: LoadResult
@@ -83,6 +100,8 @@ class Run:
     peak_rss_kib: int = 0
     rss_kib: int = 0
     exit_code: int | None = None
+    warmup_non_2xx: int = 0
+    warmup_decisions: str = ""  # the sidecar's decisions other than admitted, from start to the first run
 
     def delta_calls(self, *names: str) -> int:
         return sum(self.after.redis_calls.get(n, 0) - self.before.redis_calls.get(n, 0) for n in names)
@@ -109,7 +128,7 @@ class Run:
         return self.decided("admitted")
 
     def per_request(self, value: float) -> float | None:
-        requests = self.admitted if self.proxy == "sidecar" else self.load.requests
+        requests = self.admitted if self.proxy.startswith("sidecar") else self.load.requests
         return value / requests if requests else None
 
     def _us(self, seconds: float) -> float | None:
@@ -202,6 +221,7 @@ class Options:
     pace_ms: float
     loadgen: str
     profile: bool
+    uvloop: bool
     output: Path | None
     keep_profile: Path | None
     budget: float
@@ -215,9 +235,11 @@ class Bench:
         self.tool = choose_tool(options.loadgen)
         self.runs: list[Run] = []
         self.profiles: dict[str, tuple[profile.Summary, LoadResult]] = {}
+        self.leaves: tuple[profile.Summary, LoadResult] | None = None
         self.policy_seconds: dict[int, float] = {}
         self.notes: list[str] = []
         self.redis: EmbeddedRedis | None = None
+        self.storecall: dict[str, dict[str, object]] = {}
 
     def log(self, message: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -229,9 +251,8 @@ class Bench:
         pin_existing(self.redis.pid, LOAD_CORE)
         self.store = redis.Redis.from_url(self.redis_url, socket_timeout=5)
         self.upstream, self.upstream_url = self.start_upstream("upstream", SERVER_CORE)
-        self.log(
-            f"redis-server {self.redis_url} (pid {self.redis.pid}), upstream {self.upstream_url}; load: {self.tool}"
-        )
+        self.log(f"redis-server {self.redis_url} (pid {self.redis.pid}), upstream {self.upstream_url}")
+        self.log(f"load generator: {self.tool}")
         for customers in self.o.customers:
             directory = self.workdir / f"n{customers}"
             directory.mkdir()
@@ -245,6 +266,17 @@ class Bench:
             )
             self.runs += self.measure("bare", customers, policy, keys)
             self.runs += self.measure("sidecar", customers, policy, keys)
+            if customers == self.o.customers[0]:
+                first_policy, first_keys = policy, keys
+        if self.o.uvloop:
+            if uvloop is None:
+                self.notes.append("uvloop is not installed (`pip install uvloop`): no uvloop rows.")
+            else:
+                for kind in ("bare+uvloop", "sidecar+uvloop"):
+                    self.runs += self.measure(
+                        kind, self.o.customers[0], first_policy, first_keys, ("saturated",)
+                    )
+        self.run_storecall(first_policy)
         if self.o.profile:
             self.run_profiles()
 
@@ -277,57 +309,97 @@ class Bench:
     ) -> tuple[Proc, int, int | None, float]:
         port = free_port()
         admin: int | None = None
-        if kind == "bare":
+        on_uvloop = kind.endswith("+uvloop")
+        if kind.startswith("bare"):
             argv = [
-                sys.executable, "-m", "bench.bare_proxy",
-                "--listen", f"127.0.0.1:{port}", "--upstream", upstream_url,
-            ]  # fmt: skip
+                sys.executable,
+                "-m",
+                "bench.bare_proxy",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--upstream",
+                upstream_url,
+                *(["--uvloop"] if on_uvloop else []),
+            ]
             timeout = 30.0
         else:
             admin = free_port()
             argv = [
-                sys.executable, "-m", "sidecar", "run",
-                "--redis", self.redis_url, "--upstream", upstream_url,
-                "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-                "--policies", str(policy), "--log-level", "WARNING", "--drain-timeout", "5",
-            ]  # fmt: skip
+                sys.executable,
+                "-m",
+                "bench.uvloop_sidecar" if on_uvloop else "sidecar",
+                "run",
+                "--redis",
+                self.redis_url,
+                "--upstream",
+                upstream_url,
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--admin",
+                f"127.0.0.1:{admin}",
+                "--policies",
+                str(policy),
+                "--log-level",
+                "WARNING",
+                "--drain-timeout",
+                "5",
+            ]
             timeout = SIDECAR_STARTUP_TIMEOUT
         proc = Proc(name, argv, core=SERVER_CORE, log=self.workdir / f"{name}.log")
         startup = proc.wait_listening(port, timeout)
         # One request by hand: the key works and the whole chain answers 200.
         body = _get(f"http://127.0.0.1:{port}/hello", {"X-API-Key": api_key(0)})
-        if kind == "sidecar" and b"customer-0" not in body:
+        if kind.startswith("sidecar") and b"customer-0" not in body:
             raise RuntimeError(f"unexpected first answer from the sidecar: {body[:200]!r}")
         return proc, port, admin, startup
 
     def load(self, url: str, keys: Path, seconds: float, pace_ms: float = 0.0) -> LoadResult:
         return drive(
-            self.tool, url, keys=keys, connections=self.o.connections, seconds=seconds,
-            core=LOAD_CORE, workdir=self.workdir, pace_ms=pace_ms,
-        )  # fmt: skip
+            self.tool,
+            url,
+            keys=keys,
+            connections=self.o.connections,
+            seconds=seconds,
+            core=LOAD_CORE,
+            workdir=self.workdir,
+            pace_ms=pace_ms,
+        )
 
-    def measure(self, kind: str, customers: int, policy: Path, keys: Path) -> list[Run]:
-        """One proxy process: a warm-up, then a saturated and a paced measured run."""
+    def measure(
+        self, kind: str, customers: int, policy: Path, keys: Path, modes: tuple[str, ...] = MODES
+    ) -> list[Run]:
+        """One proxy process: a warm-up, then a measured run per mode (saturated, paced)."""
         proc, port, admin, startup = self.start_proxy(kind, policy, f"{kind}-{customers}", self.upstream_url)
         self.log(f"{kind} ({customers} customers) listening after {startup:.2f}s, pid {proc.pid}")
-        runs = []
+        runs: list[Run] = []
         try:
             url = f"http://127.0.0.1:{port}/hello"
-            self.load(url, keys, self.o.warmup)
-            for mode in MODES:
+            warmup = self.load(url, keys, self.o.warmup)
+            if warmup.non_2xx or warmup.socket_errors:
+                self.log(f"{kind} warm-up: non-2xx {warmup.non_2xx}, socket errors {warmup.socket_errors}")
+            for mode in modes:
                 time.sleep(SETTLE_SECONDS)
                 before = snapshot(self.store, proc, self.upstream, admin)
                 load = self.load(url, keys, self.o.duration, self.o.pace_ms if mode == "paced" else 0.0)
                 time.sleep(SETTLE_SECONDS)
                 after = snapshot(self.store, proc, self.upstream, admin)
+                first = not runs  # the warm-up is reported with the process's first run
                 run = Run(kind, customers, mode, load, before, after, startup)
+                run.warmup_non_2xx = warmup.non_2xx if first else -1
+                if first:
+                    run.warmup_decisions = ", ".join(
+                        f"{k} {v:.0f}" for k, v in sorted(before.decisions.items()) if k != "admitted" and v
+                    )
                 runs.append(run)
                 extra = (
-                    f", EVALSHA/admitted {_fmt(run.per_request(run.scripts), 3)}" if kind == "sidecar" else ""
+                    f", EVALSHA/admitted {_fmt(run.per_request(run.scripts), 3)}"
+                    if kind.startswith("sidecar")
+                    else ""
                 )
                 self.log(
-                    f"{kind} ({customers} customers, {mode}): {load.rps:.0f} req/s, p50 {load.p50_ms:.2f} ms, "
-                    f"p99 {load.p99_ms:.2f} ms, non-2xx {load.non_2xx}, socket errors {load.socket_errors}{extra}"
+                    f"{kind} ({customers} customers, {mode}): {load.rps:.0f} req/s, "
+                    f"p50 {load.p50_ms:.2f} ms, p99 {load.p99_ms:.2f} ms, non-2xx {load.non_2xx}, "
+                    f"socket errors {load.socket_errors}{extra}"
                 )
             memory = proc.memory_kib()
         finally:
@@ -339,9 +411,22 @@ class Bench:
                 exit_code,
             )
         self.log(
-            f"{kind} ({customers} customers) stopped, exit {exit_code}, peak RSS {runs[0].peak_rss_kib / 1024:.0f} MiB"
+            f"{kind} ({customers} customers) stopped, exit {exit_code}, "
+            f"peak RSS {runs[0].peak_rss_kib / 1024:.0f} MiB"
         )
         return runs
+
+    def run_storecall(self, policy: Path) -> None:
+        """The store call alone (bench.storecall), pinned to the servers' core while it is idle."""
+        loops: list[tuple[str, list[str]]] = [("asyncio", [])]
+        if self.o.uvloop and uvloop is not None:
+            loops.append(("uvloop", ["--uvloop"]))
+        for name, extra in loops:
+            argv = [sys.executable, "-m", "bench.storecall", "--redis", self.redis_url]
+            argv += ["--policy", str(policy)]
+            completed = run_bounded([*argv, *extra], core=SERVER_CORE, timeout=120)
+            self.storecall[name] = parse_result(completed, "bench.storecall")
+            self.log(f"store call alone ({name}) measured")
 
     def run_profiles(self) -> None:
         pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -357,54 +442,50 @@ class Bench:
             upstream.stop()
 
     def run_profile(self, kind: str, pyspy: str, upstream_url: str) -> None:
-        """One proxy with 1 customer under py-spy for one saturated load run."""
+        """One proxy with 1 customer under py-spy for one saturated load run; the sidecar for a
+        second one with a non-blocking py-spy, whose top frames are not biased to system calls."""
         directory = self.workdir / f"profile-{kind}"
         directory.mkdir()
         policy, keys = write_policy(directory, 1), write_keys(directory, 1)
         proc, port, _, _ = self.start_proxy(kind, policy, f"{kind}-profiled", upstream_url)
-        output = directory / "profile.txt"
-        seconds = self.o.duration
+        url = f"http://127.0.0.1:{port}/hello"
         try:
-            url = f"http://127.0.0.1:{port}/hello"
             self.load(url, keys, self.o.warmup)
-            spy = Proc(
-                "py-spy",
-                [
-                    pyspy,
-                    "record",
-                    "--pid",
-                    str(proc.pid),
-                    "--duration",
-                    str(round(seconds)),
-                    "--rate",
-                    str(PROFILE_RATE),
-                    "--idle",
-                    "--format",
-                    "raw",
-                    "-o",
-                    str(output),
-                ],  # fmt: skip
-                core=LOAD_CORE,
-                log=self.workdir / f"py-spy-{kind}.log",
-            )
-            self.log(f"profiling {kind} (pid {proc.pid}) with py-spy for {seconds:.0f}s")
-            load = self.load(url, keys, seconds)
-            deadline = time.monotonic() + 20
-            while spy.alive() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            spy.stop()
+            output = directory / "blocking.txt"
+            load = self.sample(pyspy, proc, url, keys, output, [])
+            if output.exists():
+                self.profiles[kind] = (profile.summarise(output.read_text()), load)
+            if kind == "sidecar":
+                output = directory / "nonblocking.txt"
+                leaves_load = self.sample(pyspy, proc, url, keys, output, ["--nonblocking", "--threads"])
+                if output.exists():
+                    self.leaves = (profile.summarise_leaves(output.read_text(), proc.pid), leaves_load)
         finally:
             proc.stop()
+
+    def sample(
+        self, pyspy: str, proc: Proc, url: str, keys: Path, output: Path, flags: list[str]
+    ) -> LoadResult:
+        """py-spy on `proc` during one saturated load run of --duration seconds."""
+        seconds = self.o.duration
+        argv = [pyspy, "record", "--pid", str(proc.pid), "--duration", str(round(seconds))]
+        argv += ["--rate", str(PROFILE_RATE), "--idle", "--format", "raw", "-o", str(output), *flags]
+        spy = Proc("py-spy", argv, core=LOAD_CORE, log=self.workdir / "py-spy.log")
+        how = " ".join(flags) or "blocking"
+        self.log(f"profiling {proc.name} (pid {proc.pid}) with py-spy ({how}) for {seconds:.0f}s")
+        load = self.load(url, keys, seconds)
+        deadline = time.monotonic() + 20
+        while spy.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        spy.stop()
         if not output.exists():
-            self.notes.append(f"py-spy wrote no profile of {kind}: {spy.log_tail(500)}")
-            return
-        if self.o.keep_profile is not None:
-            shutil.copyfile(output, self.o.keep_profile.with_name(f"{kind}-{self.o.keep_profile.name}"))
-        self.profiles[kind] = (profile.summarise(output.read_text()), load)
-        self.log(
-            f"profiled {kind}: {load.rps:.0f} req/s, p50 {load.p50_ms:.2f} ms, p99 {load.p99_ms:.2f} ms "
-            f"(py-spy samples at {PROFILE_RATE} Hz, pausing the process for each sample)"
-        )
+            self.notes.append(f"py-spy ({how}) wrote no profile of {proc.name}: {spy.log_tail(500)}")
+        elif self.o.keep_profile is not None:
+            mode = "-".join(f.strip("-") for f in flags) or "blocking"
+            name = f"{proc.name}-{mode}-{self.o.keep_profile.name}"
+            shutil.copyfile(output, self.o.keep_profile.with_name(name))
+        self.log(f"profiled run: {load.rps:.0f} req/s, p50 {load.p50_ms:.2f} ms, p99 {load.p99_ms:.2f} ms")
+        return load
 
     # -----------------------------------------------------------------------------------------
     # Reporting
@@ -447,29 +528,73 @@ class Bench:
                 lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
+    def uvloop_table(self) -> str:
+        runs = [r for r in self.runs if r.mode == "saturated" and r.customers == self.o.customers[0]]
+        by_kind = {r.proxy: r for r in runs}
+        bare = by_kind.get("bare")
+        lines = [
+            "| proxy | req/s | p50 ms | p99 ms | non-2xx | ÷ bare (asyncio) | proxy CPU µs/req "
+            "| upstream CPU µs/req | EVALSHA per admitted |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for kind in ("bare", "bare+uvloop", "sidecar", "sidecar+uvloop"):
+            run = by_kind.get(kind)
+            if run is None:
+                continue
+            ratio = f"{run.load.rps / bare.load.rps:.2f}" if bare and bare.load.rps else "—"
+            trips = _fmt(run.per_request(run.scripts), 3) if kind.startswith("sidecar") else "—"
+            lines.append(
+                f"| {kind} | {run.load.rps:,.0f} | {run.load.p50_ms:.2f} | {run.load.p99_ms:.2f} "
+                f"| {run.load.non_2xx} | {ratio} | {_fmt(run.proxy_cpu_us, 0)} "
+                f"| {_fmt(run.upstream_cpu_us, 0)} | {trips} |"
+            )
+        return "\n".join(lines)
+
+    def storecall_table(self) -> str:
+        lines = [
+            "| the store call | loop | CPU µs per call | wall µs per call | failed (warm-up / measured) |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for loop, result in self.storecall.items():
+            for variant in result["variants"]:  # type: ignore[attr-defined]
+                lines.append(
+                    f"| {variant['name']} | {loop} | {variant['cpu_us']:.0f} | {variant['wall_us']:.0f} "
+                    f"| {variant['warmup_failed']} / {variant['failed']} |"
+                )
+        arguments = "; ".join(
+            f"{loop}: {float(result['arguments_us']):.1f} µs"  # type: ignore[arg-type]
+            for loop, result in self.storecall.items()
+        )
+        return (
+            "\n".join(lines) + "\n\nBuilding the windows and the script's KEYS/ARGV alone (`meter_request` + "
+            f"`_meter_arguments`, no I/O, timeit): {arguments} per call."
+        )
+
     def details(self) -> str:
         lines = [
-            "| customers | load | admitted (sidecar metrics) | other decisions | store errors "
-            "| overhead before forwarding, mean ms | redis-server CPU µs/req | RSS at end MiB | exit code |",
-            "|---:|---|---:|---|---:|---:|---:|---:|---:|",
+            "| proxy | customers | load | admitted (sidecar metrics) | other decisions | store errors "
+            "| warm-up non-2xx | overhead before forwarding, mean ms | redis-server CPU µs/req "
+            "| RSS at end MiB | exit code |",
+            "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for mode in MODES:
-            for _, side in self.pairs(mode):
-                others = {
-                    k: side.decided(k) for k in side.after.decisions if k != "admitted" and side.decided(k)
-                }
-                lines.append(
-                    f"| {side.customers:,} | {mode} | {side.admitted:,} | {others or 'none'} "
-                    f"| {side.after.store_errors - side.before.store_errors:.0f} "
-                    f"| {_fmt(side.overhead_mean_ms, 3)} | {_fmt(side.redis_cpu_us, 1)} "
-                    f"| {side.rss_kib / 1024:.0f} | {side.exit_code} |"
-                )
+        for side in self.runs:
+            if not side.proxy.startswith("sidecar"):
+                continue
+            others = {k: side.decided(k) for k in side.after.decisions if k != "admitted" and side.decided(k)}
+            lines.append(
+                f"| {side.proxy} | {side.customers:,} | {side.mode} | {side.admitted:,} | {others or 'none'} "
+                f"| {side.after.store_errors - side.before.store_errors:.0f} "
+                f"| {_warmup(side)} "
+                f"| {_fmt(side.overhead_mean_ms, 3)} | {_fmt(side.redis_cpu_us, 1)} "
+                f"| {side.rss_kib / 1024:.0f} | {side.exit_code} |"
+            )
         lines += [
             "",
             f"CPU per request on core {SERVER_CORE} (utime + stime from `/proc/<pid>/stat`). The proxy and "
             "the upstream share that core, so when it is saturated, req/s ≈ 10⁶ ÷ their sum:",
             "",
-            "| customers | load | proxy | proxy CPU µs/req | upstream CPU µs/req | sum | 10⁶ ÷ sum | measured req/s |",
+            "| customers | load | proxy | proxy CPU µs/req | upstream CPU µs/req | sum | 10⁶ ÷ sum "
+            "| measured req/s |",
             "|---:|---|---|---:|---:|---:|---:|---:|",
         ]
         for run in self.runs:
@@ -496,11 +621,12 @@ class Bench:
             ratio = side.load.rps / bare.load.rps if bare.load.rps else 0.0
             trips = side.per_request(side.scripts) or 0.0
             checks = [
-                (f"throughput {ratio:.2f}× bare (≥ {TARGET_RATIO}×)", ratio >= TARGET_RATIO),
+                (f"throughput {ratio:.2f}× bare (≥ {TARGET_RATIO}×)", ratio >= TARGET_RATIO)  # noqa: RUF001,
             ]
-            for mode, (b, s) in (("saturated", (bare, side)), ("paced", paced.get(side.customers))):
-                if s is None:
-                    continue
+            compared = [("saturated", (bare, side))]
+            if side.customers in paced:
+                compared.append(("paced", paced[side.customers]))
+            for mode, (b, s) in compared:
                 added50, added99 = s.load.p50_ms - b.load.p50_ms, s.load.p99_ms - b.load.p99_ms
                 checks += [
                     (f"added p50 {mode} {added50:+.2f} ms (≤ {TARGET_P50_MS} ms)", added50 <= TARGET_P50_MS),
@@ -515,6 +641,87 @@ class Bench:
             marks = "; ".join(f"{text} **{'met' if ok else 'missed'}**" for text, ok in checks)
             lines.append(f"- {side.customers:,} customers: {marks}.")
         return "\n".join(lines)
+
+    def extra_sections(self) -> list[str]:
+        parts: list[str] = []
+        first = self.o.customers[0]
+        if any(r.proxy.endswith("+uvloop") for r in self.runs):
+            parts += [
+                f"### uvloop ({first:,} customer{'s' if first != 1 else ''}, saturated)",
+                "",
+                "The same two proxies on uvloop's event loop: the sidecar unchanged, started through "
+                "`bench/uvloop_sidecar.py` (sets `uvloop.EventLoopPolicy()`, then calls `sidecar.cli.main`), "
+                "the bare proxy with `--uvloop`. The upstream stays on asyncio.",
+                "",
+                self.uvloop_table(),
+                "",
+            ]
+        if self.storecall:
+            parts += [
+                "### The store call alone",
+                "",
+                f"`bench/storecall.py`, pinned to core {SERVER_CORE} while nothing else runs there: 50 "
+                "concurrent callers, 5,000 calls to the same Redis, no HTTP; the cheapest of 3 runs per "
+                "variant. Failed: calls that hit the sidecar's 50 ms store timeout (the warm-up is when "
+                "the pool opens its connections).",
+                "",
+                self.storecall_table(),
+                "",
+            ]
+        return parts
+
+    def profile_section(self) -> list[str]:
+        o = self.o
+        loads = ", ".join(
+            f"{kind} {load.rps:,.0f} req/s (p50 {load.p50_ms:.2f} ms, p99 {load.p99_ms:.2f} ms)"
+            for kind, (_, load) in self.profiles.items()
+        )
+        parts = [
+            "",
+            f"### Profiles: 1 customer, {o.duration:g} s saturated",
+            "",
+            f"`py-spy record --rate {PROFILE_RATE} --idle --format raw --pid <proxy>` (py-spy pinned to "
+            f"core {LOAD_CORE}), during one {self.tool} run each. For these runs the upstream is a second "
+            f"one on core {LOAD_CORE}, so the proxy has core {SERVER_CORE} to itself: py-spy samples "
+            "wall-clock stacks, and an upstream sharing the core would be charged to whatever frame the "
+            f"proxy was preempted in. While sampled: {loads}. The raw profiles are not kept.",
+            "",
+            "Cost per request, in µs of wall-clock on the proxy's core (samples ÷ rate ÷ requests "
+            "served while sampled; blocking py-spy, see the caveat below):",
+            "",
+            profile.comparison(
+                {
+                    kind: (summary, load.requests, float(PROFILE_RATE))
+                    for kind, (summary, load) in self.profiles.items()
+                }
+            ),
+        ]
+        if "sidecar" in self.profiles:
+            blocking = self.profiles["sidecar"][0]
+            if self.leaves is not None:
+                leaves, load = self.leaves
+                parts += [
+                    "",
+                    "**Caveat: a blocking py-spy over-samples system calls.** It stops the process for each "
+                    "sample, and the stop lands far more often on a frame that is inside a system call. A "
+                    "second run of the same sidecar with `--nonblocking` (which reads the stacks without "
+                    "stopping, so stacks can be torn and only their top frame is used) shows it:",
+                    "",
+                    profile.bias_table(blocking, leaves),
+                    "",
+                    "So the own-time tables below come from the non-blocking run "
+                    f"({load.rps:,.0f} req/s, p50 {load.p50_ms:.2f} ms while sampled), and the inclusive "
+                    "table and the per-request parts above from the blocking one, whose stacks are whole "
+                    "but whose split leans towards the parts that make system calls.",
+                    "",
+                    "The sidecar's own time (non-blocking py-spy):",
+                    "",
+                    profile.own_markdown(leaves, how=" (non-blocking)"),
+                ]
+            else:
+                parts += ["", "The sidecar's own time (blocking py-spy):", "", profile.own_markdown(blocking)]
+            parts += ["", profile.inclusive_markdown(blocking)]
+        return parts
 
     def report(self) -> str:
         o = self.o
@@ -532,10 +739,12 @@ class Bench:
             f"its customer count, warmed up for {o.warmup:g} s, then measured twice for {o.duration:g} s: "
             "**saturated** (each connection sends its next request as soon as the answer is in: the "
             f"proxy's capacity) and **paced** (each connection waits {o.pace_ms:g} ms after every answer, "
-            "which holds the rate well below either proxy's capacity, so latency is service time rather "
-            "than queueing). The sidecar's policy: one `count` meter, one feature, one plan with a month "
+            "which holds the rate below either proxy's saturated capacity, so there is less queueing; how "
+            "busy the proxy's core still is at that rate is in the CPU table below). "
+            "The sidecar's policy: one `count` meter, one feature, one plan with a month "
             "quota of 10¹² and a per-second limit of 10⁹ (so nothing is refused, but both limits are "
-            f"checked and charged on every request), N customers with one key each; generated in {policy_sizes}.",
+            "checked and charged on every request), N customers with one key each; generated in "
+            f"{policy_sizes}.",
             "",
             "### Saturated",
             "",
@@ -545,6 +754,7 @@ class Bench:
             "",
             self.table("paced"),
             "",
+            *self.extra_sections(),
             f"### Targets (at {o.connections} connections)",
             "",
             self.targets(),
@@ -576,35 +786,16 @@ class Bench:
             "port accepting connections (for the sidecar, loading and validating the policy included).",
         ]
         if self.profiles:
-            loads = ", ".join(
-                f"{kind} {load.rps:,.0f} req/s (p50 {load.p50_ms:.2f} ms, p99 {load.p99_ms:.2f} ms)"
-                for kind, (_, load) in self.profiles.items()
-            )
-            parts += [
-                "",
-                f"### Profiles: 1 customer, {o.duration:g} s saturated",
-                "",
-                f"`py-spy record --rate {PROFILE_RATE} --idle --format raw --pid <proxy>` (py-spy pinned to "
-                f"core {LOAD_CORE}), during one {self.tool} run each. For these two runs the upstream is a "
-                f"second one on core {LOAD_CORE}, so the proxy has core {SERVER_CORE} to itself: py-spy "
-                "samples wall-clock stacks, and an upstream sharing the core would be charged to whatever "
-                f"frame the proxy was preempted in. While sampled: {loads}. The raw profiles are not kept.",
-                "",
-                "Cost per request, in µs of wall-clock on the proxy's core (samples ÷ rate ÷ requests "
-                "served while sampled):",
-                "",
-                profile.comparison(
-                    {
-                        kind: (summary, load.requests, float(PROFILE_RATE))
-                        for kind, (summary, load) in self.profiles.items()
-                    }
-                ),
-            ]
-            if "sidecar" in self.profiles:
-                parts += ["", "The sidecar's profile:", "", profile.markdown(self.profiles["sidecar"][0])]
+            parts += self.profile_section()
         if self.notes:
             parts += ["", "Notes:", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(parts)
+
+
+def _warmup(run: Run) -> str:
+    if run.warmup_non_2xx < 0:
+        return "—"
+    return f"{run.warmup_non_2xx}" + (f" ({run.warmup_decisions})" if run.warmup_decisions else "")
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -632,10 +823,10 @@ def machine(tool: str) -> str:
         wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
         first = (wrk.stdout or wrk.stderr).splitlines()
         parts.append(first[0].split(" [")[0] if first else "wrk")
-    try:
-        import uvloop  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        parts.append("no uvloop (the sidecar runs the default asyncio loop)")
+    if uvloop is None:
+        parts.append("no uvloop")
+    else:
+        parts.append(f"uvloop {getattr(uvloop, '__version__', '?')} (for the bench's uvloop rows only)")
     return ", ".join(parts)
 
 
@@ -669,7 +860,9 @@ def write_report(path: Path, generated: str) -> None:
 
 def parse_args(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 customer, 1 s warm-up, 5 s runs, no profile")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 customer, 1 s warm-up, 5 s runs, no uvloop rows, no profile"
+    )
     parser.add_argument("--customers", default=None, help="comma-separated counts (default 1,1000,100000)")
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per run (default 10)")
     parser.add_argument("--warmup", type=float, default=None, help="warm-up seconds per process (default 2)")
@@ -677,6 +870,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--pace-ms", type=float, default=50.0, help="paced runs: wait after each answer")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--no-profile", action="store_true", help="skip the two py-spy runs")
+    parser.add_argument("--no-uvloop", action="store_true", help="skip the uvloop runs")
     parser.add_argument(
         "--output",
         default=None,
@@ -714,6 +908,7 @@ def parse_args(argv: list[str] | None) -> Options:
         pace_ms=args.pace_ms,
         loadgen=args.loadgen,
         profile=not args.no_profile and not args.quick,
+        uvloop=not args.no_uvloop and not args.quick,
         output=output,
         keep_profile=None if args.keep_profile is None else Path(args.keep_profile),
         budget=args.budget,
