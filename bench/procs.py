@@ -121,13 +121,15 @@ class Proc:
         raise RuntimeError(f"{self.name} did not listen on {port} within {timeout:.0f}s: {self.log_tail()}")
 
     def memory_kib(self) -> dict[str, int]:
-        """VmHWM (peak resident set) and VmRSS of the process, in KiB, from /proc/<pid>/status."""
+        """VmHWM (peak resident set) and VmRSS of the process, in KiB, from /proc/<pid>/status;
+        summed over its children too (`--workers`), pages they share counted in each."""
         found: dict[str, int] = {}
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                name, _, value = line.partition(":")
-                if name in ("VmHWM", "VmRSS"):
-                    found[name] = int(value.split()[0])
+        for pid in process_tree(self.pid):
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    name, _, value = line.partition(":")
+                    if name in ("VmHWM", "VmRSS"):
+                        found[name] = found.get(name, 0) + int(value.split()[0])
         return found
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
@@ -151,6 +153,17 @@ class Proc:
         with contextlib.suppress(OSError):
             return self.log_path.read_text(errors="replace")[-chars:]
         return ""
+
+
+def process_tree(pid: int) -> list[int]:
+    """The process and its descendants (Linux /proc); just the process where that is not readable."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        with contextlib.suppress(OSError, ValueError):
+            children = Path(f"/proc/{tree[index]}/task/{tree[index]}/children").read_text().split()
+            tree += [int(child) for child in children]
+        index += 1
+    return tree
 
 
 def run_bounded(argv: Sequence[str], *, core: int | None, timeout: float) -> subprocess.CompletedProcess[str]:

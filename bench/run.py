@@ -52,6 +52,7 @@ from bench.procs import (
     free_port,
     pin_existing,
     pinning_available,
+    process_tree,
     run_bounded,
     stop_all,
 )
@@ -86,6 +87,8 @@ class Snapshot:
     store_errors: float = 0.0
     proxy_cpu_s: float = 0.0
     upstream_cpu_s: float = 0.0
+    round_trips: float = 0.0  # the sidecar's own count of pipelines written to Redis
+    script_calls: float = 0.0
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Run:
     exit_code: int | None = None
     warmup_non_2xx: int = 0
     warmup_decisions: str = ""  # the sidecar's decisions other than admitted, from start to the first run
+    workers: int = 1
 
     def delta_calls(self, *names: str) -> int:
         return sum(self.after.redis_calls.get(n, 0) - self.before.redis_calls.get(n, 0) for n in names)
@@ -128,8 +132,20 @@ class Run:
         return self.decided("admitted")
 
     def per_request(self, value: float) -> float | None:
-        requests = self.admitted if self.proxy.startswith("sidecar") else self.load.requests
+        """Per admitted request (the sidecar's metrics); per completed request for the bare proxy
+        and for several workers, whose admin port (worker 0's) counts one worker only."""
+        one_process = self.proxy.startswith("sidecar") and self.workers == 1
+        requests = self.admitted if one_process else self.load.requests - self.load.non_2xx
         return value / requests if requests else None
+
+    @property
+    def round_trips(self) -> float:
+        return self.after.round_trips - self.before.round_trips
+
+    @property
+    def batch_size(self) -> float | None:
+        calls = self.after.script_calls - self.before.script_calls
+        return calls / self.round_trips if self.round_trips else None
 
     def _us(self, seconds: float) -> float | None:
         value = self.per_request(seconds)
@@ -158,21 +174,28 @@ class Run:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
-    with contextlib.suppress(OSError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
+    """utime + stime of a process (all its threads) and of its live children (`--workers`), from
+    /proc/<pid>/stat."""
+    total = 0.0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
-def read_metrics(admin_port: int) -> tuple[dict[str, float], float, float, float]:
-    """From the sidecar's /metrics: requests by decision, overhead sum and count, store errors."""
+def read_metrics(admin_port: int) -> tuple[dict[str, float], float, float, float, dict[str, float]]:
+    """From the sidecar's /metrics: requests by decision, overhead sum and count, store errors, and
+    the store client's script calls and round trips."""
     text = _get(f"http://127.0.0.1:{admin_port}/metrics").decode()
     decisions: dict[str, float] = {}
+    traffic: dict[str, float] = {}
     overhead_sum = overhead_count = store_errors = 0.0
     for line in text.splitlines():
         value = line.rsplit(" ", 1)[-1]
-        if line.startswith("sidecar_requests_total{"):
+        if line.startswith(("sidecar_store_round_trips_total ", "sidecar_store_script_calls_total ")):
+            traffic[line.split(" ", 1)[0]] = float(value)
+        elif line.startswith("sidecar_requests_total{"):
             decision = re.search(r'decision="([^"]*)"', line)
             if decision:
                 decisions[decision[1]] = decisions.get(decision[1], 0.0) + float(value)
@@ -182,7 +205,7 @@ def read_metrics(admin_port: int) -> tuple[dict[str, float], float, float, float
             overhead_count = float(value)
         elif line.startswith("sidecar_store_errors_total{"):
             store_errors += float(value)
-    return decisions, overhead_sum, overhead_count, store_errors
+    return decisions, overhead_sum, overhead_count, store_errors, traffic
 
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -204,7 +227,11 @@ def snapshot(store: redis.Redis, proxy: Proc, upstream: Proc, admin_port: int | 
         upstream_cpu_s=cpu_seconds(upstream.pid),
     )
     if admin_port is not None:
-        shot.decisions, shot.overhead_sum, shot.overhead_count, shot.store_errors = read_metrics(admin_port)
+        shot.decisions, shot.overhead_sum, shot.overhead_count, shot.store_errors, traffic = read_metrics(
+            admin_port
+        )
+        shot.round_trips = traffic.get("sidecar_store_round_trips_total", 0.0)
+        shot.script_calls = traffic.get("sidecar_store_script_calls_total", 0.0)
     return shot
 
 
@@ -567,7 +594,7 @@ class Bench:
         )
         return (
             "\n".join(lines) + "\n\nBuilding the windows and the script's KEYS/ARGV alone (`meter_request` + "
-            f"`_meter_arguments`, no I/O, timeit): {arguments} per call."
+            f"`_arguments`, no I/O, timeit): {arguments} per call."
         )
 
     def details(self) -> str:

@@ -1,11 +1,11 @@
 """The store call alone, without HTTP: what one admission's EVALSHA costs the sidecar's process,
-as the sidecar makes it and as some of the candidates of BENCHMARKS.md would make it.
+as the sidecar makes it (through its batcher), as it made it before (one redis-py EVALSHA per
+call), and stripped-down variants of both.
 
 Each variant makes `--calls` calls from 50 concurrent callers (as 50 connections would) against
 the real redis-server, after a warm-up (which opens the pool's connections), and reports CPU
 (time.process_time) and wall-clock per call, and the calls that failed with the sidecar's 50 ms
-store timeout. Nothing here changes the sidecar: the variants call redis-py directly to show what the
-sidecar's wrapping costs.
+store timeout. Nothing here changes the sidecar.
 
     python -m bench.storecall --redis redis://127.0.0.1:PORT/0 --policy bench.yaml [--uvloop]
 """
@@ -26,7 +26,8 @@ from sidecar import gate
 from sidecar.charges import meter_request
 from sidecar.errors import StoreUnavailable
 from sidecar.policy.loader import load_policy
-from sidecar.store.redis import RedisStore, _meter_arguments, connect
+from sidecar.store.base import Admission, MeterRequest
+from sidecar.store.redis import RedisStore, _arguments, bounded, connect
 
 CALLERS = 50
 STORE_TIMEOUT = 0.05  # the sidecar's --store-timeout default
@@ -95,10 +96,16 @@ async def run(url: str, policy_path: str, calls: int, only_sidecar: bool, repeat
             variants.append({**entry, "warmup_failed": warmup_failed, "failed": failed})
 
         request = meter_request(policy, customer, "hello", spec, store.time())
-        key_list, args = _meter_arguments(request)
-        script = store._check  # the sidecar's own registered script
+        key_list, args = _arguments(request)
+        script = store._check  # the sidecar's own script, called through its batcher
+        legacy = store.client.register_script(script.source)  # the same, as redis-py's Script
         flat = (*key_list, *args)
-        await plain.script_load(script.script)
+        await plain.script_load(script.source)
+
+        async def unbatched(request: MeterRequest) -> Admission:
+            """check_and_meter as it was before the batcher: one EVALSHA per call through redis-py."""
+            reply = await bounded(legacy(*_arguments(request)), STORE_TIMEOUT)
+            return store._admission(reply, request)
 
         async def batch() -> None:
             pipe = plain.pipeline(transaction=False)
@@ -108,15 +115,36 @@ async def run(url: str, policy_path: str, calls: int, only_sidecar: bool, repeat
 
         for _ in range(repeats):
             await add(
-                "as the sidecar calls it (windows, arguments, asyncio.timeout, BlockingConnectionPool, "
-                "Script)",
-                await _measure(lambda: gate.check_and_meter(store, policy, customer, "hello", spec), calls),
+                "as the sidecar calls it: batched (windows, arguments, the batcher, the reply parsed)",
+                await _measure(
+                    lambda: gate.at_store_time(
+                        store,
+                        store.check_and_meter,
+                        lambda now: meter_request(policy, customer, "hello", spec, now),
+                    ),
+                    calls,
+                ),
+            )
+            await add(
+                "as the sidecar called it before the batcher: one EVALSHA per call (windows, arguments, "
+                "asyncio.timeout, BlockingConnectionPool, Script, the reply parsed)",
+                await _measure(
+                    lambda: gate.at_store_time(
+                        store,
+                        unbatched,
+                        lambda now: meter_request(policy, customer, "hello", spec, now),
+                    ),
+                    calls,
+                ),
             )
             if not only_sidecar:
                 await add(
-                    "same, with the keys and arguments precomputed and the reply left unparsed "
-                    "(no `_admission`)",
-                    await _measure(lambda: store._call(script(key_list, args)), calls),
+                    "the batcher alone: arguments precomputed, the reply left unparsed",
+                    await _measure(lambda: script(key_list, args), calls),
+                )
+                await add(
+                    "before the batcher, arguments precomputed and the reply left unparsed",
+                    await _measure(lambda: store._call(lambda: legacy(key_list, args)), calls),
                 )
                 await add(
                     "same, without the outer asyncio.timeout (`bounded`) and the Script wrapper",
@@ -127,11 +155,11 @@ async def run(url: str, policy_path: str, calls: int, only_sidecar: bool, repeat
                     await _measure(lambda: plain.evalsha(script.sha, len(key_list), *flat), calls),
                 )
                 await add(
-                    f"coalesced: {CALLERS} EVALSHAs in one pipeline, one round trip",
+                    f"redis-py's pipeline: {CALLERS} EVALSHAs in one pipeline, one round trip",
                     await _measure_batched(batch, calls),
                 )
         windows = timeit.repeat(
-            lambda: _meter_arguments(meter_request(policy, customer, "hello", spec, time.time())),
+            lambda: _arguments(meter_request(policy, customer, "hello", spec, time.time())),
             number=2000,
             repeat=3,
         )

@@ -11,8 +11,11 @@ from sidecar import problems
 from sidecar.components import COMPONENTS, Components
 from sidecar.customers import parse_customer
 from sidecar.errors import StoreUnavailable
+from sidecar.grants import parse_grant
 from sidecar.policy.model import Customer, Policy
+from sidecar.policy.windows import rfc3339
 from sidecar.reloading import reload_policy
+from sidecar.store.base import GrantOutcome
 from sidecar.usage import usage_document
 
 
@@ -46,7 +49,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[COMPONENTS].metrics.exposition()
+    components = request.app[COMPONENTS]
+    components.metrics.store_circuit_open.set(1 if components.store.circuit_open else 0)
+    body = components.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -87,6 +92,37 @@ async def put_customer(request: web.Request) -> web.Response:
     return web.json_response({"customer": parsed.id, "plan": parsed.plan, "stored": True})
 
 
+async def post_grant(request: web.Request) -> web.Response:
+    """Add prepaid credit: 201 added, 200 when this grant id was added before, 409 when the id
+    names a different grant, 422 for a bad body."""
+    components = request.app[COMPONENTS]
+    policy = components.holder.current
+    customer_id = request.match_info["customer"]
+    if customer_id not in components.directory.all(policy):
+        return problems.problem(404, "Not Found", f"no customer '{customer_id}'")
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    grant = parse_grant(body, policy, components.store.time())
+    if isinstance(grant, list):
+        return problems.problem(422, "Invalid grant", "the grant was not added", errors=grant)
+    try:
+        outcome = await components.store.grant(customer_id, grant)
+    except StoreUnavailable:
+        components.metrics.store_errors.labels("grant").inc()
+        return problems.unavailable(problems.STORE_RETRY_AFTER)
+    components.denials.forget(customer_id)  # this replica at once; others within VOLATILE_SECONDS
+    if outcome is GrantOutcome.CONFLICT:
+        return problems.problem(
+            409, "Conflict", f"grant id '{grant.id}' was used before for a different grant; use a new id"
+        )
+    answer = {"customer": customer_id, "id": grant.id, "meter": grant.meter, "amount": grant.amount}
+    answer["expires_at"] = rfc3339(grant.expires_at) if grant.expires_at is not None else None
+    answer["status"] = outcome.value
+    return web.json_response(answer, status=201 if outcome is GrantOutcome.ADDED else 200)
+
+
 async def dead_letters(request: web.Request) -> web.Response:
     """Summaries billing refused for good, with the answer it gave."""
     components = request.app[COMPONENTS]
@@ -113,7 +149,7 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
     token = request.app[COMPONENTS].settings.admin_token
     if token and request.path.startswith("/admin/"):
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), token.encode()):
+        if scheme.lower() != "bearer" or not _same_token(presented, token):
             return problems.problem(
                 401,
                 "Unauthorized",
@@ -123,12 +159,22 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
     return await handler(request)
 
 
+def _same_token(presented: str, token: str) -> bool:
+    """In constant time, and for any bytes a client sends (aiohttp decodes them with surrogateescape)."""
+    return hmac.compare_digest(_raw(presented), _raw(token))
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/customers/{customer}/usage", customer_usage)
     app.router.add_put("/admin/customers/{customer}", put_customer)
+    app.router.add_post("/admin/customers/{customer}/grants", post_grant)
     app.router.add_post("/admin/reload", reload)
     app.router.add_get("/admin/billing/dead-letters", dead_letters)
     app.router.add_post("/admin/billing/dead-letters/redrive", redrive)

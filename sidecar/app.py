@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from sidecar import admin, proxy, selfservice
+from sidecar import admin, intake, proxy, selfservice
 from sidecar.components import COMPONENTS, SESSION, Components
 from sidecar.errors import StoreUnavailable
 
@@ -18,7 +18,9 @@ UPSTREAM_CONNECTIONS = 1000
 
 
 def build_proxy_app(components: Components) -> web.Application:
-    app = web.Application(handler_args={"max_field_size": 16384})
+    app = web.Application(
+        middlewares=[intake.screen_requests], handler_args=intake.handler_args(components.settings)
+    )
     app[COMPONENTS] = components
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_stored_customers)
@@ -30,6 +32,7 @@ def build_proxy_app(components: Components) -> web.Application:
 def build_admin_app(components: Components) -> web.Application:
     app = web.Application(middlewares=[admin.require_token])
     app[COMPONENTS] = components
+    components.metrics.store_traffic.source = getattr(components.store, "traffic", None)
     admin.add_routes(app)
     return app
 

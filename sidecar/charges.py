@@ -6,7 +6,9 @@ from collections.abc import Mapping
 
 from sidecar.policy.model import Aggregation, ChargeSpec, Customer, Limit, Policy
 from sidecar.policy.windows import Window, calendar_window
-from sidecar.store.base import LimitCharge, MeterRequest, UsageCharge
+from sidecar.store.base import CreditCharge, Hold, LimitCharge, MeterRequest, UsageCharge
+
+_NOTHING: Mapping[str, int] = {}
 
 
 def window_for(limit: Limit, now: float, customer: Customer) -> Window | None:
@@ -17,19 +19,55 @@ def window_for(limit: Limit, now: float, customer: Customer) -> Window | None:
 
 
 def meter_request(
-    policy: Policy, customer: Customer, feature: str, spec: ChargeSpec, now: float
+    policy: Policy,
+    customer: Customer,
+    feature: str,
+    spec: ChargeSpec,
+    now: float,
+    reserved: Mapping[str, int] = _NOTHING,
+    hold_id: str = "",
 ) -> MeterRequest:
-    """Limits to check and usage to record; usage is recorded only when billing is configured."""
+    """Limits and credits to check, and usage to record (only when billing is configured).
+
+    ``reserved`` maps a measured meter to the amount this request holds until it settles under
+    ``hold_id``; an amount of 0 holds nothing and admits while the balance is above zero.
+    """
     limits = tuple(
-        LimitCharge(s.limit, s.amount, window_for(s.limit, now, customer), s.enforced, s.counts_requests)
+        LimitCharge(
+            s.limit,
+            s.amount or reserved.get(s.limit.meter, 0),
+            window_for(s.limit, now, customer),
+            s.enforced,
+            s.counts_requests,
+            s.allowance,
+            reserved.get(s.limit.meter, 0) > 0,
+        )
         for s in spec.limits
+    )
+    credits = tuple(
+        CreditCharge(
+            c.meter.name,
+            c.amount or reserved.get(c.meter.name, 0),
+            c.enforced,
+            c.allowances,
+            reserved.get(c.meter.name, 0) > 0,
+            c.meter.counts_requests,
+        )
+        for c in spec.credits
     )
     usage = (
         tuple(UsageCharge(meter, feature, amount, "+") for meter, amount in spec.usage)
         if policy.billing
         else ()
     )
-    return MeterRequest(customer.id, limits, usage, policy.billing_interval)
+    hold = _hold(spec, hold_id) if any(reserved.values()) else None
+    holds = bool(spec.credits or spec.reserves)
+    return MeterRequest(customer.id, limits, usage, policy.billing_interval, credits, hold, holds)
+
+
+def _hold(spec: ChargeSpec, hold_id: str) -> Hold:
+    ttl = max(m.reserve.ttl for m in spec.reserves if m.reserve is not None)
+    return Hold(hold_id, ttl)
 
 
 _USAGE_OPS = {
@@ -49,13 +87,29 @@ def response_request(
     amounts: Mapping[str, int],
     now: float,
     distinct: Mapping[str, str] | None = None,
+    hold_id: str = "",
 ) -> MeterRequest:
-    """What the response told, charged to the limits on those meters and recorded for billing;
-    `distinct` holds the values unique meters saw."""
-    limits = tuple(
-        LimitCharge(s.limit, amounts[s.limit.meter], window_for(s.limit, now, customer), s.enforced, False)
-        for s in spec.limits
-        if s.amount == 0 and amounts.get(s.limit.meter, 0) > 0
+    """What the response told, charged to the limits and credits on those meters and recorded for
+    billing; `distinct` holds the values unique meters saw. ``hold_id`` names the reservation the
+    real amounts replace (with no amount for a reserved meter, the reservation is just released)."""
+    positions: dict[int, int] = {}
+    limits: list[LimitCharge] = []
+    for index, s in enumerate(spec.limits):
+        amount = amounts.get(s.limit.meter, 0)
+        if s.amount == 0 and amount > 0:
+            positions[index] = len(limits)
+            window = window_for(s.limit, now, customer)
+            limits.append(LimitCharge(s.limit, amount, window, s.enforced, False, s.allowance))
+    credits = tuple(
+        CreditCharge(
+            c.meter.name,
+            amounts[c.meter.name],
+            c.enforced,
+            tuple(positions[i] for i in c.allowances),
+            counts_requests=c.meter.counts_requests,
+        )
+        for c in spec.credits
+        if c.amount == 0 and amounts.get(c.meter.name, 0) > 0
     )
     usage = (
         tuple(
@@ -67,4 +121,6 @@ def response_request(
         if policy.billing
         else ()
     )
-    return MeterRequest(customer.id, limits, usage, policy.billing_interval)
+    hold = Hold(hold_id, 0) if hold_id else None
+    holds = bool(spec.credits or spec.reserves)
+    return MeterRequest(customer.id, tuple(limits), usage, policy.billing_interval, credits, hold, holds)

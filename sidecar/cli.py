@@ -66,20 +66,30 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--store-timeout", help="seconds to wait for the store (default 0.05)")
     run.add_argument("--drain-timeout", help="seconds in-flight requests get on shutdown (default 30)")
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    run.add_argument("--max-header-size", help="bytes of request line and headers, else 431 (default 32k)")
+    run.add_argument("--max-headers", help="header fields per request, else 431 (default 100)")
+    run.add_argument("--max-body-size", help="bytes of request body, else 413 (default 1g)")
+    run.add_argument("--header-timeout", help="seconds a request head may take to arrive (default 10)")
+    run.add_argument("--workers", help="processes sharing the proxy port (SIDECAR_WORKERS, default 1)")
 
 
 def run_command(args: argparse.Namespace) -> int:
     from sidecar.demo import serve_demo
+    from sidecar.intake import require_c_parser
     from sidecar.policy.holder import PolicyHolder
     from sidecar.server import serve
     from sidecar.settings import build_settings
+    from sidecar.workers import run_workers
 
     try:
         settings = build_settings(vars(args), os.environ)
+        require_c_parser()
         logging.basicConfig(
             level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         holder = PolicyHolder.load(settings.policies)
+        if settings.workers > 1 and not args.demo:
+            return run_workers(settings, holder)
         asyncio.run((serve_demo if args.demo else serve)(settings, holder))
     except (SettingsInvalid, EmbeddedStoreFailed) as error:
         print(f"sidecar: {error}", file=sys.stderr)

@@ -10,6 +10,8 @@ from aiohttp import web
 from sidecar.billing.marks import DirtyMarks
 from sidecar.billing.outbox import Outbox
 from sidecar.customers import CustomerDirectory
+from sidecar.denials import DenyCache
+from sidecar.journal import Journal
 from sidecar.metrics import Metrics
 from sidecar.policy.holder import PolicyHolder
 from sidecar.settings import Settings
@@ -25,6 +27,8 @@ class Components:
     outbox: Outbox
     directory: CustomerDirectory
     marks: DirtyMarks = field(default_factory=DirtyMarks)
+    denials: DenyCache = field(default_factory=DenyCache)
+    journal: Journal | None = None  # None: usage the store cannot take is lost (and counted)
 
 
 COMPONENTS = web.AppKey("components", Components)

@@ -4,7 +4,8 @@
      ├── PolicyInvalid      a policy file (or set of files) failed validation; carries every PolicyError
      ├── SettingsInvalid    a flag or SIDECAR_* variable has a bad value; names the variable
      ├── StoreUnavailable   Redis could not answer within the store timeout (or refused)
-     └── EmbeddedStoreFailed the bundled redis-server could not be started
+     ├── EmbeddedStoreFailed the bundled redis-server could not be started
+     └── BodyTooLarge       a streamed request body passed --max-body-size (stops the upload)
 
 A refusal (401/403/429) is not an exception: it is a value (see gate.Verdict). Storage
 exceptions are translated into StoreUnavailable at the store boundary only.
@@ -52,3 +53,12 @@ class StoreUnavailable(SidecarError):
 
 class EmbeddedStoreFailed(SidecarError):
     """The embedded redis-server process could not be started."""
+
+
+class BodyTooLarge(SidecarError):
+    """A streamed request body passed the limit; raised inside the upload, so the upstream never
+    receives it whole."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"the request body is larger than {limit} bytes")

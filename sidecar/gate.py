@@ -7,14 +7,20 @@ into a status code.
 from __future__ import annotations
 
 import enum
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sidecar.charges import meter_request
 from sidecar.errors import StoreUnavailable
 from sidecar.identity import CustomerLookup, identify
+from sidecar.measure import reserve_amount
 from sidecar.policy.model import ChargeSpec, Customer, Feature, Plan, Policy, StoreFailure
-from sidecar.store.base import Admission, LimitState, MeterRequest, Outcome, Store
+from sidecar.store.base import Admission, CreditState, LimitState, MeterRequest, Outcome, Store
+
+if TYPE_CHECKING:
+    from sidecar.denials import DenyCache
 
 # A calendar window can be stale only when a boundary passes between reading the clock and the
 # script running; two retries cover a clock estimate that was off by a whole window.
@@ -41,6 +47,9 @@ class Verdict:
     limits: tuple[LimitState, ...] = ()
     store_time: float = 0.0
     spec: ChargeSpec | None = None  # what the admitted request charges; its measured meters come later
+    credits: tuple[CreditState, ...] = ()
+    hold_id: str = ""  # the reservation to settle when the response ends ("" when none was made)
+    unrecorded: MeterRequest | None = None  # admitted with the store down: for the local journal
 
     @property
     def forwards(self) -> bool:
@@ -57,12 +66,25 @@ class Verdict:
         return tuple(s for s in self.limits if s.over and s.charge.enforced)
 
     @property
+    def refusing_credits(self) -> tuple[CreditState, ...]:
+        """Prepaid credits too small for the request (enforced and over)."""
+        return tuple(c for c in self.credits if c.over and c.charge.enforced)
+
+    @property
     def shadow_refusals(self) -> tuple[LimitState, ...]:
         """Limits that would have refused had they not been shadow limits (or on a shadow plan)."""
-        return tuple(s for s in self.limits if s.over and not s.charge.enforced and s.charge.limit.is_hard)
+        return tuple(
+            s
+            for s in self.limits
+            if s.over and not s.charge.enforced and s.charge.limit.is_hard and not s.charge.allowance
+        )
 
 
 _FORWARDED = frozenset({Decision.PUBLIC, Decision.ADMITTED, Decision.ADMITTED_UNMETERED})
+
+
+async def _no_body() -> bytes | None:
+    return None
 
 
 async def admit(
@@ -72,8 +94,12 @@ async def admit(
     method: str,
     path: str,
     headers: Mapping[str, str],
+    body: Callable[[], Awaitable[bytes | None]] = _no_body,
+    denials: DenyCache | None = None,
 ) -> Verdict:
-    """Decide one request. Only the check-and-meter step does I/O: one store round trip."""
+    """Decide one request. Only the check-and-meter step does I/O: one store round trip (and,
+    when a reserve reads the request's JSON, reading the request body first); none when
+    `denials` knows the customer is still over a hard limit for this feature."""
     feature = policy.routes.feature_for(method, path)
     if feature is None:
         return Verdict(decision=Decision.NOT_FOUND)
@@ -86,22 +112,53 @@ async def admit(
     if plan is None or not plan.entitles(feature.name):
         return Verdict(decision=Decision.FORBIDDEN, feature=feature, customer=customer, plan=plan)
     spec = policy.charges[(plan.name, feature.name)]
-    return await _meter(policy, store, customer, plan, feature, spec)
+    if denials is not None and (known := denials.known(policy, customer, feature)) is not None:
+        return known
+    reserved = await _reservations(spec, headers, body) if spec.reserves else {}
+    verdict = await _meter(policy, store, customer, plan, feature, spec, reserved)
+    if denials is not None and verdict.decision is Decision.REFUSED:
+        denials.note(policy, verdict)
+    return verdict
+
+
+async def _reservations(
+    spec: ChargeSpec, headers: Mapping[str, str], body: Callable[[], Awaitable[bytes | None]]
+) -> dict[str, int]:
+    """What each reserving meter holds for this request."""
+    content = await body() if spec.reads_request_json else None
+    return {m.name: reserve_amount(m.reserve, headers, content) for m in spec.reserves if m.reserve}
 
 
 async def _meter(
-    policy: Policy, store: Store, customer: Customer, plan: Plan, feature: Feature, spec: ChargeSpec
+    policy: Policy,
+    store: Store,
+    customer: Customer,
+    plan: Plan,
+    feature: Feature,
+    spec: ChargeSpec,
+    reserved: Mapping[str, int],
 ) -> Verdict:
     admitted = Verdict(decision=Decision.ADMITTED, feature=feature, customer=customer, plan=plan, spec=spec)
-    if not spec.limits and not (spec.usage and policy.billing):
+    if not spec.limits and not spec.credits and not (spec.usage and policy.billing):
         return admitted  # nothing to check at admission; measured meters are still charged later
+    hold_id = secrets.token_hex(8) if any(reserved.values()) else ""
     try:
-        admission = await check_and_meter(store, policy, customer, feature.name, spec)
+        admission = await at_store_time(
+            store,
+            store.check_and_meter,
+            lambda now: meter_request(policy, customer, feature.name, spec, now, reserved, hold_id),
+        )
     except StoreUnavailable:
         failure = plan.store_failure or policy.store_failure
         if failure is StoreFailure.OPEN:
+            # Its request-time usage goes to the journal; measured meters are charged at the end.
             return Verdict(
-                decision=Decision.ADMITTED_UNMETERED, feature=feature, customer=customer, plan=plan
+                decision=Decision.ADMITTED_UNMETERED,
+                feature=feature,
+                customer=customer,
+                plan=plan,
+                spec=spec,
+                unrecorded=meter_request(policy, customer, feature.name, spec, store.time()),
             )
         return Verdict(decision=Decision.UNAVAILABLE, feature=feature, customer=customer, plan=plan)
     decision = Decision.REFUSED if admission.outcome is Outcome.REFUSED else Decision.ADMITTED
@@ -113,15 +170,8 @@ async def _meter(
         limits=admission.limits,
         store_time=admission.store_time,
         spec=spec,
-    )
-
-
-async def check_and_meter(
-    store: Store, policy: Policy, customer: Customer, feature: str, spec: ChargeSpec
-) -> Admission:
-    """The atomic admission call, with calendar windows from the store's clock."""
-    return await at_store_time(
-        store, store.check_and_meter, lambda now: meter_request(policy, customer, feature, spec, now)
+        credits=admission.credits,
+        hold_id=hold_id if decision is Decision.ADMITTED else "",
     )
 
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sidecar.policy.model import Source, SourceKind
+from sidecar.policy.model import Reserve, Source, SourceKind
 
 JSON_CAPTURE_LIMIT = 1024 * 1024
 
@@ -28,6 +28,19 @@ class Exchange:
     response_bytes: int
     duration_ms: int
     json_body: bytes | None = None
+    settles: bool = True  # False when the upstream failed (5xx, broke off) or the client left
+
+
+def reserve_amount(reserve: Reserve, headers: Mapping[str, str], body: bytes | None) -> int:
+    """What a request holds at admission: its header or JSON field, else the reserve's amount."""
+    source = reserve.source
+    if source is None:
+        return reserve.amount
+    if source.kind is SourceKind.REQUEST_HEADER:
+        value = _number(headers.get(source.argument or ""))
+    else:
+        value = None if body is None else _number(_json_path(body, source.argument or ""))
+    return reserve.amount if value is None else value
 
 
 def measure(source: Source, exchange: Exchange) -> int | None:

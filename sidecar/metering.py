@@ -20,6 +20,7 @@ from sidecar.errors import StoreUnavailable
 from sidecar.gate import Verdict, at_store_time
 from sidecar.measure import JSON_CAPTURE_LIMIT, Exchange, measure, measure_text
 from sidecar.policy.model import Aggregation, ChargeSpec, Policy, SourceKind
+from sidecar.store.base import MeterRequest
 
 log = logging.getLogger("sidecar.metering")
 
@@ -37,6 +38,7 @@ class Tally:
     response_bytes: int = 0
     capture: bytearray | None = None
     overflowed: bool = False
+    cut: bool = False  # the exchange broke off: the upstream mid-body, or the client left
 
     async def count_request(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         async for chunk in chunks:
@@ -53,7 +55,9 @@ class Tally:
         else:
             self.capture += chunk
 
-    def exchange(self, request_headers: Mapping[str, str], response_headers: Mapping[str, str]) -> Exchange:
+    def exchange(
+        self, request_headers: Mapping[str, str], response_headers: Mapping[str, str], status: int
+    ) -> Exchange:
         return Exchange(
             request_headers=request_headers,
             response_headers=response_headers,
@@ -61,31 +65,49 @@ class Tally:
             response_bytes=self.response_bytes,
             duration_ms=int((time.perf_counter() - self.started) * 1000),
             json_body=bytes(self.capture) if self.capture is not None else None,
+            settles=not self.cut and status < 500,
         )
 
 
 async def charge_response(
-    components: Components, policy: Policy, verdict: Verdict, exchange: Exchange
+    components: Components, policy: Policy, verdict: Verdict, exchange: Exchange | None
 ) -> None:
-    """Charge every measured meter of the admitted (plan, feature); never raises for the store."""
+    """Charge every measured meter of the admitted (plan, feature) and settle its reservation;
+    ``exchange`` is None when the upstream never answered. Never raises for the store."""
     spec, customer, feature = verdict.spec, verdict.customer, verdict.feature
     if spec is None or customer is None or feature is None or not spec.measured:
         return
-    amounts, distinct = _readings(components, spec, exchange)
-    if not amounts and not distinct:
+    amounts, distinct = _readings(components, spec, exchange) if exchange is not None else ({}, {})
+    if not amounts and not distinct and not verdict.hold_id:
         return
     try:
         charged = await at_store_time(
             components.store,
             components.store.charge,
-            lambda now: response_request(policy, customer, feature.name, spec, amounts, now, distinct),
+            lambda now: response_request(
+                policy, customer, feature.name, spec, amounts, now, distinct, verdict.hold_id
+            ),
         )
     except StoreUnavailable as error:
         components.metrics.store_errors.labels("charge").inc()
-        log.warning("response-time usage of %s not charged: %s", feature.name, error)
+        log.warning("response-time usage of %s not charged now: %s", feature.name, error)
+        # The journal merges the real amounts later; a reservation left held expires by itself.
+        unsent = response_request(
+            policy, customer, feature.name, spec, amounts, components.store.time(), distinct
+        )
+        keep_in_journal(components, unsent, "charge")
         return
-    if policy.billing:
+    if policy.billing and (amounts or distinct):
         components.marks.note(customer.id, charged.store_time, policy.billing)
+
+
+def keep_in_journal(components: Components, request: MeterRequest, source: str) -> None:
+    """Keep usage the store could not take in the local journal, to be merged when it answers."""
+    if components.journal is None:
+        log.warning("no journal: %s usage of %s is lost", source, request.customer_id)
+        return
+    components.journal.record(request, components.store.time())
+    components.metrics.journal_recorded.labels(source).inc()
 
 
 def _readings(
@@ -95,6 +117,8 @@ def _readings(
     amounts: dict[str, int] = {}
     distinct: dict[str, str] = {}
     for meter in spec.measured:
+        if meter.reserve is not None and not exchange.settles:
+            continue  # the reservation is released: an upstream failure or a client gone costs nothing
         if meter.aggregation is Aggregation.UNIQUE:
             text = measure_text(meter.source, exchange)
             if text is not None:

@@ -6,7 +6,10 @@ its registry, so several instances can live in one process (tests, workers).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from sidecar.gate import Decision, Verdict
 
@@ -14,9 +17,32 @@ from sidecar.gate import Decision, Verdict
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
+class StoreTraffic:
+    """The store client's own counters, read when /metrics is: script calls and the round trips
+    (pipelines) that carried them. ``source`` returns (calls, round trips); None: not exported."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], tuple[int, int]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.source is None:
+            return
+        calls, round_trips = self.source()
+        yield CounterMetricFamily(
+            "sidecar_store_script_calls", "Hot-path script calls sent to the store.", value=calls
+        )
+        yield CounterMetricFamily(
+            "sidecar_store_round_trips",
+            "Pipelines written to the store: the script calls of one event-loop turn share one.",
+            value=round_trips,
+        )
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.store_traffic = StoreTraffic()
+        self.registry.register(self.store_traffic)
         self.requests = Counter(
             "sidecar_requests",
             "Requests by decision (admitted, refused, unauthorized, ...), feature and plan.",
@@ -51,6 +77,35 @@ class Metrics:
             "sidecar_upstream_errors",
             "Upstream failures by kind (refused, timeout, broken).",
             ["kind"],
+            registry=self.registry,
+        )
+        self.refused_input = Counter(
+            "sidecar_refused_input",
+            "Requests refused before admission by fault (malformed, headers_too_large, body_too_large, "
+            "head_timeout); none reached the upstream whole.",
+            ["fault"],
+            registry=self.registry,
+        )
+        self.journal_recorded = Counter(
+            "sidecar_journal_recorded",
+            "Usage kept in the local journal because the store was unreachable, by source "
+            "(admission: admitted under store_failure open; charge: a response-time charge).",
+            ["source"],
+            registry=self.registry,
+        )
+        self.journal_merged = Counter(
+            "sidecar_journal_merged",
+            "Journal entries merged into the store once it answered again.",
+            registry=self.registry,
+        )
+        self.journal_pending = Gauge(
+            "sidecar_journal_pending_entries",
+            "Journal entries of this process not yet merged into the store.",
+            registry=self.registry,
+        )
+        self.store_circuit_open = Gauge(
+            "sidecar_store_circuit_open",
+            "1 while the circuit breaker treats the store as down and calls fail at once.",
             registry=self.registry,
         )
         self.policy_reloads = Counter(

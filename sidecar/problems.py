@@ -15,13 +15,17 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.gate import Decision, Verdict
+from sidecar.guard import Fault, Refusal
 from sidecar.policy.model import Policy
 from sidecar.policy.windows import rfc3339
-from sidecar.store.base import LimitState
+from sidecar.store.base import CreditState, LimitState
 
 PROBLEM_JSON = "application/problem+json"
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 STORE_RETRY_AFTER = 1  # seconds: a store outage is usually a restart or a failover
+# Seconds: waiting does not bring prepaid credit back (a grant does), so a retrying client is
+# told to back off for a minute rather than hammer.
+CREDIT_RETRY_AFTER = 60
 
 
 def refusal(verdict: Verdict, policy: Policy, method: str, path: str) -> web.Response:
@@ -100,40 +104,60 @@ def gateway_timeout(detail: str) -> web.Response:
 
 
 def too_many_requests(verdict: Verdict) -> web.Response:
-    """429 naming the limit that keeps the request out the longest; every refusing limit is listed."""
-    refusing = verdict.refusing
-    worst = max(refusing, key=lambda s: s.reset_seconds)
-    limit = worst.charge.limit
-    retry_after = max(1, math.ceil(worst.reset_seconds))
-    body = {
-        "type": QUOTA_EXCEEDED,
-        "title": "Quota exceeded",
-        "status": 429,
-        "detail": f"limit {limit.name} ({limit.ceiling} {limit.meter} per {limit.period.value}) is used up",
-        "meter": limit.meter,
-        "limit": limit.ceiling,
-        "period": limit.period.value,
-        "remaining": worst.remaining,
-        "reset": rfc3339(math.ceil(verdict.store_time + worst.reset_seconds)),
-        "violated-policies": [s.charge.limit.name for s in refusing],
-    }
-    headers = {"Retry-After": str(retry_after), **ratelimit_headers(verdict.limits)}
+    """429 naming the limit that keeps the request out the longest (credit used up keeps it out
+    until a grant); every refusing limit and credit is listed."""
+    refusing, credits = verdict.refusing, verdict.refusing_credits
+    names = [s.charge.limit.name for s in refusing] + [c.charge.name for c in credits]
+    if credits:
+        credit = credits[0]
+        retry_after = max([CREDIT_RETRY_AFTER, *(math.ceil(s.reset_seconds) for s in refusing)])
+        body = {
+            "type": QUOTA_EXCEEDED,
+            "title": "Quota exceeded",
+            "status": 429,
+            "detail": f"prepaid {credit.charge.meter} credit is used up; it returns with a new grant",
+            "meter": credit.charge.meter,
+            "limit": credit.granted,
+            "period": "prepaid",
+            "remaining": credit.balance,
+            "reset": None,
+        }
+    else:
+        worst = max(refusing, key=lambda s: s.reset_seconds)
+        limit = worst.charge.limit
+        retry_after = max(1, math.ceil(worst.reset_seconds))
+        body = {
+            "type": QUOTA_EXCEEDED,
+            "title": "Quota exceeded",
+            "status": 429,
+            "detail": (
+                f"limit {limit.name} ({limit.ceiling} {limit.meter} per {limit.period.value}) is used up"
+            ),
+            "meter": limit.meter,
+            "limit": limit.ceiling,
+            "period": limit.period.value,
+            "remaining": worst.remaining,
+            "reset": rfc3339(math.ceil(verdict.store_time + worst.reset_seconds)),
+        }
+    body["violated-policies"] = names
+    headers = {"Retry-After": str(retry_after), **ratelimit_headers(verdict.limits, verdict.credits)}
     return web.Response(
         status=429, body=json.dumps(body).encode(), content_type=PROBLEM_JSON, headers=headers
     )
 
 
-def ratelimit_headers(states: tuple[LimitState, ...]) -> dict[str, str]:
-    """RateLimit-Policy and RateLimit for every limit that applied, tightest first."""
-    if not states:
+def ratelimit_headers(
+    states: tuple[LimitState, ...], credits: tuple[CreditState, ...] = ()
+) -> dict[str, str]:
+    """RateLimit-Policy and RateLimit for every limit that applied, tightest first, then each
+    prepaid credit (no window: ``w`` and ``t`` are left out, as the draft allows)."""
+    if not states and not credits:
         return {}
     ordered = sorted(states, key=_tightness)
-    return {
-        "RateLimit-Policy": ", ".join(_policy_item(s) for s in ordered),
-        "RateLimit": ", ".join(
-            f'"{s.charge.limit.name}";r={s.remaining};t={math.ceil(s.reset_seconds)}' for s in ordered
-        ),
-    }
+    policies = [_policy_item(s) for s in ordered] + [_credit_item(c) for c in credits]
+    current = [f'"{s.charge.limit.name}";r={s.remaining};t={math.ceil(s.reset_seconds)}' for s in ordered]
+    current += [f'"{c.charge.name}";r={max(0, c.balance)}' for c in credits]
+    return {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(current)}
 
 
 def _tightness(state: LimitState) -> float:
@@ -148,7 +172,40 @@ def _policy_item(state: LimitState) -> str:
     return item if state.charge.counts_requests else f'{item};sc-qu="{limit.meter}"'
 
 
+def _credit_item(credit: CreditState) -> str:
+    item = f'"{credit.charge.name}";q={credit.granted}'
+    return item if credit.charge.counts_requests else f'{item};sc-qu="{credit.charge.meter}"'
+
+
 def _names(verdict: Verdict) -> tuple[str, str]:
     feature = verdict.feature.name if verdict.feature else ""
     plan = verdict.plan.name if verdict.plan else ""
     return feature, plan
+
+
+# Hostile input (guard.py): refused before admission; the connection is closed after the answer,
+# because a request whose framing or size was refused leaves its body unread on the wire.
+_INPUT_FAULTS = {
+    Fault.MALFORMED: (400, "Bad Request"),
+    Fault.HEAD_TIMEOUT: (408, "Request Timeout"),
+    Fault.BODY_TOO_LARGE: (413, "Content Too Large"),
+    Fault.HEADERS_TOO_LARGE: (431, "Request Header Fields Too Large"),
+}
+
+
+def refused_input(refusal: Refusal) -> web.Response:
+    status, title = _INPUT_FAULTS[refusal.fault]
+    response = problem(status, title, refusal.detail)
+    response.force_close()
+    return response
+
+
+def raw_refused_input(refusal: Refusal) -> bytes:
+    """The same answer as a whole HTTP/1.1 message, for a connection that has no request object yet."""
+    status, title = _INPUT_FAULTS[refusal.fault]
+    body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": refusal.detail})
+    head = (
+        f"HTTP/1.1 {status} {title}\r\nContent-Type: {PROBLEM_JSON}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return (head + body).encode()

@@ -7,6 +7,7 @@ headers a client sends are removed; the upstream receives the real X-Customer-Id
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -17,9 +18,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar import problems
+from sidecar.bodies import RequestBody
 from sidecar.components import COMPONENTS, SESSION, Components
 from sidecar.gate import Decision, Verdict, admit
-from sidecar.metering import Tally, charge_response, reads_json
+from sidecar.guard import body_refusal, capped, spoofable
+from sidecar.metering import Tally, charge_response, keep_in_journal, reads_json
 from sidecar.policy.routes import has_dot_segments
 
 log = logging.getLogger("sidecar.proxy")
@@ -52,13 +55,23 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if has_dot_segments(request.path):
         return problems.bad_request("a path with . or .. segments is not accepted; send the normalised path")
     policy = components.holder.current
+    body = RequestBody(request.content, CHUNK_SIZE)
     verdict = await admit(
-        policy, components.directory, components.store, request.method, request.path, request.headers
+        policy,
+        components.directory,
+        components.store,
+        request.method,
+        request.path,
+        request.headers,
+        body.read_head,
+        denials=components.denials,
     )
     components.metrics.record_verdict(verdict)
     if not verdict.forwards:
         return problems.refusal(verdict, policy, request.method, request.path)
     components.metrics.overhead.observe(time.perf_counter() - tally.started)
+    if verdict.unrecorded is not None:
+        keep_in_journal(components, verdict.unrecorded, "admission")
     if policy.billing and verdict.recorded_usage and verdict.customer:
         components.marks.note(verdict.customer.id, verdict.store_time, policy.billing)
     if verdict.shadow_refusals and verdict.customer is not None:
@@ -66,27 +79,36 @@ async def handle(request: web.Request) -> web.StreamResponse:
         log.info("shadow: %s on %s would have been refused by %s", verdict.customer.id, request.path, names)
     if reads_json(verdict.spec):
         tally.capture = bytearray()
-    response, upstream_headers = await forward(request, components, verdict, tally)
+    try:
+        response, upstream_headers = await forward(request, components, verdict, tally, body)
+    except asyncio.CancelledError:
+        # The server cancels handlers of clients that left when run with handler_cancellation
+        # (aiohttp's test server does): a reservation must still be released, not left to expire.
+        if verdict.hold_id:
+            await asyncio.shield(charge_response(components, policy, verdict, None))
+        raise
+    exchange = None
     if upstream_headers is not None:
-        exchange = tally.exchange(request.headers, upstream_headers)
-        await charge_response(components, policy, verdict, exchange)
+        exchange = tally.exchange(request.headers, upstream_headers, response.status)
+    await charge_response(components, policy, verdict, exchange)
     return response
 
 
 async def forward(
-    request: web.Request, components: Components, verdict: Verdict, tally: Tally
+    request: web.Request, components: Components, verdict: Verdict, tally: Tally, body: RequestBody
 ) -> tuple[web.StreamResponse, CIMultiDictProxy[str] | None]:
     """The response, and the upstream's headers when it answered (None when it did not)."""
     # Path and query exactly as sent; rel_url, not raw_path, because raw_path is the whole target of
     # an absolute-form request line (RFC 9112 §3.2.2), whose scheme and host are not ours to follow.
     url = URL(components.settings.upstream + request.rel_url.raw_path_qs, encoded=True)
-    body = tally.count_request(request.content.iter_chunked(CHUNK_SIZE)) if request.body_exists else None
+    limit = components.settings.max_body_size
+    data = tally.count_request(capped(body.chunks(), limit)) if request.body_exists else None
     try:
         upstream = await request.app[SESSION].request(
             request.method,
             url,
             headers=upstream_request_headers(request, verdict),
-            data=body,
+            data=data,
             allow_redirects=False,
             skip_auto_headers=SKIP_AUTO_HEADERS,
         )
@@ -94,6 +116,9 @@ async def forward(
         components.metrics.upstream_errors.labels("timeout").inc()
         return problems.gateway_timeout("the upstream did not answer in time"), None
     except aiohttp.ClientError as error:
+        if (refusal := body_refusal(error)) is not None:  # the body outgrew the limit, or its framing broke
+            components.metrics.refused_input.labels(refusal.fault.value).inc()
+            return problems.refused_input(refusal), None
         if _client_gone(request):
             # The body being relayed broke off because its sender left: not the upstream's failure.
             log.debug("client left mid-request on %s %s", request.method, request.path)
@@ -113,7 +138,7 @@ async def _stream_back(
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(without_hop_by_hop(upstream.headers))
-    response.headers.update(problems.ratelimit_headers(verdict.limits))
+    response.headers.update(problems.ratelimit_headers(verdict.limits, verdict.credits))
     if verdict.shadow_refusals:
         response.headers["Sidecar-Shadow-Refusal"] = ", ".join(
             s.charge.limit.name for s in verdict.shadow_refusals
@@ -139,10 +164,12 @@ async def _relay_body(
         try:
             chunk = await upstream.content.read(CHUNK_SIZE)
         except (aiohttp.ClientError, TimeoutError) as error:
+            tally.cut = True
             _upstream_broke(request, components, error)
             return
         tally.saw_response(chunk)
         if not await _deliver(request, response, chunk):
+            tally.cut = bool(chunk)  # a client gone before the end
             return
 
 
@@ -195,7 +222,9 @@ def without_hop_by_hop(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 def upstream_request_headers(request: web.Request, verdict: Verdict) -> CIMultiDict[str]:
     forwarding = {"x-forwarded-for", "x-forwarded-proto"}
     dropped = HOP_BY_HOP | IDENTITY_HEADERS | forwarding | connection_listed(request.headers)
-    headers = _one_spelling((n, v) for n, v in request.headers.items() if n.lower() not in dropped)
+    headers = _one_spelling(
+        (n, v) for n, v in request.headers.items() if n.lower() not in dropped and not spoofable(n)
+    )
     headers["X-Forwarded-For"] = _appended(request.headers, "X-Forwarded-For", request.remote or "unknown")
     headers["X-Forwarded-Proto"] = _appended(request.headers, "X-Forwarded-Proto", request.scheme)
     if verdict.customer is not None and verdict.decision is not Decision.PUBLIC:

@@ -20,22 +20,28 @@ from aiohttp import web
 from sidecar.app import build_admin_app, build_proxy_app
 from sidecar.billing.outbox import BILLING_STORE_TIMEOUT, Outbox
 from sidecar.billing.pusher import Pusher
-from sidecar.components import Components
+from sidecar.components import COMPONENTS, Components
 from sidecar.customers import CustomerDirectory
+from sidecar.intake import GuardedSite
+from sidecar.journal import FLUSH_INTERVAL, Journal
 from sidecar.metrics import Metrics
-from sidecar.policy.holder import PolicyHolder
+from sidecar.policy.holder import PolicyHolder, freeze_heap
 from sidecar.reloading import reload_policy, watch
 from sidecar.settings import Settings
 from sidecar.store.embedded import EmbeddedRedis
 from sidecar.store.redis import RedisStore, connect
+from sidecar.store.redis import _arguments as journal_arguments
 
 log = logging.getLogger("sidecar")
 
 BILLING_CONNECTIONS = 8
+MERGE_INTERVAL = 1.0  # seconds between attempts to merge the journal into the store
 
 
-async def serve(settings: Settings, holder: PolicyHolder) -> None:
-    """Run until SIGTERM or SIGINT, then drain and return. SIGHUP reloads the policy."""
+async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return. SIGHUP reloads the policy. `admin`
+    False: the proxy port only (a worker other than the first, see workers.py)."""
+    freeze_heap()  # the policy just loaded: full collections need not scan it again
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -45,6 +51,7 @@ async def serve(settings: Settings, holder: PolicyHolder) -> None:
         url = settings.redis_url or await _embedded_store(stack, settings)
         store = RedisStore(connect(url, settings.store_timeout), timeout=settings.store_timeout)
         stack.push_async_callback(store.close)
+        await store.connect()  # open now: the first burst of requests must not wait for it
         metrics = Metrics()
         metrics.policy_loaded.set(time.time())
         outbox = Outbox(connect(url, BILLING_STORE_TIMEOUT, max_connections=BILLING_CONNECTIONS))
@@ -56,11 +63,14 @@ async def serve(settings: Settings, holder: PolicyHolder) -> None:
             metrics=metrics,
             outbox=outbox,
             directory=CustomerDirectory(outbox.client),
+            journal=Journal(settings.data_dir / "journal", journal_arguments),
         )
         await _pusher(stack, components)
+        await _background(stack, _merge_journal(components))
         await _background(stack, watch(components, stopping))
         loop.add_signal_handler(signal.SIGHUP, _start_reload, components, reloads)
-        await _site(stack, build_admin_app(components), settings, admin=True)
+        if admin:
+            await _site(stack, build_admin_app(components), settings, admin=True)
         await _site(stack, build_proxy_app(components), settings, admin=False)
         log.info("serving %s → %s; admin on %s", settings.listen, settings.upstream, settings.admin)
         await stopping.wait()
@@ -106,6 +116,35 @@ async def _background(stack: AsyncExitStack, work: Coroutine[object, object, Non
     stack.push_async_callback(cancel)
 
 
+async def _merge_journal(components: Components) -> None:
+    """Write the journal to disk every FLUSH_INTERVAL; merge it into the store once a second
+    (a no-op while it is empty). On shutdown the last entries are written, to merge after restart."""
+    journal = components.journal
+    assert journal is not None
+    metrics = components.metrics
+
+    async def merge(entry: dict[str, object]) -> None:
+        if await components.store.replay(entry):
+            metrics.journal_merged.inc()
+        billing = components.holder.current.billing
+        if billing is not None:
+            components.marks.note(str(entry["customer"]), float(str(entry["at"])), billing)
+
+    try:
+        while True:
+            for _ in range(round(MERGE_INTERVAL / FLUSH_INTERVAL)):
+                await asyncio.sleep(FLUSH_INTERVAL)
+                await journal.flush()
+                metrics.journal_pending.set(journal.pending)
+            merged = await journal.replay(merge)
+            if merged:
+                log.info("merged %d journal entries into the store", merged)
+            metrics.journal_pending.set(journal.pending)
+    finally:
+        await journal.flush()
+        journal.close()
+
+
 def _start_reload(components: Components, running: set[asyncio.Task[object]]) -> None:
     task: asyncio.Task[object] = asyncio.ensure_future(reload_policy(components))
     running.add(task)  # held until done: the loop keeps only weak references to tasks
@@ -127,4 +166,8 @@ async def _site(stack: AsyncExitStack, app: web.Application, settings: Settings,
     )
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    await web.TCPSite(runner, address.host, address.port, reuse_address=True).start()
+    metrics = app[COMPONENTS].metrics
+    shared = not admin and settings.workers > 1  # every worker listens on the proxy port
+    await GuardedSite(
+        runner, address.host, address.port, settings=settings, metrics=metrics, reuse_port=shared
+    ).start()

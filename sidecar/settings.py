@@ -7,6 +7,7 @@ token, the billing secret) come from the environment only, so they never show in
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,14 @@ class Settings:
     store_timeout: float = 0.05
     drain_timeout: float = 30.0
     log_level: str = "INFO"
+    # Hostile input (guard.py, connection.py): the request line and header fields together, the
+    # number of header fields, a request body, and the time a request head may take to arrive.
+    max_header_size: int = 32 * 1024
+    max_headers: int = 100
+    max_body_size: int = 1024**3
+    header_timeout: float = 10.0
+    # Processes serving the proxy port together (SO_REUSEPORT); worker 0 also serves the admin port.
+    workers: int = 1
 
     def __repr__(self) -> str:
         """Never show the secrets: settings get logged at startup."""
@@ -99,6 +108,24 @@ def parse_seconds(value: str, name: str) -> float:
     return seconds
 
 
+_SIZE = re.compile(r"([0-9]+)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(value: str, name: str) -> int:
+    """Bytes: a whole number, optionally with a binary unit (``65536``, ``64k``, ``10MiB``, ``1g``)."""
+    match = _SIZE.fullmatch(value.strip())
+    if match is None or int(match[1]) == 0:
+        raise SettingsInvalid(f"{name}={value!r}: expected a size in bytes above 0, e.g. 65536, 64k or 10MiB")
+    return int(match[1]) * _SIZE_UNITS[match[2].lower()]
+
+
+def parse_count(value: str, name: str) -> int:
+    if not re.fullmatch(r"[0-9]+", value.strip()) or int(value) == 0:
+        raise SettingsInvalid(f"{name}={value!r}: expected a whole number above 0")
+    return int(value)
+
+
 def parse_bool(value: str, name: str) -> bool:
     lowered = value.strip().lower()
     if lowered not in ("1", "0", "true", "false", "yes", "no"):
@@ -137,6 +164,11 @@ _SOURCES: tuple[tuple[str, str | None, str, Callable[[str, str], Any]], ...] = (
     ("store_timeout", "store_timeout", "SIDECAR_STORE_TIMEOUT", parse_seconds),
     ("drain_timeout", "drain_timeout", "SIDECAR_DRAIN_TIMEOUT", parse_seconds),
     ("log_level", "log_level", "SIDECAR_LOG_LEVEL", parse_level),
+    ("max_header_size", "max_header_size", "SIDECAR_MAX_HEADER_SIZE", parse_size),
+    ("max_headers", "max_headers", "SIDECAR_MAX_HEADERS", parse_count),
+    ("max_body_size", "max_body_size", "SIDECAR_MAX_BODY_SIZE", parse_size),
+    ("header_timeout", "header_timeout", "SIDECAR_HEADER_TIMEOUT", parse_seconds),
+    ("workers", "workers", "SIDECAR_WORKERS", parse_count),
 )
 
 

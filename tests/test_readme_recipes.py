@@ -19,11 +19,14 @@ def recipes() -> list[str]:
     return re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
 
 
-def test_the_section_has_its_three_recipes() -> None:
-    assert len(recipes()) == 3
+RECIPES = ["request-quotas", "llm-tokens-reserved", "prepaid-credit-packs", "soft-limits-overage"]
 
 
-@pytest.mark.parametrize("index", range(3), ids=["request-quotas", "llm-tokens", "soft-limits-overage"])
+def test_the_section_has_its_four_recipes() -> None:
+    assert len(recipes()) == len(RECIPES)
+
+
+@pytest.mark.parametrize("index", range(len(RECIPES)), ids=RECIPES)
 def test_each_recipe_is_accepted_by_the_loader(index: int, tmp_path: Path) -> None:
     text = recipes()[index]
     if "format: stripe" in text:  # the recipe's own note: stripe needs each customer's Stripe id
@@ -36,6 +39,6 @@ def test_each_recipe_is_accepted_by_the_loader(index: int, tmp_path: Path) -> No
 
 def test_the_stripe_recipe_without_a_stripe_customer_id_is_refused_as_its_note_says(tmp_path: Path) -> None:
     path = tmp_path / "recipe.yaml"
-    path.write_text(recipes()[2])
+    path.write_text(recipes()[3])
     with pytest.raises(PolicyInvalid, match="needs stripe_customer_id on every customer"):
         load_policy(path)

@@ -40,6 +40,12 @@ PRECEDENCE = [
     Source("store_timeout", "store_timeout", "SIDECAR_STORE_TIMEOUT", "0.2", "0.3", 0.2, 0.3, 0.05),
     Source("drain_timeout", "drain_timeout", "SIDECAR_DRAIN_TIMEOUT", "5", "6", 5.0, 6.0, 30.0),
     Source("log_level", "log_level", "SIDECAR_LOG_LEVEL", "debug", "warning", "DEBUG", "WARNING", "INFO"),
+    Source("max_header_size", "max_header_size", "SIDECAR_MAX_HEADER_SIZE", "16k", "65536",
+           16384, 65536, 32768),
+    Source("max_headers", "max_headers", "SIDECAR_MAX_HEADERS", "50", "200", 50, 200, 100),
+    Source("max_body_size", "max_body_size", "SIDECAR_MAX_BODY_SIZE", "10MiB", "2g",
+           10 * 1024**2, 2 * 1024**3, 1024**3),
+    Source("header_timeout", "header_timeout", "SIDECAR_HEADER_TIMEOUT", "2.5", "20", 2.5, 20.0, 10.0),
 ]  # fmt: skip
 IDS = [source.field for source in PRECEDENCE]
 
@@ -119,6 +125,12 @@ BAD_VALUES = [
     ("drain_timeout", "SIDECAR_DRAIN_TIMEOUT", "-5"),
     ("store_timeout", "SIDECAR_STORE_TIMEOUT", "nan"),
     ("log_level", "SIDECAR_LOG_LEVEL", "verbose"),
+    ("max_header_size", "SIDECAR_MAX_HEADER_SIZE", "0"),
+    ("max_header_size", "SIDECAR_MAX_HEADER_SIZE", "32 TB"),
+    ("max_headers", "SIDECAR_MAX_HEADERS", "1.5"),
+    ("max_body_size", "SIDECAR_MAX_BODY_SIZE", "-1"),
+    ("max_body_size", "SIDECAR_MAX_BODY_SIZE", "lots"),
+    ("header_timeout", "SIDECAR_HEADER_TIMEOUT", "0"),
 ]
 BAD_IDS = [f"{flag}={value}" for flag, _, value in BAD_VALUES]
 

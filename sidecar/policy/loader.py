@@ -38,6 +38,7 @@ from sidecar.policy.model import (
     Period,
     Plan,
     Policy,
+    Reserve,
     Source,
     SourceKind,
     StoreFailure,
@@ -77,11 +78,16 @@ _SOURCE_ARGUMENTS = {
     SourceKind.REQUEST_HEADER: _TOKEN,
     SourceKind.RESPONSE_HEADER: _TOKEN,
     SourceKind.RESPONSE_JSON: _JSON_PATH,
+    SourceKind.REQUEST_JSON: _JSON_PATH,
 }
+_METER_SOURCES = frozenset(SourceKind) - {SourceKind.REQUEST_JSON}
+_RESERVE_SOURCES = frozenset({SourceKind.REQUEST_HEADER, SourceKind.REQUEST_JSON})
 _SOURCE_HINT = (
     "expected request, request.bytes, response.bytes, response.duration_ms, "
     "request.header:NAME, response.header:NAME or response.json:a.b.c"
 )
+_RESERVE_HINT = "expected a whole number, request.header:NAME or request.json:a.b.c"
+DEFAULT_RESERVE_TTL = 600
 _NO_TOTAL = (Aggregation.MAX, Aggregation.MIN)
 _MEASURED_ONLY = (Aggregation.MAX, Aggregation.MIN, Aggregation.UNIQUE)
 _NOT_PREPAID = _MEASURED_ONLY
@@ -97,7 +103,7 @@ _TOP_KEYS = (
     "store_failure",
 )
 _ONCE = ("identity", "billing", "store_failure")
-_METER_KEYS = ("aggregation", "source")
+_METER_KEYS = ("aggregation", "source", "reserve", "reserve_default", "reserve_ttl")
 _FEATURE_KEYS = ("name", "match", "public", "cost")
 _MATCH_KEYS = ("method", "path")
 _PLAN_KEYS = ("features", "limits", "prepaid", "shadow", "store_failure")
@@ -127,6 +133,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
             _read_file(draft, At(file, "", root, draft.errors))
     for check in draft.checks:
         check()
+    draft.checks.clear()  # they hold the draft: without the cycle, refcounting frees it, not a GC pass
     if draft.errors:
         raise PolicyInvalid(sorted(draft.errors, key=lambda e: (e.file, e.line, e.col)))
     return _build(draft)
@@ -313,7 +320,11 @@ def _meter(at: At, name: str) -> Meter | None:
         return None
     if not _fits(aggregation, source, source_at or fields["aggregation"]):
         return None
-    return Meter(name=name, aggregation=aggregation, source=source)
+    mark = len(at.errors)
+    reserve = _reserve(fields, aggregation, source)
+    if len(at.errors) > mark:
+        return None
+    return Meter(name=name, aggregation=aggregation, source=source, reserve=reserve)
 
 
 def _aggregation(at: At) -> Aggregation | None:
@@ -335,15 +346,49 @@ def _fits(aggregation: Aggregation, source: Source, at: At) -> bool:
 
 def _source(at: At) -> Source | None:
     text = read_str(at, "a source")
-    source = None if text is None else _parse_source(text)
+    source = None if text is None else _parse_source(text, _METER_SOURCES)
     if text is not None and source is None:
         at.error(f"invalid source '{text}'; {_SOURCE_HINT}")
     return source
 
 
-def _parse_source(text: str) -> Source | None:
+def _reserve(fields: dict[str, At], aggregation: Aggregation, source: Source) -> Reserve | None:
+    """`reserve:` a constant, or a request source with `reserve_default` for requests that lack it."""
+    reserve_at = fields.get("reserve")
+    for key in ("reserve_default", "reserve_ttl"):
+        if key in fields and reserve_at is None:
+            fields[key].error(f"{key} applies only together with reserve")
+    if reserve_at is None:
+        return None
+    if aggregation is not Aggregation.SUM or source.at_request_time:
+        reserve_at.error("reserve applies to a 'sum' meter measured from the response, such as tokens")
+        return None
+    ttl = read_optional(fields, "reserve_ttl", partial(read_int, minimum=1), DEFAULT_RESERVE_TTL)
+    if is_tag(reserve_at, "int"):
+        amount = read_int(reserve_at, minimum=1)
+        if "reserve_default" in fields:
+            fields["reserve_default"].error(
+                "reserve_default applies only when reserve reads a request source"
+            )
+        return None if amount is None else Reserve(amount=amount, ttl=ttl)
+    text = read_str(reserve_at, "a reserve")
+    reserve_source = None if text is None else _parse_source(text, _RESERVE_SOURCES)
+    if text is not None and reserve_source is None:
+        reserve_at.error(f"invalid reserve '{text}'; {_RESERVE_HINT}")
+    if reserve_source is not None and "reserve_default" not in fields:
+        reserve_at.error(
+            f"reserve reads {text}; add reserve_default, the amount held when a request does not carry it"
+        )
+        return None
+    default = read_optional(fields, "reserve_default", read_int, 0)
+    return None if reserve_source is None else Reserve(amount=default, source=reserve_source, ttl=ttl)
+
+
+def _parse_source(text: str, allowed: Collection[SourceKind]) -> Source | None:
     name, colon, argument = text.partition(":")
     kind = _SOURCE_KINDS.get(name)
+    if kind not in allowed:
+        return None
     rule = _SOURCE_ARGUMENTS.get(kind) if kind else None
     if kind is None or bool(colon) != (rule is not None):
         return None
@@ -449,12 +494,13 @@ def _plan(draft: _Draft, at: At, name: str) -> Plan | None:
     if fields is None:
         return None
     features: tuple[str, ...] = read_optional(fields, "features", partial(_plan_features, draft), ())
-    read_limits = partial(_limits, draft, name, features)
+    prepaid: tuple[str, ...] = read_optional(fields, "prepaid", partial(_prepaid, draft), ())
+    read_limits = partial(_limits, draft, name, features, prepaid)
     plan = Plan(
         name=name,
         features=frozenset(features),
         limits=read_optional(fields, "limits", read_limits, ()),
-        prepaid=read_optional(fields, "prepaid", partial(_prepaid, draft), ()),
+        prepaid=prepaid,
         shadow=read_optional(fields, "shadow", read_bool, False),
         store_failure=read_optional(fields, "store_failure", _store_mode, None),
     )
@@ -482,20 +528,19 @@ def _prepaid_meter(draft: _Draft, at: At, name: str) -> None:
             f"meter '{name}' has aggregation '{meter.aggregation.value}'; "
             "prepaid credit draws down a 'count' or 'sum' meter"
         )
-    elif meter is not None:
-        at.error(
-            f"prepaid credit on meter '{name}' is not supported by this version: it would not be "
-            "enforced, so it is refused"
-        )
 
 
-def _limits(draft: _Draft, plan: str, features: tuple[str, ...], at: At) -> tuple[Limit, ...]:
+def _limits(
+    draft: _Draft, plan: str, features: tuple[str, ...], prepaid: tuple[str, ...], at: At
+) -> tuple[Limit, ...]:
     first_at: dict[tuple[str, Period, str | None], At] = {}
     limits = []
     for item in read_items(at):
         limit = _limit(draft, item, plan, features)
         if limit is None:
             continue
+        if limit.meter in prepaid and not limit.period.is_rate:
+            _allowance(item, limit)
         first = first_at.setdefault((limit.meter, limit.period, limit.feature), item)
         if first is item:
             limits.append(limit)
@@ -528,6 +573,18 @@ def _limit(draft: _Draft, at: At, plan: str, features: tuple[str, ...]) -> Limit
         on_exceed=on_exceed,
         shadow=shadow,
     )
+
+
+def _allowance(at: At, limit: Limit) -> None:
+    """A day/week/month limit on a prepaid meter is the allowance used before credit: one plain
+    number per period, so the order in which units are drawn stays the documented one."""
+    rule = "on a prepaid meter a day/week/month limit is the allowance used before credit, so it"
+    if limit.feature is not None:
+        at.error(f"{rule} cannot be scoped to one feature")
+    elif not limit.is_hard:
+        at.error(f"{rule} cannot be on_exceed: allow")
+    elif limit.shadow:
+        at.error(f"{rule} cannot be a shadow limit")
 
 
 def _on_exceed(at: At) -> OnExceed | None:

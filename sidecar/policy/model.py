@@ -77,6 +77,7 @@ class SourceKind(enum.Enum):
     REQUEST_HEADER = "request.header"
     RESPONSE_HEADER = "response.header"
     RESPONSE_JSON = "response.json"
+    REQUEST_JSON = "request.json"  # only as a reserve: read from the request body before forwarding
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,10 +97,25 @@ class Source:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Reserve:
+    """What a response-time meter holds at admission, until the response tells the real amount.
+
+    ``source`` (a request header or a request JSON field) gives the amount per request; when it
+    is None, or cannot be read from a request, ``amount`` is held. A hold left by a replica that
+    died is released by the next admission of that customer once ``ttl`` seconds have passed.
+    """
+
+    amount: int
+    source: Source | None = None
+    ttl: int = 600
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Meter:
     name: str
     aggregation: Aggregation
     source: Source
+    reserve: Reserve | None = None
 
     @property
     def counts_requests(self) -> bool:
@@ -199,13 +215,30 @@ class LimitSpec:
     """A limit that applies to one (plan, feature), with what one request adds to it at admission.
 
     ``amount`` 0 means the meter is measured from the response: the request is admitted while the
-    limit has units left, and charged when the response ends.
+    limit has units left (or, when the meter reserves, while the reservation fits), and charged
+    when the response ends. An ``allowance`` is a calendar limit on a prepaid meter: it never
+    refuses by itself; what it cannot cover is drawn from credit (see CreditSpec).
     """
 
     limit: Limit
     amount: int
     enforced: bool
     counts_requests: bool
+    allowance: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CreditSpec:
+    """A prepaid meter that one (plan, feature) draws on.
+
+    ``amount`` is what a request adds at admission (0 for a measured meter). ``allowances`` are the
+    indexes, in ChargeSpec.limits, of the period allowances used before credit.
+    """
+
+    meter: Meter
+    amount: int
+    enforced: bool
+    allowances: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +248,14 @@ class ChargeSpec:
     limits: tuple[LimitSpec, ...]
     usage: tuple[tuple[str, int], ...]  # (meter, amount) recorded for billing at admission
     measured: tuple[Meter, ...] = ()  # meters read from the request/response once it ends
+    credits: tuple[CreditSpec, ...] = ()
+    reserves: tuple[Meter, ...] = ()  # measured meters that hold an amount at admission
+
+    @property
+    def reads_request_json(self) -> bool:
+        """A reserve reads the request body, which must then be read before admission."""
+        sources = (m.reserve.source for m in self.reserves if m.reserve is not None)
+        return any(s is not None and s.kind is SourceKind.REQUEST_JSON for s in sources)
 
 
 def request_amount(meter: Meter, feature: Feature) -> int:
@@ -226,9 +267,9 @@ def request_amount(meter: Meter, feature: Feature) -> int:
 def resolve_charges(
     plan: Plan, feature: Feature, meters: Mapping[str, Meter], *, billing: bool
 ) -> ChargeSpec:
-    """The limits that apply and what the request adds to each. Meters measured at the end are
-    read when a limit needs them or, with billing on, for the usage summaries."""
-    limits = []
+    """The limits and credits that apply and what the request adds to each. Meters measured at the
+    end are read when a limit or credit needs them or, with billing on, for the usage summaries."""
+    limits: list[LimitSpec] = []
     for limit in plan.limits:
         if not limit.applies_to(feature.name):
             continue
@@ -237,19 +278,29 @@ def resolve_charges(
         if meter.source.at_request_time and amount == 0:
             continue
         enforced = limit.is_hard and not limit.shadow and not plan.shadow
-        limits.append(LimitSpec(limit, amount, enforced, meter.counts_requests))
+        allowance = meter.name in plan.prepaid and not limit.period.is_rate
+        limits.append(LimitSpec(limit, amount, enforced, meter.counts_requests, allowance))
+    credits = []
+    for name in plan.prepaid:
+        meter = meters[name]
+        amount = request_amount(meter, feature) if meter.source.at_request_time else 0
+        if meter.source.at_request_time and amount == 0:
+            continue  # this feature does not draw on that meter
+        allowances = tuple(i for i, spec in enumerate(limits) if spec.allowance and spec.limit.meter == name)
+        credits.append(CreditSpec(meter, amount, not plan.shadow, allowances))
     usage = tuple(
         (meter.name, amount)
         for meter in meters.values()
         if meter.source.at_request_time and (amount := request_amount(meter, feature)) > 0
     )
-    limited = {spec.limit.meter for spec in limits}
+    drawn = {spec.limit.meter for spec in limits} | {credit.meter.name for credit in credits}
     measured = tuple(
         meter
         for meter in meters.values()
-        if not meter.source.at_request_time and (billing or meter.name in limited)
+        if not meter.source.at_request_time and (billing or meter.name in drawn)
     )
-    return ChargeSpec(tuple(limits), usage, measured)
+    reserves = tuple(m for m in measured if m.reserve is not None and m.name in drawn)
+    return ChargeSpec(tuple(limits), usage, measured, tuple(credits), reserves)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

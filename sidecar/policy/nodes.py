@@ -60,10 +60,10 @@ class At:
 
     def field(self, key: str, node: Node) -> At:
         path = f"{self.path}.{key}" if self.path else key
-        return dataclasses.replace(self, path=path, node=node)
+        return At(self.file, path, node, self.errors)  # not dataclasses.replace: 5x slower
 
     def item(self, index: int, node: Node) -> At:
-        return dataclasses.replace(self, path=f"{self.path}[{index}]", node=node)
+        return At(self.file, f"{self.path}[{index}]", node, self.errors)
 
 
 # -- files and YAML ---------------------------------------------------------------------------
@@ -99,16 +99,23 @@ def compose(file: str, errors: list[PolicyError]) -> Node | None:
     if text is None:
         return None
     try:
-        root: Node | None = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        errors.append(_yaml_error(file, text, exc))
-        return None
+        root: Node | None = yaml.compose(text, Loader=_FAST_LOADER)
+    except yaml.YAMLError:
+        try:  # libyaml words its errors differently: the pure-Python parser gives the message
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as exc:
+            errors.append(_yaml_error(file, text, exc))
+            return None
     if root is None:
         errors.append(PolicyError(file, 1, 1, "", _EMPTY))
     return root
 
 
 _EMPTY = "empty policy file; expected a mapping with version: 1"
+# libyaml's composer, about 5 times faster than the pure-Python one (24 s against 4.7 s for a file
+# of 100,000 customers), with the same nodes, tags and marks; the pure-Python one where PyYAML was
+# built without libyaml.
+_FAST_LOADER: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _read_text(file: str, errors: list[PolicyError]) -> str | None:
@@ -161,7 +168,11 @@ def read_int(at: At, minimum: int = 0) -> int | None:
     if not is_tag(at, "int"):
         report_expected(at, what)
         return None
-    value = int(_CONSTRUCTOR.construct_yaml_int(cast(ScalarNode, at.node)))
+    try:
+        value = int(_CONSTRUCTOR.construct_yaml_int(cast(ScalarNode, at.node)))
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+        at.error(f"expected {what}, got an integer {len(at.node.value)} characters long")
+        return None
     if value < minimum:
         at.error(f"expected {what}, got {value}")
         return None

@@ -8,8 +8,9 @@ only when the store could not answer within its timeout; the caller then applies
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sidecar.policy.model import Limit
 from sidecar.policy.windows import Window
@@ -30,6 +31,38 @@ class LimitCharge:
     window: Window | None
     enforced: bool
     counts_requests: bool = True
+    allowance: bool = False  # a period allowance of a prepaid meter: charged through its CreditCharge
+    reserved: bool = False  # the amount is a reservation, undone when the request settles
+
+
+@dataclass(frozen=True, slots=True)
+class CreditCharge:
+    """What one request draws from the prepaid credit of one meter.
+
+    ``allowances`` index the period allowances (in MeterRequest.limits) used before credit. An
+    ``amount`` of 0 is a response-time meter: admitted while allowance and credit are above zero.
+    """
+
+    meter: str
+    amount: int
+    enforced: bool
+    allowances: tuple[int, ...] = ()
+    reserved: bool = False
+    counts_requests: bool = False
+
+    @property
+    def name(self) -> str:
+        """The policy name clients see in RateLimit headers and 429 bodies, e.g. tokens-prepaid."""
+        return f"{self.meter}-prepaid"
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A reservation: charged at admission under ``id``, undone when the request settles, and
+    released by the customer's next admission after ``ttl`` seconds if nobody settled it."""
+
+    id: str
+    ttl: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +78,16 @@ class UsageCharge:
 
 @dataclass(frozen=True, slots=True)
 class MeterRequest:
+    """One call of a metering script. ``hold`` is the reservation made (check_and_meter) or
+    settled (charge); ``holds`` says the call sweeps the customer's expired reservations."""
+
     customer_id: str
     limits: tuple[LimitCharge, ...]
     usage: tuple[UsageCharge, ...]
     billing_interval: int
+    credits: tuple[CreditCharge, ...] = ()
+    hold: Hold | None = None
+    holds: bool = False
 
 
 class Outcome(enum.Enum):
@@ -72,10 +111,43 @@ class LimitState:
 
 
 @dataclass(frozen=True, slots=True)
+class CreditState:
+    """One prepaid credit after the call: units granted in force and the balance left, which
+    includes the request only when it was admitted and may be below zero by what requests in
+    flight used (SPEC section 5)."""
+
+    charge: CreditCharge
+    granted: int
+    balance: int
+    over: bool = False
+
+    @property
+    def used(self) -> int:
+        return self.granted - self.balance
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     outcome: Outcome
     store_time: float
     limits: tuple[LimitState, ...]
+    credits: tuple[CreditState, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Prepaid credit for one meter; ``expires_at`` (unix seconds) None for never."""
+
+    id: str
+    meter: str
+    amount: int
+    expires_at: int | None = None
+
+
+class GrantOutcome(enum.Enum):
+    ADDED = "added"
+    REPEATED = "repeated"  # the same grant id and content were added before: counted once
+    CONFLICT = "conflict"  # the grant id was used before for a different grant
 
 
 class Store(Protocol):
@@ -95,8 +167,18 @@ class Store(Protocol):
         ADMITTED when charged; STALE (nothing written) when a calendar window is not the store's.
         """
 
-    async def read_limits(self, customer_id: str, charges: tuple[LimitCharge, ...]) -> Admission:
-        """What each limit has used and when it resets, without changing anything."""
+    async def read_limits(self, request: MeterRequest) -> Admission:
+        """What each limit has used and when it resets, and each credit's balance; writes nothing."""
+
+    async def grant(self, customer_id: str, grant: Grant) -> GrantOutcome:
+        """Add prepaid credit once per grant id; one round trip."""
+
+    async def replay(self, entry: Mapping[str, Any]) -> bool:
+        """Merge one journal entry once; False when it was merged before."""
+
+    @property
+    def circuit_open(self) -> bool:
+        """Calls fail at once because the store kept failing (store/breaker.py)."""
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers."""

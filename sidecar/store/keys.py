@@ -33,6 +33,41 @@ def usage(customer_id: str) -> str:
     return f"{customer_tag(customer_id)}:u"
 
 
+def credit_left(customer_id: str, meter: str) -> str:
+    """Hash of prepaid grants of one meter: "<grant id>" → units left, "a:<grant id>" → granted."""
+    return f"{customer_tag(customer_id)}:cr:{meter}"
+
+
+def credit_expiries(customer_id: str, meter: str) -> str:
+    """Sorted set of grant ids of one meter scored by expiry (unix seconds, +inf for never)."""
+    return f"{customer_tag(customer_id)}:cx:{meter}"
+
+
+def overdraft(customer_id: str, meter: str) -> str:
+    """Units of one prepaid meter used beyond every grant; the next grant pays it off first."""
+    return f"{customer_tag(customer_id)}:od:{meter}"
+
+
+def grants(customer_id: str) -> str:
+    """Hash grant id → the grant as JSON, kept so that a retried grant counts once."""
+    return f"{customer_tag(customer_id)}:g"
+
+
+def holds(customer_id: str) -> str:
+    """Hash reservation id → JSON of what it holds (the steps that undo it)."""
+    return f"{customer_tag(customer_id)}:h"
+
+
+def hold_expiries(customer_id: str) -> str:
+    """Sorted set of reservation ids scored by when (epoch ms) they are released unless settled."""
+    return f"{customer_tag(customer_id)}:hx"
+
+
+def journal_marker(customer_id: str, entry_id: str) -> str:
+    """Set once a journal entry has been merged, so that a replayed entry counts once."""
+    return f"{customer_tag(customer_id)}:j:{entry_id}"
+
+
 def revisions(customer_id: str) -> str:
     """Hash "<window_start>|<meter>|<feature>" → how many times that window has been closed."""
     return f"{customer_tag(customer_id)}:rev"

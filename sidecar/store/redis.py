@@ -2,14 +2,17 @@
 
 The client never retries a script: a reply lost to a timeout does not say whether the script
 ran, and running it again could charge twice. Every redis error and every timeout becomes
-StoreUnavailable here, the one translation point.
+StoreUnavailable here, the one translation point (and in batching.py, for the scripts of the hot
+path, which are pipelined: the calls of one event-loop turn share one round trip).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -22,16 +25,25 @@ from sidecar.errors import StoreUnavailable
 from sidecar.store import keys
 from sidecar.store.base import (
     Admission,
-    LimitCharge,
+    CreditState,
+    Grant,
+    GrantOutcome,
     LimitState,
     MeterRequest,
     Outcome,
 )
+from sidecar.store.batching import ScriptBatcher
+from sidecar.store.breaker import CircuitBreaker
 
 T = TypeVar("T")
+log = logging.getLogger("sidecar.store")
 # Connections per sidecar process: enough to keep Redis busy, few enough not to crowd it with replicas.
 MAX_CONNECTIONS = 64
+# Seconds a merged journal entry is remembered; far longer than any outage a journal outlives.
+JOURNAL_MARKER_TTL = 7 * 86400
 _OUTCOMES = {1: Outcome.ADMITTED, 0: Outcome.REFUSED, -1: Outcome.STALE}
+EXPIRED = -2  # a metering script that ran after its deadline, having written nothing
+_GRANT_OUTCOMES = {1: GrantOutcome.ADDED, 0: GrantOutcome.REPEATED, -1: GrantOutcome.CONFLICT}
 
 
 def load_script(name: str, *, shared: bool = True) -> str:
@@ -59,55 +71,131 @@ class RedisStore:
     def __init__(self, client: aioredis.Redis, *, timeout: float) -> None:
         self.client = client
         self._timeout = timeout
+        self.breaker = CircuitBreaker()
         self._clock_offset = 0.0
-        self._check = client.register_script(load_script("check_and_meter"))
-        self._read = client.register_script(load_script("read_limits"))
-        self._charge = client.register_script(load_script("charge"))
+        # The hot path's scripts go through the batcher: one pipelined round trip per loop turn.
+        self.batcher = ScriptBatcher.of_client(client, timeout=timeout)
+        self._check = self.batcher.register(load_script("check_and_meter"))
+        self._read = self.batcher.register(load_script("read_limits"))
+        self._charge = self.batcher.register(load_script("charge"))
+        self._grant = client.register_script(load_script("grant", shared=False))
+        self._replay = client.register_script(load_script("replay"))
 
     def time(self) -> float:
         return time.time() + self._clock_offset
 
+    def _deadline(self) -> float:
+        """When a metering script must no longer write (store clock): half the store timeout from
+        now. A call this sidecar gave up on (it waits the whole timeout) cannot have been run after
+        it gave up, e.g. by a Redis that was paused and resumed with the call in its buffer; so
+        usage kept in the journal for that call is not also in the store (SPEC §5)."""
+        return self.time() + self._timeout / 2
+
     async def check_and_meter(self, request: MeterRequest) -> Admission:
-        reply = await self._call(self._check(*_meter_arguments(request)))
-        return self._admission(reply, request.limits)
+        reply = await self._call(lambda: self._check(*_arguments(request, deadline=self._deadline())))
+        return self._admission(reply, request)
 
     async def charge(self, request: MeterRequest) -> Admission:
-        reply = await self._call(self._charge(*_meter_arguments(request)))
-        return self._admission(reply, ())
+        reply = await self._call(lambda: self._charge(*_arguments(request, deadline=self._deadline())))
+        return self._admission(reply, None)
 
-    async def read_limits(self, customer_id: str, charges: tuple[LimitCharge, ...]) -> Admission:
-        key_list, args = _limit_arguments(customer_id, charges)
-        reply = await self._call(self._read(keys=key_list, args=args))
-        return self._admission(reply, charges, has_over=False)
+    async def read_limits(self, request: MeterRequest) -> Admission:
+        reply = await self._call(lambda: self._read(*_arguments(request, usage=False)))
+        return self._admission(reply, request, has_over=False)
+
+    async def grant(self, customer_id: str, grant: Grant) -> GrantOutcome:
+        record = json.dumps(
+            {"meter": grant.meter, "amount": grant.amount, "expires_at": grant.expires_at}, sort_keys=True
+        )
+        expiry = "+inf" if grant.expires_at is None else grant.expires_at
+        key_list = [
+            keys.grants(customer_id),
+            keys.credit_left(customer_id, grant.meter),
+            keys.credit_expiries(customer_id, grant.meter),
+            keys.overdraft(customer_id, grant.meter),
+        ]
+        reply = await self._call(
+            lambda: self._grant(keys=key_list, args=[grant.id, record, grant.amount, expiry])
+        )
+        return _GRANT_OUTCOMES[int(reply)]
+
+    async def replay(self, entry: Mapping[str, Any]) -> bool:
+        """Merge one journal entry (journal.py) once; False when it was merged before."""
+        marker = keys.journal_marker(str(entry["customer"]), str(entry["id"]))
+        args = [int(entry["at"]), JOURNAL_MARKER_TTL, *entry["args"]]
+        reply = await self._call(lambda: self._replay(keys=[marker, *entry["keys"]], args=args))
+        return bool(int(reply))
 
     async def ping(self) -> None:
-        await self._call(self.client.ping())
+        await self._call(lambda: self.client.ping())
+
+    def traffic(self) -> tuple[int, int]:
+        """Script calls sent through the batcher, and the round trips that carried them."""
+        return self.batcher.calls, self.batcher.round_trips
+
+    async def connect(self) -> None:
+        """Open the batcher's connection and load the scripts now, so the first requests do not
+        pay for it inside their store timeout; a store that is down is only logged here."""
+        try:
+            await self.batcher.connect()
+        except StoreUnavailable as error:
+            log.warning("store not reachable at startup (%s); requests will retry the connection", error)
 
     async def close(self) -> None:
+        await self.batcher.close()
         await self.client.aclose()
 
-    async def _call(self, operation: Awaitable[T]) -> T:
-        return await bounded(operation, self._timeout)
+    @property
+    def circuit_open(self) -> bool:
+        return self.breaker.is_open
+
+    async def _call(self, start: Callable[[], Awaitable[T]]) -> T:
+        """Run one store operation, unless the circuit breaker says the store is down."""
+        if not self.breaker.allow():
+            raise StoreUnavailable("the store failed repeatedly; the circuit breaker is open")
+        operation = start()
+        try:
+            if isinstance(operation, asyncio.Future):  # a batched script call: its batch has the deadline
+                reply: T = await operation
+            else:
+                reply = await bounded(operation, self._timeout)
+        except StoreUnavailable:
+            self.breaker.failed()
+            raise
+        self.breaker.succeeded()
+        return reply
 
     def _admission(
-        self, reply: Sequence[Any], charges: tuple[LimitCharge, ...], *, has_over: bool = True
+        self, reply: Sequence[Any], request: MeterRequest | None, *, has_over: bool = True
     ) -> Admission:
         store_time = int(reply[1]) + int(reply[2]) / 1e6
         self._clock_offset = store_time - time.time()
+        if int(reply[0]) == EXPIRED:
+            raise StoreUnavailable("the store ran the script after its deadline; it wrote nothing")
         outcome = _OUTCOMES[int(reply[0])]
-        if outcome is Outcome.STALE:
+        if outcome is Outcome.STALE or request is None:
             return Admission(outcome, store_time, ())
         stride = 3 if has_over else 2
-        states = tuple(
+        limits = tuple(
             LimitState(
                 charge=charge,
                 used=int(reply[3 + i * stride]),
                 reset_seconds=int(reply[4 + i * stride]) / 1e6,
                 over=has_over and bool(int(reply[5 + i * stride])),
             )
-            for i, charge in enumerate(charges)
+            for i, charge in enumerate(request.limits)
         )
-        return Admission(outcome, store_time, states)
+        first = 3 + len(request.limits) * stride
+        credits = tuple(
+            CreditState(
+                charge=charge,
+                granted=int(reply[first + i * stride]),
+                balance=int(reply[first + 1 + i * stride]),
+                over=has_over and bool(int(reply[first + 2 + i * stride])),
+            )
+            for i, charge in enumerate(request.credits)
+        )
+        return Admission(outcome, store_time, limits, credits)
 
 
 async def bounded(operation: Awaitable[T], timeout: float) -> T:
@@ -119,30 +207,48 @@ async def bounded(operation: Awaitable[T], timeout: float) -> T:
         raise StoreUnavailable(f"store did not answer: {type(error).__name__}") from error
 
 
-def _meter_arguments(request: MeterRequest) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of check_and_meter.lua and charge.lua: the limits, then the usage."""
-    key_list, args = _limit_arguments(request.customer_id, request.limits)
-    key_list.append(keys.usage(request.customer_id))
-    args[0] = request.billing_interval
-    for charge in request.usage:
-        suffix = f"{charge.meter}|{charge.feature}"
-        if charge.op == "uniq":
-            suffix = f"{suffix}|{charge.distinct}"
-        args += (suffix, charge.op, charge.amount)
-    return key_list, args
-
-
-def _limit_arguments(customer_id: str, charges: tuple[LimitCharge, ...]) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of the limit part of both scripts (ARGV[1] is filled by the caller)."""
+def _arguments(
+    request: MeterRequest, *, usage: bool = True, deadline: float = 0.0
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of the metering scripts, in the layout lib.lua's parse_request reads;
+    ``deadline`` (store clock, 0 for none) is when the script must no longer write."""
+    customer = request.customer_id
+    hold = request.hold
     key_list: list[str] = []
-    args: list[Any] = [0, len(charges)]
-    for charge in charges:
+    args: list[Any] = [
+        request.billing_interval,
+        hold.id if hold else "",
+        hold.ttl * 1000 if hold else 0,
+        "1" if request.holds else "0",
+        len(request.limits),
+        int(deadline * 1_000_000),
+    ]
+    if request.holds:
+        key_list += (keys.holds(customer), keys.hold_expiries(customer))
+    for charge in request.limits:
         limit = charge.limit
-        mode = "h" if charge.enforced else "s"
+        mode = "a" if charge.allowance else "h" if charge.enforced else "s"
+        mode += "r" if charge.reserved else ""
         if charge.window is None:
-            key_list += (keys.rate_log(customer_id, limit.name), keys.rate_total(customer_id, limit.name))
+            key_list += (keys.rate_log(customer, limit.name), keys.rate_total(customer, limit.name))
             args += ("r", charge.amount, limit.ceiling, mode, limit.period.seconds * 1_000_000, 0)
         else:
-            key_list.append(keys.quota(customer_id, limit.name, charge.window[0]))
+            key_list.append(keys.quota(customer, limit.name, charge.window[0]))
             args += ("c", charge.amount, limit.ceiling, mode, *charge.window)
+    args.append(len(request.credits))
+    for credit in request.credits:
+        mode = ("h" if credit.enforced else "s") + ("r" if credit.reserved else "")
+        args += (credit.amount, mode, len(credit.allowances), *(i + 1 for i in credit.allowances))
+        key_list += (
+            keys.credit_left(customer, credit.meter),
+            keys.credit_expiries(customer, credit.meter),
+            keys.overdraft(customer, credit.meter),
+        )
+    if usage:
+        key_list.append(keys.usage(customer))
+        for entry in request.usage:
+            suffix = f"{entry.meter}|{entry.feature}"
+            if entry.op == "uniq":
+                suffix = f"{suffix}|{entry.distinct}"
+            args += (suffix, entry.op, entry.amount)
     return key_list, args

@@ -141,9 +141,24 @@ BAD = [
     ("missing_key", "13:9: plans.free.limits[0]: missing required key 'period'"),
     ("duplicate_limit", "14:9: plans.free.limits[1]: duplicate limit requests-month; first at line 13"),
     (
-        "prepaid_unsupported",
-        "6:45: plans.credits.prepaid[0]: prepaid credit on meter 'tokens' is not "
-        "supported by this version: it would not be enforced, so it is refused",
+        "prepaid_allowance_soft",
+        "10:9: plans.credits.limits[0]: on a prepaid meter a day/week/month limit is the allowance "
+        "used before credit, so it cannot be on_exceed: allow",
+    ),
+    (
+        "reserve_without_default",
+        "3:83: meters.tokens.reserve: reserve reads request.json:max_tokens; add reserve_default, "
+        "the amount held when a request does not carry it",
+    ),
+    (
+        "reserve_on_count",
+        "3:43: meters.requests.reserve: reserve applies to a 'sum' meter measured from the "
+        "response, such as tokens",
+    ),
+    (
+        "reserve_source",
+        "3:81: meters.tokens.reserve: invalid reserve 'response.json:usage'; expected a whole "
+        "number, request.header:NAME or request.json:a.b.c",
     ),
     (
         "limit_on_unique_meter",

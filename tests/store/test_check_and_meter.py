@@ -70,7 +70,7 @@ async def test_weighted_cost_is_all_or_nothing(store: RedisStore) -> None:
     charge = month_charge(25, amount=10, now=now)
     outcomes = [(await store.check_and_meter(request_for(charge))).outcome for _ in range(3)]
     assert outcomes == [Outcome.ADMITTED, Outcome.ADMITTED, Outcome.REFUSED]
-    state = (await store.read_limits("acme", (charge,))).limits[0]
+    state = (await store.read_limits(request_for(charge))).limits[0]
     assert (state.used, state.remaining) == (20, 5)
 
 
@@ -81,7 +81,7 @@ async def test_one_refusing_limit_charges_no_other_limit(store: RedisStore) -> N
     refused = await store.check_and_meter(request_for(roomy, tight))
     assert refused.outcome is Outcome.REFUSED
     assert [s.over for s in refused.limits] == [False, True]
-    assert (await store.read_limits("acme", (roomy,))).limits[0].used == 1
+    assert (await store.read_limits(request_for(roomy))).limits[0].used == 1
 
 
 async def test_concurrent_calls_admit_exactly_the_quota(store: RedisStore) -> None:
@@ -176,7 +176,7 @@ async def test_response_charge_adds_past_the_ceiling_without_refusing(store: Red
     tokens = month_charge(1000, amount=600, now=now, meter="tokens")
     for _ in range(2):
         assert (await store.charge(request_for(tokens))).outcome is Outcome.ADMITTED
-    state = (await store.read_limits("acme", (tokens,))).limits[0]
+    state = (await store.read_limits(request_for(tokens))).limits[0]
     assert (state.used, state.remaining) == (1200, 0)
     refused = await store.check_and_meter(request_for(month_charge(1000, amount=0, now=now, meter="tokens")))
     assert refused.outcome is Outcome.REFUSED
@@ -185,7 +185,7 @@ async def test_response_charge_adds_past_the_ceiling_without_refusing(store: Red
 async def test_response_charge_to_a_moving_window_counts_in_that_window(store: RedisStore) -> None:
     charge = rate_charge(10, Period.MINUTE, amount=7)
     await store.charge(request_for(charge))
-    state = (await store.read_limits("acme", (charge,))).limits[0]
+    state = (await store.read_limits(request_for(charge))).limits[0]
     assert state.used == 7
 
 

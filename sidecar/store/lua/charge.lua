@@ -1,32 +1,34 @@
--- Charges what only the response told (tokens, bytes, time) to every limit it applies to, and
--- records it for billing. Never refuses: the request was admitted while the balance was above
--- zero, and the overshoot is bounded by what requests already in flight use (SPEC section 5).
+-- Charges what only the response told (tokens, bytes, time) to every limit and credit it applies
+-- to, and records it for billing. Never refuses: the request was admitted while the balance was
+-- above zero (or its reservation fitted), and the overshoot is bounded by what requests already
+-- in flight use (SPEC section 5). When `hold_id` is given, that reservation is undone first, so
+-- the real amount replaces it: settle; with no amounts, release.
 --
--- KEYS, ARGV: as check_and_meter.lua (the ceiling and mode of each limit are ignored).
+-- KEYS, ARGV: the request of lib.lua's parse_request (the enforced/soft mode is ignored; the
+-- ceilings of allowances decide how much of a prepaid amount they cover).
 -- Returns {1, time_s, time_us}, or {-1, time_s, time_us} when a calendar window given does not
--- contain the store's time (nothing written; recompute and call again).
+-- contain the store's time (nothing written; recompute and call again), or {-2, ...} when the
+-- call came after its deadline (nothing written).
 local t = redis.call('TIME')
 local now_s = tonumber(t[1])
-local now_us = now_s * 1000000 + tonumber(t[2])
-local n = tonumber(ARGV[2])
-for i = 0, n - 1 do
-  local a = 3 + i * 6
-  if ARGV[a] == 'c' and (now_s < tonumber(ARGV[a + 4]) or now_s >= tonumber(ARGV[a + 5])) then
-    return {-1, t[1], t[2]}
+local frac_us = tonumber(t[2])
+local now_us = now_s * 1000000 + frac_us
+local req = parse_request()
+if past_deadline(req, now_us) then return {-2, t[1], t[2]} end
+if stale(req, now_s) then return {-1, t[1], t[2]} end
+if req.holds and req.hold ~= '' then release_hold(req.holds, req.hold_expiries, req.hold) end
+release_expired_holds(req, math.floor(now_us / 1000))
+
+for _, l in ipairs(req.limits) do read_limit(l, now_s, now_us, frac_us) end
+for _, l in ipairs(req.limits) do
+  if l.amount > 0 and l.mode ~= 'a' then charge_limit(l, l.amount, now_us) end
+end
+for _, c in ipairs(req.credits) do
+  if c.amount > 0 then
+    read_credit(c, now_s)
+    draw(c, req.limits, c.amount, now_us, nil)
+    drop_expired_grants(c, now_s)
   end
 end
-local k = 1
-for i = 0, n - 1 do
-  local a = 3 + i * 6
-  local amount, p1, p2 = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  if ARGV[a] == 'r' then
-    local used, expired_entries = rate_used(KEYS[k], KEYS[k + 1], now_us - p1)
-    charge_rate(KEYS[k], KEYS[k + 1], now_us, p1, amount, used, expired_entries)
-    k = k + 2
-  else
-    charge_calendar(KEYS[k], p2, amount)
-    k = k + 1
-  end
-end
-record_usage(KEYS[k], now_s - now_s % tonumber(ARGV[1]), 3 + n * 6)
+if req.usage_key then record_usage(req.usage_key, now_s - now_s % req.interval, req.usage_from) end
 return {1, t[1], t[2]}

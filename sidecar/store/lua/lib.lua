@@ -66,11 +66,13 @@ end
 -- Adds `amount` to a moving-window log, dropping the `expired_entries` that left the window.
 local function charge_rate(log_key, total_key, now_us, window_us, amount, used, expired_entries)
   if expired_entries > 0 then redis.call('LTRIM', log_key, 0, -1 - expired_entries) end
-  redis.call('LPUSH', log_key, string.format('%d:%d', now_us, amount))
+  local entry = string.format('%d:%d', now_us, amount)
+  redis.call('LPUSH', log_key, entry)
   redis.call('SET', total_key, string.format('%d', used + amount))
   local ttl_ms = math.floor(window_us / 1000) + 1000
   redis.call('PEXPIRE', log_key, ttl_ms)
   redis.call('PEXPIRE', total_key, ttl_ms)
+  return entry
 end
 
 -- Adds `amount` to a calendar window's counter, kept a day past the window's end.
@@ -96,4 +98,193 @@ local function record_usage(usage_key, window, first)
       end
     end
   end
+end
+
+-- The request every metering script is given (see store/redis.py, _arguments), read from
+-- KEYS[k..] and ARGV[a..] (both 1 unless a script puts its own values first):
+-- ARGV: billing_interval, hold_id ('' for none), hold_ttl_ms, has_hold_keys ('1' | '0'), n_limits,
+--       deadline_us (store clock; 0 for none: after it, check_and_meter and charge write nothing),
+--       per limit 6 values: kind ('r' rate | 'c' calendar), amount, ceiling,
+--         mode (first letter 'h' enforced | 's' soft or shadow | 'a' allowance of a prepaid meter;
+--               a second letter 'r' when the amount is a reservation),
+--         rate: window_us, 0   calendar: window_start_s, window_end_s,
+--       n_credits, per credit: amount, mode ('h' | 's', then 'r' when reserved), n_allowances,
+--         the allowances' indexes (1-based) among the limits,
+--       then usage triples (field suffix "<meter>|<feature>", op, amount) to the end.
+-- KEYS: holds, hold expiries (when has_hold_keys); per limit rate: <log>, <total>, calendar: <counter>;
+--       per credit: <grants left>, <grant expiries>, <overdraft>; then the usage hash (if any).
+local function parse_request(k, a)
+  k, a = k or 1, a or 1
+  local req = {interval = tonumber(ARGV[a]), hold = ARGV[a + 1], ttl = tonumber(ARGV[a + 2]), limits = {}, credits = {}}
+  local has_holds = ARGV[a + 3] == '1'
+  local n_limits = tonumber(ARGV[a + 4])
+  req.deadline_us = tonumber(ARGV[a + 5])
+  a = a + 6
+  if has_holds then
+    req.holds, req.hold_expiries = KEYS[k], KEYS[k + 1]
+    k = k + 2
+  end
+  for i = 1, n_limits do
+    local mode = ARGV[a + 3]
+    local l = {kind = ARGV[a], amount = tonumber(ARGV[a + 1]), ceiling = tonumber(ARGV[a + 2]),
+      mode = string.sub(mode, 1, 1), reserved = string.sub(mode, 2, 2) == 'r',
+      p1 = tonumber(ARGV[a + 4]), p2 = tonumber(ARGV[a + 5]), key = KEYS[k]}
+    if l.kind == 'r' then
+      l.total = KEYS[k + 1]
+      k = k + 2
+    else
+      k = k + 1
+    end
+    req.limits[i] = l
+    a = a + 6
+  end
+  local n_credits = tonumber(ARGV[a])
+  a = a + 1
+  for i = 1, n_credits do
+    local mode = ARGV[a + 1]
+    local c = {amount = tonumber(ARGV[a]), mode = string.sub(mode, 1, 1), reserved = string.sub(mode, 2, 2) == 'r',
+      allowances = {}, left_key = KEYS[k], expiry_key = KEYS[k + 1], overdraft_key = KEYS[k + 2]}
+    local n_allowances = tonumber(ARGV[a + 2])
+    for j = 1, n_allowances do c.allowances[j] = tonumber(ARGV[a + 2 + j]) end
+    req.credits[i] = c
+    a = a + 3 + n_allowances
+    k = k + 3
+  end
+  req.usage_key, req.usage_from = KEYS[k], a
+  return req
+end
+
+-- True when the caller has given up on this call (see store/redis.py, _deadline).
+local function past_deadline(req, now_us)
+  return req.deadline_us > 0 and now_us > req.deadline_us
+end
+
+-- True when a calendar window given does not contain the store's time.
+local function stale(req, now_s)
+  for _, l in ipairs(req.limits) do
+    if l.kind == 'c' and (now_s < l.p1 or now_s >= l.p2) then return true end
+  end
+  return false
+end
+
+-- Fills in l.used and l.reset (and l.expired for a rate limit); reads only.
+local function read_limit(l, now_s, now_us, frac_us)
+  if l.kind == 'r' then
+    l.used, l.reset, l.expired = read_rate(l.key, l.total, now_us, l.p1, l.amount, l.ceiling)
+  else
+    l.used = tonumber(redis.call('GET', l.key) or '0')
+    l.reset = (l.p2 - now_s) * 1000000 - frac_us
+  end
+end
+
+-- Adds `amount` to one limit; returns what undoes it, for a reservation.
+local function charge_limit(l, amount, now_us)
+  if l.kind == 'r' then
+    local entry = charge_rate(l.key, l.total, now_us, l.p1, amount, l.used, l.expired)
+    l.used, l.expired = l.used + amount, 0
+    return {'r', l.key, l.total, entry, string.format('%d', amount)}
+  end
+  charge_calendar(l.key, l.p2, amount)
+  l.used = l.used + amount
+  return {'c', l.key, string.format('%d', amount)}
+end
+
+-- Prepaid credit of one (customer, meter): a hash of each grant's units left (field <id>) and
+-- granted (field a:<id>), a sorted set of grant ids scored by expiry (unix seconds; a grant counts
+-- while now < expiry), and an overdraft: units used beyond every grant, which the next grant pays
+-- off first. Grants are drawn earliest expiry first (ties: by id).
+
+-- The grants in force in drawing order, what each has left, the units granted, and the balance.
+local function read_credit(c, now_s)
+  local ids = redis.call('ZRANGEBYSCORE', c.expiry_key, '(' .. now_s, '+inf')
+  local left, granted, balance = {}, 0, 0
+  for i, id in ipairs(ids) do
+    local values = redis.call('HMGET', c.left_key, id, 'a:' .. id)
+    left[i] = tonumber(values[1] or '0')
+    granted = granted + tonumber(values[2] or '0')
+    balance = balance + left[i]
+  end
+  c.ids, c.left, c.granted = ids, left, granted
+  c.balance = balance - tonumber(redis.call('GET', c.overdraft_key) or '0')
+end
+
+-- Forgets grants that have expired (their units no longer count).
+local function drop_expired_grants(c, now_s)
+  local gone = redis.call('ZRANGEBYSCORE', c.expiry_key, '-inf', now_s)
+  for _, id in ipairs(gone) do redis.call('HDEL', c.left_key, id, 'a:' .. id) end
+  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', c.expiry_key, '-inf', now_s) end
+end
+
+-- Units the period allowances of a credit still cover: the least any of them has left.
+local function allowance_room(c, limits)
+  local room = nil
+  for _, index in ipairs(c.allowances) do
+    local l = limits[index]
+    local left = math.max(0, l.ceiling - l.used)
+    if room == nil or left < room then room = left end
+  end
+  return room or 0
+end
+
+-- Charges `amount` of a credit's meter: the allowances first, then the grants in order, then the
+-- overdraft. Appends what undoes it to `undo` when given (a reservation).
+local function draw(c, limits, amount, now_us, undo)
+  local covered = math.min(amount, allowance_room(c, limits))
+  if covered > 0 then
+    for _, index in ipairs(c.allowances) do
+      local step = charge_limit(limits[index], covered, now_us)
+      if undo then undo[#undo + 1] = step end
+    end
+  end
+  local rest = amount - covered
+  for i, id in ipairs(c.ids) do
+    if rest <= 0 then break end
+    local take = math.min(c.left[i], rest)
+    if take > 0 then
+      redis.call('HINCRBY', c.left_key, id, string.format('%d', -take))
+      c.left[i], rest = c.left[i] - take, rest - take
+      if undo then undo[#undo + 1] = {'g', c.left_key, c.expiry_key, id, string.format('%d', take)} end
+    end
+  end
+  if rest > 0 then
+    redis.call('INCRBY', c.overdraft_key, string.format('%d', rest))
+    if undo then undo[#undo + 1] = {'o', c.overdraft_key, string.format('%d', rest)} end
+  end
+  c.balance = c.balance - (amount - covered)
+end
+
+-- Undoes what one reservation holds, if it is still held (settled, released or expired once only).
+-- Its keys all carry the customer's hash tag, like the keys of the call that releases it.
+local function release_hold(holds, hold_expiries, id)
+  local record = redis.call('HGET', holds, id)
+  if not record then return end
+  redis.call('HDEL', holds, id)
+  redis.call('ZREM', hold_expiries, id)
+  for _, step in ipairs(cjson.decode(record)) do
+    local kind = step[1]
+    if kind == 'c' then
+      if redis.call('EXISTS', step[2]) == 1 then redis.call('DECRBY', step[2], step[3]) end
+    elseif kind == 'r' then
+      if redis.call('LREM', step[2], 1, step[4]) == 1 then redis.call('DECRBY', step[3], step[5]) end
+    elseif kind == 'g' then
+      if redis.call('ZSCORE', step[3], step[4]) then redis.call('HINCRBY', step[2], step[4], step[5]) end
+    else
+      local owed = tonumber(redis.call('GET', step[2]) or '0')
+      redis.call('SET', step[2], string.format('%d', math.max(0, owed - tonumber(step[3]))))
+    end
+  end
+end
+
+-- Releases reservations whose replica did not settle them in time (it crashed, or lost the store).
+local function release_expired_holds(req, now_ms)
+  if not req.holds then return end
+  local expired = redis.call('ZRANGEBYSCORE', req.hold_expiries, '-inf', now_ms, 'LIMIT', 0, 32)
+  for _, id in ipairs(expired) do release_hold(req.holds, req.hold_expiries, id) end
+end
+
+-- Remembers what a reservation holds, to be undone by settle, release or expiry.
+local function keep_hold(req, undo, now_ms)
+  if req.hold == '' or not req.holds or #undo == 0 then return end
+  redis.call('HSET', req.holds, req.hold, cjson.encode(undo))
+  redis.call('ZADD', req.hold_expiries, now_ms + req.ttl, req.hold)
 end

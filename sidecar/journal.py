@@ -1,0 +1,132 @@
+"""The local journal: usage the store could not take, kept on disk until it can (SPEC §5).
+
+Two things land here: requests admitted while the store was unreachable under
+``store_failure: open``, and response-time charges that could not be sent. Recording is a list
+append on the hot path (no I/O); a background task writes the entries to a segment file under
+``--data-dir`` every FLUSH_INTERVAL with fsync, so a restart keeps them (a crash loses at most the
+last interval). When the store answers again, each entry is merged by replay.lua once — a marker
+per entry id makes a replay that is retried, or that two processes race on, count once — at the
+time it happened, and the customer is marked for billing.
+
+Each process writes its own segment, locked while it is open; closed segments and the segments
+of processes that died are replayed by whichever process gets their lock first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from sidecar.errors import StoreUnavailable
+from sidecar.store.base import MeterRequest
+
+log = logging.getLogger("sidecar.journal")
+
+FLUSH_INTERVAL = 0.1  # seconds
+SEGMENT_SUFFIX = ".journal"
+
+
+class Journal:
+    def __init__(
+        self, directory: Path, encode: Callable[[MeterRequest], tuple[list[str], list[Any]]]
+    ) -> None:
+        self._directory = directory
+        self._encode = encode
+        self._buffer: list[str] = []
+        self._segment: IO[str] | None = None
+        self._segment_path: Path | None = None
+        self._written = 0
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def record(self, request: MeterRequest, at: float) -> None:
+        """Keep one request's usage; written to disk by the next flush."""
+        key_list, args = self._encode(request)
+        entry = {"v": 1, "id": uuid.uuid4().hex, "customer": request.customer_id, "at": at}
+        self._buffer.append(json.dumps({**entry, "keys": key_list, "args": args}))
+
+    @property
+    def pending(self) -> int:
+        """Entries recorded but not yet known to be merged (in memory or in this process's segment)."""
+        return len(self._buffer) + self._written
+
+    async def flush(self) -> None:
+        if self._buffer:
+            lines, self._buffer = self._buffer, []
+            await asyncio.to_thread(self._append, lines)
+            self._written += len(lines)
+
+    def _append(self, lines: list[str]) -> None:
+        if self._segment is None:
+            self._segment_path = self._directory / f"{os.getpid()}-{uuid.uuid4().hex[:8]}{SEGMENT_SUFFIX}"
+            self._segment = self._segment_path.open("a", encoding="utf-8")
+            fcntl.flock(self._segment, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._segment.write("".join(f"{line}\n" for line in lines))
+        self._segment.flush()
+        os.fsync(self._segment.fileno())
+
+    async def replay(self, merge: Callable[[dict[str, Any]], Any]) -> int:
+        """Flush, close this process's segment, and merge every segment nobody else holds.
+
+        ``merge`` is awaited for each entry and raises StoreUnavailable when the store is down;
+        the segment is then kept, to be replayed again (entries merged already are skipped by
+        their markers). Returns the entries merged.
+        """
+        await self.flush()
+        if self._segment is not None:
+            self._segment.close()  # releases its lock: replayed below like any closed segment
+            self._segment = None
+            self._written = 0
+        merged = 0
+        for path in sorted(self._directory.glob(f"*{SEGMENT_SUFFIX}")):
+            entries = await asyncio.to_thread(_claim, path)
+            if entries is None:
+                continue  # a live process's open segment, or another replayer's
+            handle, lines = entries
+            try:
+                for entry in _entries(path, lines):
+                    await merge(entry)
+                    merged += 1
+            except StoreUnavailable:
+                log.info("store unavailable while replaying %s; kept for the next attempt", path.name)
+                handle.close()
+                break
+            path.unlink(missing_ok=True)
+            handle.close()
+        return merged
+
+    def close(self) -> None:
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
+
+
+def _entries(path: Path, lines: list[str]) -> list[dict[str, Any]]:
+    """The entries of a segment; a line cut short by a crash mid-write is skipped and logged."""
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            log.warning("journal %s line %d is incomplete (a crash mid-write); skipped", path.name, number)
+    return entries
+
+
+def _claim(path: Path) -> tuple[IO[str], list[str]] | None:
+    """The segment's lines, holding its lock; None when another process holds it."""
+    try:
+        handle = path.open("r", encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle, handle.read().splitlines()

@@ -1,0 +1,28 @@
+-- Merges one entry of a sidecar's local journal: usage it admitted while the store was
+-- unreachable (store_failure: open), or a response-time charge it could not send. Once per entry
+-- (a marker key remembers it), at the time the usage happened.
+--
+-- KEYS[1]: the entry's marker; then the request of lib.lua's parse_request.
+-- ARGV[1]: when the usage happened (unix seconds), ARGV[2]: seconds to keep the marker; then the
+--          request.
+-- Calendar quotas are charged in the windows given (those of that time) and usage lands in that
+-- time's billing window (close.lua gives a window already pushed a new revision). Rate limits are
+-- skipped: their moving windows have passed. Credit is drawn as charge.lua draws it.
+-- Returns 1 merged, 0 merged before.
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
+local at = tonumber(ARGV[1])
+local req = parse_request(2, 3)
+for _, l in ipairs(req.limits) do
+  if l.kind == 'c' then l.used = tonumber(redis.call('GET', l.key) or '0') end
+end
+for _, l in ipairs(req.limits) do
+  if l.kind == 'c' and l.amount > 0 and l.mode ~= 'a' then charge_calendar(l.key, l.p2, l.amount) end
+end
+for _, c in ipairs(req.credits) do
+  if c.amount > 0 then
+    read_credit(c, at)
+    draw(c, req.limits, c.amount, 0, nil)
+  end
+end
+record_usage(req.usage_key, at - at % req.interval, req.usage_from)
+return 1

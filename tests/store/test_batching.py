@@ -1,0 +1,197 @@
+"""The script batcher against a real redis-server: one round trip per loop turn, each script still
+run once and atomically, errors per call, one deadline per batch, NOSCRIPT resent once."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from sidecar.errors import StoreUnavailable
+from sidecar.metrics import Metrics
+from sidecar.store.base import MeterRequest, Outcome
+from sidecar.store.batching import CLIENT_NAME, ScriptBatcher
+from sidecar.store.redis import RedisStore
+from tests.store.test_check_and_meter import month_charge, rate_charge
+
+INCR = "return redis.call('INCR', KEYS[1])"
+ECHO = "return ARGV"
+FAILS_ON_BAD = """
+if ARGV[1] == 'bad' then return redis.error_reply('ERR refused on purpose') end
+if ARGV[1] == 'crash' then return redis.call('INCR', 'not-a-number-key', 'extra') end
+return ARGV[1]
+"""
+# Keeps Redis busy (and every other client waiting) for ARGV[1] microseconds.
+SPIN = """
+local t0 = redis.call('TIME')
+while true do
+  local t = redis.call('TIME')
+  if (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) >= tonumber(ARGV[1]) then return 1 end
+end
+"""
+
+
+@pytest.fixture
+async def plain(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def batcher(redis_url: str) -> AsyncIterator[ScriptBatcher]:
+    batcher = ScriptBatcher.of_url(redis_url, timeout=2.0)
+    yield batcher
+    await batcher.close()
+
+
+async def script_calls(client: aioredis.Redis) -> dict[str, int]:
+    stats = await client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+
+
+async def test_concurrent_calls_of_one_loop_turn_share_one_round_trip(
+    batcher: ScriptBatcher, plain: aioredis.Redis
+) -> None:
+    incr = batcher.register(INCR)
+    await batcher.connect()
+    before = await script_calls(plain)
+    replies = await asyncio.gather(*(incr(["counter"]) for _ in range(200)))
+    after = await script_calls(plain)
+    assert sorted(replies) == list(range(1, 201)), "each script ran exactly once, in order"
+    assert batcher.calls == 200
+    assert batcher.round_trips == 1
+    assert after["evalsha"] - before.get("evalsha", 0) == 200, "still one EVALSHA per call"
+
+
+async def test_calls_of_later_loop_turns_form_later_batches(batcher: ScriptBatcher) -> None:
+    incr = batcher.register(INCR)
+
+    async def caller() -> list[int]:
+        return [await incr(["counter"]) for _ in range(10)]
+
+    results = await asyncio.gather(*(caller() for _ in range(20)))
+    assert sorted(v for r in results for v in r) == list(range(1, 201))
+    assert 10 <= batcher.round_trips <= 40, "about one batch per round of the 20 callers"
+
+
+async def test_an_error_reply_fails_only_its_own_call(batcher: ScriptBatcher) -> None:
+    script = batcher.register(FAILS_ON_BAD)
+    replies = await asyncio.gather(
+        script(args=["ok-1"]),
+        script(args=["bad"]),
+        script(args=["ok-2"]),
+        script(args=["crash"]),
+        script(args=["ok-3"]),
+        return_exceptions=True,
+    )
+    assert replies[0] == b"ok-1" and replies[2] == b"ok-2" and replies[4] == b"ok-3"
+    assert isinstance(replies[1], StoreUnavailable) and "refused on purpose" in str(replies[1])
+    assert isinstance(replies[3], StoreUnavailable)
+    assert batcher.round_trips == 1
+    assert await script(args=["after"]) == b"after", "the connection stays usable"
+
+
+async def test_arguments_travel_as_redis_py_would_encode_them(batcher: ScriptBatcher) -> None:
+    echo = batcher.register(ECHO)
+    reply = await echo([], ["text", 7, -3, 0.5, b"\x00bytes", "ünï"])
+    assert reply == [b"text", b"7", b"-3", b"0.5", b"\x00bytes", "ünï".encode()]
+
+
+async def test_noscript_loads_the_script_and_resends_only_those_calls(
+    batcher: ScriptBatcher, plain: aioredis.Redis
+) -> None:
+    incr = batcher.register(INCR)
+    await batcher.connect()  # loads the script
+    await plain.script_flush()
+    before = await script_calls(plain)
+    replies = await asyncio.gather(*(incr(["counter"]) for _ in range(20)))
+    after = await script_calls(plain)
+    assert sorted(replies) == list(range(1, 21)), "every call ran exactly once"
+    loads = after.get("script", 0) - before.get("script", 0)  # redis 6 counts SCRIPT subcommands together
+    assert loads == 1, "one SCRIPT LOAD for the batch"
+    assert after["evalsha"] - before.get("evalsha", 0) == 40, "20 refused with NOSCRIPT, 20 resent"
+    assert int(await plain.get("counter") or 0) == 20
+
+
+async def test_a_script_registered_after_connecting_is_loaded_on_first_use(batcher: ScriptBatcher) -> None:
+    await batcher.connect()
+    late = batcher.register("return 'late'")
+    assert await late() == b"late"
+
+
+async def test_one_deadline_bounds_the_whole_batch(redis_url: str, plain: aioredis.Redis) -> None:
+    batcher = ScriptBatcher.of_url(redis_url, timeout=0.05)
+    incr = batcher.register(INCR)
+    try:
+        await batcher.connect()
+        spin = asyncio.ensure_future(plain.eval(SPIN, 0, 400_000))  # Redis busy for 0.4 s
+        await asyncio.sleep(0.02)
+        started = time.perf_counter()
+        replies = await asyncio.gather(*(incr(["counter"]) for _ in range(30)), return_exceptions=True)
+        waited = time.perf_counter() - started
+        assert all(isinstance(r, StoreUnavailable) for r in replies)
+        assert waited < 0.15, f"the batch waited {waited:.3f}s for a 0.05s deadline"
+        await spin
+        assert await incr(["counter"]) >= 1, "the next batch opens a new connection and works"
+    finally:
+        await batcher.close()
+
+
+async def test_calls_on_a_killed_connection_fail_and_the_next_call_reconnects(
+    batcher: ScriptBatcher, plain: aioredis.Redis
+) -> None:
+    echo = batcher.register(ECHO)
+    await batcher.connect()
+    clients = await plain.client_list()
+    (mine,) = [c for c in clients if c["name"] == CLIENT_NAME]
+    await plain.client_kill_filter(_id=mine["id"])
+    await asyncio.sleep(0.05)
+    assert await echo([], ["again"]) == [b"again"]
+
+
+async def test_an_unreachable_store_fails_the_batch_at_once() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+    batcher = ScriptBatcher.of_url(f"redis://127.0.0.1:{port}/0", timeout=0.5)
+    try:
+        started = time.perf_counter()
+        with pytest.raises(StoreUnavailable, match="cannot open a store connection"):
+            await batcher.register(INCR)(["counter"])
+        assert time.perf_counter() - started < 0.25
+    finally:
+        await batcher.close()
+
+
+async def test_a_closed_batcher_refuses_calls(batcher: ScriptBatcher) -> None:
+    echo = batcher.register(ECHO)
+    await batcher.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await echo()
+
+
+async def test_store_admissions_are_coalesced_and_exact(store: RedisStore, plain: aioredis.Redis) -> None:
+    now = store.time()
+    request = MeterRequest("acme", (month_charge(37, now=now), rate_charge(1000)), (), 60)
+    await store.connect()
+    before = await script_calls(plain)
+    admissions = await asyncio.gather(*(store.check_and_meter(request) for _ in range(100)))
+    after = await script_calls(plain)
+    assert sum(a.outcome is Outcome.ADMITTED for a in admissions) == 37
+    assert after["evalsha"] - before.get("evalsha", 0) == 100
+    assert store.batcher.round_trips == 1
+
+
+async def test_round_trips_and_calls_are_exported_as_metrics(store: RedisStore) -> None:
+    metrics = Metrics()
+    metrics.store_traffic.source = store.traffic
+    request = MeterRequest("acme", (rate_charge(1000),), (), 60)
+    await asyncio.gather(*(store.check_and_meter(request) for _ in range(10)))
+    text = metrics.exposition().decode()
+    assert "sidecar_store_script_calls_total 10.0" in text
+    assert "sidecar_store_round_trips_total 1.0" in text
