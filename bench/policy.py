@@ -14,7 +14,7 @@ from sidecar.identity import hash_key
 MONTH_LIMIT = 10**12
 SECOND_LIMIT = 10**9
 
-_HEAD = f"""\
+_HEAD = """\
 version: 1
 meters:
   requests: {{aggregation: count}}
@@ -24,8 +24,8 @@ plans:
   bench:
     features: [hello]
     limits:
-      - {{meter: requests, limit: {MONTH_LIMIT}, period: month}}
-      - {{meter: requests, limit: {SECOND_LIMIT}, period: second}}
+      - {{meter: requests, limit: {month}, period: month}}
+      - {{meter: requests, limit: {second}, period: second}}
 customers:
 """
 
@@ -34,17 +34,18 @@ def api_key(index: int) -> str:
     return f"bench-key-{index}"
 
 
-def policy_text(customers: int) -> str:
-    lines = [_HEAD]
+def policy_text(customers: int, month_limit: int = MONTH_LIMIT) -> str:
+    lines = [_HEAD.format(month=month_limit, second=SECOND_LIMIT)]
     for i in range(customers):
         lines.append(f'  customer-{i}: {{plan: bench, api_keys: ["sha256:{hash_key(api_key(i))}"]}}\n')
     return "".join(lines)
 
 
-def write_policy(directory: Path, customers: int) -> Path:
-    """Write `bench.yaml` for `customers` customers into `directory`, and return its path."""
+def write_policy(directory: Path, customers: int, month_limit: int = MONTH_LIMIT) -> Path:
+    """Write `bench.yaml` for `customers` customers into `directory`, and return its path; a small
+    `month_limit` makes every request past it a refusal."""
     path = directory / "bench.yaml"
-    path.write_text(policy_text(customers))
+    path.write_text(policy_text(customers, month_limit))
     return path
 
 

@@ -6,7 +6,10 @@ never over 15 s together); the whole bench is stopped by an alarm after `--budge
 every process it started is stopped (SIGTERM, then SIGKILL) on the way out, whatever happened.
 
 In order: the bare proxy and the sidecar for each customer count; both again on uvloop (first
-customer count, saturated); the store call alone (bench.storecall); the profiles (py-spy).
+customer count, saturated); the sidecar with 2 workers (first customer count, saturated); a
+sidecar refusing every request (the deny cache); a soak of the sidecar with the largest customer
+count (its memory after each of `--soak-runs` runs); the store call alone (bench.storecall); the
+profiles (py-spy).
 
 Cores (with two or more; with one, nothing is pinned):
   core 0: the load generator (wrk -t1 or bench.pyload), redis-server, py-spy, this script
@@ -142,6 +145,10 @@ class Run:
     def round_trips(self) -> float:
         return self.after.round_trips - self.before.round_trips
 
+    def per_refusal(self, value: float) -> float | None:
+        refused = self.decided("refused")
+        return value / refused if refused else None
+
     @property
     def batch_size(self) -> float | None:
         calls = self.after.script_calls - self.before.script_calls
@@ -253,6 +260,8 @@ class Options:
     keep_profile: Path | None
     budget: float
     command: str
+    extras: bool = True  # the 2-worker run, the refusal run and the soak
+    soak_runs: int = 4
 
 
 class Bench:
@@ -267,6 +276,9 @@ class Bench:
         self.notes: list[str] = []
         self.redis: EmbeddedRedis | None = None
         self.storecall: dict[str, dict[str, object]] = {}
+        self.refused: Run | None = None
+        self.soak: list[tuple[int, int]] = []  # (requests served so far, VmRSS KiB)
+        self.soak_customers = 0
 
     def log(self, message: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -303,6 +315,12 @@ class Bench:
                     self.runs += self.measure(
                         kind, self.o.customers[0], first_policy, first_keys, ("saturated",)
                     )
+        if self.o.extras:
+            first = self.o.customers[0]
+            self.runs += self.measure("sidecar", first, first_policy, first_keys, ("saturated",), workers=2)
+            self.run_refused()
+            largest = max(self.o.customers)
+            self.run_soak(largest, self.workdir / f"n{largest}")
         self.run_storecall(first_policy)
         if self.o.profile:
             self.run_profiles()
@@ -319,12 +337,12 @@ class Bench:
         return proc, f"http://127.0.0.1:{port}"
 
     def start_proxy(
-        self, kind: str, policy: Path, name: str, upstream_url: str
+        self, kind: str, policy: Path, name: str, upstream_url: str, workers: int = 1
     ) -> tuple[Proc, int, int | None, float]:
         """Start a proxy and wait for it; a port taken between the probe and the bind is retried."""
         for attempt in range(3):
             try:
-                return self._start_proxy(kind, policy, name, upstream_url)
+                return self._start_proxy(kind, policy, name, upstream_url, workers)
             except RuntimeError as error:
                 if "address already in use" not in str(error) or attempt == 2:
                     raise
@@ -332,7 +350,7 @@ class Bench:
         raise AssertionError("unreachable")
 
     def _start_proxy(
-        self, kind: str, policy: Path, name: str, upstream_url: str
+        self, kind: str, policy: Path, name: str, upstream_url: str, workers: int = 1
     ) -> tuple[Proc, int, int | None, float]:
         port = free_port()
         admin: int | None = None
@@ -354,8 +372,10 @@ class Bench:
             argv = [
                 sys.executable,
                 "-m",
-                "bench.uvloop_sidecar" if on_uvloop else "sidecar",
+                "sidecar",
                 "run",
+                *(["--loop", "uvloop"] if on_uvloop else []),
+                *(["--workers", str(workers)] if workers > 1 else []),
                 "--redis",
                 self.redis_url,
                 "--upstream",
@@ -393,10 +413,20 @@ class Bench:
         )
 
     def measure(
-        self, kind: str, customers: int, policy: Path, keys: Path, modes: tuple[str, ...] = MODES
+        self,
+        kind: str,
+        customers: int,
+        policy: Path,
+        keys: Path,
+        modes: tuple[str, ...] = MODES,
+        *,
+        workers: int = 1,
     ) -> list[Run]:
         """One proxy process: a warm-up, then a measured run per mode (saturated, paced)."""
-        proc, port, admin, startup = self.start_proxy(kind, policy, f"{kind}-{customers}", self.upstream_url)
+        name = f"{kind}-{customers}" + (f"-{workers}w" if workers > 1 else "")
+        proc, port, admin, startup = self.start_proxy(kind, policy, name, self.upstream_url, workers)
+        if workers > 1:
+            kind = f"{kind} ({workers} workers)"
         self.log(f"{kind} ({customers} customers) listening after {startup:.2f}s, pid {proc.pid}")
         runs: list[Run] = []
         try:
@@ -411,7 +441,7 @@ class Bench:
                 time.sleep(SETTLE_SECONDS)
                 after = snapshot(self.store, proc, self.upstream, admin)
                 first = not runs  # the warm-up is reported with the process's first run
-                run = Run(kind, customers, mode, load, before, after, startup)
+                run = Run(kind, customers, mode, load, before, after, startup, workers=workers)
                 run.warmup_non_2xx = warmup.non_2xx if first else -1
                 if first:
                     run.warmup_decisions = ", ".join(
@@ -442,6 +472,49 @@ class Bench:
             f"peak RSS {runs[0].peak_rss_kib / 1024:.0f} MiB"
         )
         return runs
+
+    def run_refused(self) -> None:
+        """One customer over a hard limit (a month quota of 1, used by the first request): every
+        measured request is a refusal, which the deny cache answers without Redis."""
+        directory = self.workdir / "refused"
+        directory.mkdir()
+        self.store.flushall()  # customer-0's counters from the runs before: its first request must pass
+        policy, keys = write_policy(directory, 1, month_limit=1), write_keys(directory, 1)
+        proc, port, admin, startup = self.start_proxy("sidecar", policy, "sidecar-refused", self.upstream_url)
+        try:
+            url = f"http://127.0.0.1:{port}/hello"
+            self.load(url, keys, self.o.warmup)
+            time.sleep(SETTLE_SECONDS)
+            before = snapshot(self.store, proc, self.upstream, admin)
+            load = self.load(url, keys, self.o.duration)
+            time.sleep(SETTLE_SECONDS)
+            after = snapshot(self.store, proc, self.upstream, admin)
+        finally:
+            proc.stop()
+        self.refused = Run("sidecar (every request refused)", 1, "saturated", load, before, after, startup)
+        self.log(
+            f"refused: {load.rps:.0f} req/s, p50 {load.p50_ms:.2f} ms, EVALSHA per refusal "
+            f"{_fmt(self.refused.per_refusal(self.refused.scripts), 4)}"
+        )
+
+    def run_soak(self, customers: int, directory: Path) -> None:
+        """The sidecar with the largest customer count under `soak_runs` saturated runs back to
+        back, every request a different customer: its resident memory after each."""
+        policy, keys = directory / "bench.yaml", directory / "keys.txt"
+        proc, port, _, _ = self.start_proxy("sidecar", policy, f"sidecar-soak-{customers}", self.upstream_url)
+        try:
+            url = f"http://127.0.0.1:{port}/hello"
+            self.load(url, keys, self.o.warmup)
+            served = 0
+            self.soak = [(0, proc.memory_kib().get("VmRSS", 0))]
+            for _ in range(self.o.soak_runs):
+                load = self.load(url, keys, self.o.duration)
+                served += load.requests
+                self.soak.append((served, proc.memory_kib().get("VmRSS", 0)))
+        finally:
+            proc.stop()
+        self.soak_customers = customers
+        self.log(f"soak: RSS {' → '.join(f'{kib / 1024:.0f}' for _, kib in self.soak)} MiB")
 
     def run_storecall(self, policy: Path) -> None:
         """The store call alone (bench.storecall), pinned to the servers' core while it is idle."""
@@ -528,9 +601,10 @@ class Bench:
     def table(self, mode: str) -> str:
         lines = [
             "| customers | proxy | req/s | p50 ms | p99 ms | non-2xx | socket errors | sidecar/bare "
-            "| added p50 ms | added p99 ms | EVALSHA per admitted | Redis commands per admitted "
-            "(incl. inside the script) | proxy CPU µs/req | peak RSS MiB | startup s |",
-            "|---:|---|" + "---:|" * 13,
+            "| added p50 ms | added p99 ms | EVALSHA per admitted | round trips per admitted "
+            "| EVALSHA per round trip | Redis commands per admitted (incl. inside the script) "
+            "| proxy CPU µs/req | peak RSS MiB | startup s |",
+            "|---:|---|" + "---:|" * 15,
         ]
         for bare, side in self.pairs(mode):
             for run in (bare, side):
@@ -547,6 +621,8 @@ class Bench:
                     f"{side.load.p50_ms - bare.load.p50_ms:+.2f}" if is_side else "",
                     f"{side.load.p99_ms - bare.load.p99_ms:+.2f}" if is_side else "",
                     _fmt(run.per_request(run.scripts), 3) if is_side else "—",
+                    _fmt(run.per_request(run.round_trips), 3) if is_side else "—",
+                    _fmt(run.batch_size, 2) if is_side else "—",
                     _fmt(run.per_request(run.all_commands), 2) if is_side else "—",
                     _fmt(run.proxy_cpu_us, 0),
                     f"{run.peak_rss_kib / 1024:.0f}",
@@ -669,15 +745,83 @@ class Bench:
             lines.append(f"- {side.customers:,} customers: {marks}.")
         return "\n".join(lines)
 
+    def workers_table(self) -> str:
+        rows = [
+            r
+            for r in self.runs
+            if r.mode == "saturated" and r.customers == self.o.customers[0] and r.proxy.startswith("sidecar")
+        ]
+        lines = [
+            "| proxy | req/s | p50 ms | p99 ms | non-2xx | proxy CPU µs/req (all workers) "
+            "| EVALSHA per request | EVALSHA per round trip (worker 0) | RSS at end MiB (all processes) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for run in rows:
+            if run.proxy.endswith("+uvloop"):
+                continue
+            lines.append(
+                f"| {run.proxy} | {run.load.rps:,.0f} | {run.load.p50_ms:.2f} | {run.load.p99_ms:.2f} "
+                f"| {run.load.non_2xx} | {_fmt(run.proxy_cpu_us, 0)} "
+                f"| {_fmt(run.per_request(run.scripts), 3)} | {_fmt(run.batch_size, 2)} "
+                f"| {run.rss_kib / 1024:.0f} |"
+            )
+        return "\n".join(lines)
+
+    def refused_section(self) -> list[str]:
+        run = self.refused
+        if run is None:
+            return []
+        refused = run.decided("refused")
+        cpu = run.per_refusal(run.after.proxy_cpu_s - run.before.proxy_cpu_s)
+        return [
+            "### Refusals (the deny cache)",
+            "",
+            "One customer whose month quota (1) the first request used up, so every measured request is "
+            f"a 429; {self.tool}, {self.o.connections} connections, {self.o.duration:g} s saturated.",
+            "",
+            "| proxy | req/s | p50 ms | p99 ms | refused (sidecar metrics) | EVALSHA per refusal "
+            "| proxy CPU µs per refusal |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            f"| {run.proxy} | {run.load.rps:,.0f} | {run.load.p50_ms:.2f} | {run.load.p99_ms:.2f} "
+            f"| {refused:,} | {_fmt(run.per_refusal(run.scripts), 4)} "
+            f"| {_fmt(None if cpu is None else cpu * 1e6, 0)} |",
+            "",
+        ]
+
+    def soak_section(self) -> list[str]:
+        if not self.soak:
+            return []
+        steps = " → ".join(f"{kib / 1024:.0f} MiB ({served:,} requests)" for served, kib in self.soak)
+        return [
+            "### Memory under sustained load",
+            "",
+            f"One sidecar with {self.soak_customers:,} customers, after its warm-up and then after each of "
+            f"{len(self.soak) - 1} saturated runs of {self.o.duration:g} s back to back, every request "
+            f"the next customer's key (VmRSS): {steps}.",
+            "",
+        ]
+
     def extra_sections(self) -> list[str]:
         parts: list[str] = []
         first = self.o.customers[0]
+        if any(r.workers > 1 for r in self.runs):
+            parts += [
+                f"### Workers ({first:,} customer{'s' if first != 1 else ''}, saturated)",
+                "",
+                f"`--workers 2` pinned to core {SERVER_CORE} like every proxy here, so the two workers "
+                "share one core with the upstream: this shows what a second process costs, not what it "
+                "scales to (that needs a core per worker). Per request: per completed request, since "
+                "worker 0's /metrics counts only its own.",
+                "",
+                self.workers_table(),
+                "",
+            ]
+        parts += self.refused_section() + self.soak_section()
         if any(r.proxy.endswith("+uvloop") for r in self.runs):
             parts += [
                 f"### uvloop ({first:,} customer{'s' if first != 1 else ''}, saturated)",
                 "",
-                "The same two proxies on uvloop's event loop: the sidecar unchanged, started through "
-                "`bench/uvloop_sidecar.py` (sets `uvloop.EventLoopPolicy()`, then calls `sidecar.cli.main`), "
+                "The same two proxies on uvloop's event loop: the sidecar with `--loop uvloop`, "
                 "the bare proxy with `--uvloop`. The upstream stays on asyncio.",
                 "",
                 self.uvloop_table(),
@@ -797,8 +941,11 @@ class Bench:
             "- EVALSHA per admitted: the delta of `cmdstat_evalsha` + `cmdstat_eval` calls in Redis "
             "`INFO commandstats` over the measured window, divided by the delta of "
             '`sidecar_requests_total{decision="admitted"}`. Redis counts commands, not round trips: a '
-            "pipeline of k commands would count k. The sidecar does not pipeline on the hot path (it "
-            "awaits one EVALSHA per request), so here commands and round trips are the same number.",
+            "pipeline of k commands counts k.",
+            "- round trips per admitted, EVALSHA per round trip: the sidecar's own "
+            "`sidecar_store_round_trips_total` (pipelines its batcher wrote) and "
+            "`sidecar_store_script_calls_total` over the window: the calls of one event-loop turn share "
+            "one round trip.",
             "- Redis commands per admitted: every command Redis counted in the window except the bench's "
             "own `INFO`, divided the same way. `commandstats` also counts each command a Lua script runs "
             "inside Redis (`TIME`, `GET`, `LINDEX`, ...): those cost Redis CPU but no round trip. The "
@@ -888,7 +1035,9 @@ def write_report(path: Path, generated: str) -> None:
 def parse_args(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="1 customer, 1 s warm-up, 5 s runs, no uvloop rows, no profile"
+        "--quick",
+        action="store_true",
+        help="1 customer, 1 s warm-up, 5 s runs, no uvloop rows, no extras, no profile",
     )
     parser.add_argument("--customers", default=None, help="comma-separated counts (default 1,1000,100000)")
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per run (default 10)")
@@ -899,6 +1048,10 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--no-profile", action="store_true", help="skip the two py-spy runs")
     parser.add_argument("--no-uvloop", action="store_true", help="skip the uvloop runs")
     parser.add_argument(
+        "--no-extras", action="store_true", help="skip the 2-worker run, the refusal run and the soak"
+    )
+    parser.add_argument("--soak-runs", type=int, default=4, help="runs of --duration in the soak (1-10)")
+    parser.add_argument(
         "--output",
         default=None,
         help="Markdown file to update (default BENCHMARKS.md for a full run; none with --quick)",
@@ -906,7 +1059,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--keep-profile", default=None, help="copy py-spy's raw profiles beside this path")
     parser.add_argument(
-        "--budget", type=float, default=330.0, help="seconds before the whole bench is stopped"
+        "--budget", type=float, default=480.0, help="seconds before the whole bench is stopped"
     )
     args = parser.parse_args(argv)
     customers = [int(c) for c in (args.customers or ("1" if args.quick else "1,1000,100000")).split(",")]
@@ -920,6 +1073,8 @@ def parse_args(argv: list[str] | None) -> Options:
         parser.error("--connections must be between 1 and 1000")
     if not 0 < args.pace_ms <= 1000:
         parser.error("--pace-ms must be above 0 and at most 1000")
+    if not 1 <= args.soak_runs <= 10:
+        parser.error("--soak-runs must be between 1 and 10")
     output: Path | None = None
     if not args.no_write:
         if args.output is not None:
@@ -936,6 +1091,8 @@ def parse_args(argv: list[str] | None) -> Options:
         loadgen=args.loadgen,
         profile=not args.no_profile and not args.quick,
         uvloop=not args.no_uvloop and not args.quick,
+        extras=not args.no_extras and not args.quick,
+        soak_runs=args.soak_runs,
         output=output,
         keep_profile=None if args.keep_profile is None else Path(args.keep_profile),
         budget=args.budget,

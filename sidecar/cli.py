@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -13,7 +12,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from sidecar import __version__
+from sidecar import __version__, loops
 from sidecar.errors import EmbeddedStoreFailed, PolicyInvalid, SettingsInvalid
 from sidecar.identity import hash_key
 from sidecar.policy.loader import load_policy
@@ -71,6 +70,7 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--max-body-size", help="bytes of request body, else 413 (default 1g)")
     run.add_argument("--header-timeout", help="seconds a request head may take to arrive (default 10)")
     run.add_argument("--workers", help="processes sharing the proxy port (SIDECAR_WORKERS, default 1)")
+    run.add_argument("--loop", help="event loop: asyncio or uvloop (SIDECAR_LOOP, default asyncio)")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -90,7 +90,7 @@ def run_command(args: argparse.Namespace) -> int:
         holder = PolicyHolder.load(settings.policies)
         if settings.workers > 1 and not args.demo:
             return run_workers(settings, holder)
-        asyncio.run((serve_demo if args.demo else serve)(settings, holder))
+        loops.run((serve_demo if args.demo else serve)(settings, holder), settings.loop)
     except (SettingsInvalid, EmbeddedStoreFailed) as error:
         print(f"sidecar: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from sidecar import loops
 from sidecar.errors import SettingsInvalid
 
 
@@ -58,6 +59,7 @@ class Settings:
     header_timeout: float = 10.0
     # Processes serving the proxy port together (SO_REUSEPORT); worker 0 also serves the admin port.
     workers: int = 1
+    loop: str = "asyncio"  # or "uvloop" (the optional extra), see loops.py
 
     def __repr__(self) -> str:
         """Never show the secrets: settings get logged at startup."""
@@ -126,6 +128,17 @@ def parse_count(value: str, name: str) -> int:
     return int(value)
 
 
+def parse_loop(value: str, name: str) -> str:
+    loop = value.strip().lower()
+    if loop not in loops.LOOPS:
+        raise SettingsInvalid(f"{name}={value!r}: expected asyncio or uvloop")
+    if not loops.available(loop):
+        raise SettingsInvalid(
+            f"{name}={value!r}: uvloop is not installed; pip install 'quota-sidecar[uvloop]'"
+        )
+    return loop
+
+
 def parse_bool(value: str, name: str) -> bool:
     lowered = value.strip().lower()
     if lowered not in ("1", "0", "true", "false", "yes", "no"):
@@ -169,6 +182,7 @@ _SOURCES: tuple[tuple[str, str | None, str, Callable[[str, str], Any]], ...] = (
     ("max_body_size", "max_body_size", "SIDECAR_MAX_BODY_SIZE", parse_size),
     ("header_timeout", "header_timeout", "SIDECAR_HEADER_TIMEOUT", parse_seconds),
     ("workers", "workers", "SIDECAR_WORKERS", parse_count),
+    ("loop", "loop", "SIDECAR_LOOP", parse_loop),
 )
 
 

@@ -20,7 +20,6 @@ so that the supervisor (systemd, Kubernetes) restarts the sidecar whole.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -28,6 +27,7 @@ import os
 import signal
 from types import FrameType
 
+from sidecar import loops
 from sidecar.policy.holder import PolicyHolder, freeze_heap
 from sidecar.settings import Settings
 from sidecar.store.embedded import EmbeddedRedis
@@ -102,7 +102,7 @@ def _fork(index: int, settings: Settings, holder: PolicyHolder) -> int:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
         from sidecar.server import serve
 
-        asyncio.run(serve(settings, holder, admin=index == 0))
+        loops.run(serve(settings, holder, admin=index == 0), settings.loop)
         code = 0
     except BaseException:
         log.exception("worker %d failed", index)

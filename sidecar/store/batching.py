@@ -431,15 +431,21 @@ def _describe(error: BaseException) -> str:
 # -- RESP ---------------------------------------------------------------------------------------
 
 
-def _bulk(value: Arg | None) -> bytes:
+def _encode(value: Arg | None) -> bytes:
+    """An argument as redis-py would send it: str as UTF-8, numbers in decimal, bytes as they are."""
     if isinstance(value, bytes):
-        data = value
-    elif isinstance(value, str):
-        data = value.encode()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        data = repr(value).encode()
-    else:
-        raise TypeError(f"a script argument must be str, int, float or bytes, not {type(value).__name__}")
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return b"%d" % value
+    if isinstance(value, float):
+        return repr(value).encode()
+    raise TypeError(f"a script argument must be str, int, float or bytes, not {type(value).__name__}")
+
+
+def _bulk(value: Arg | None) -> bytes:
+    data = _encode(value)
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
@@ -448,6 +454,19 @@ def _command(parts: Sequence[Arg | None]) -> bytes:
 
 
 def _evalsha(sha: str, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
-    """EVALSHA sha numkeys key... arg... in RESP, built in one pass."""
-    head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + len(keys) + len(args), sha.encode())
-    return b"".join((head, _bulk(len(keys)), *map(_bulk, keys), *map(_bulk, args)))
+    """EVALSHA sha numkeys key... arg... in RESP, in one pass (the common types inline: this runs
+    once per request, and a call per argument costs more than the encoding)."""
+    out = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + len(keys) + len(args), sha.encode())]
+    out.append(_bulk(len(keys)))
+    for key in keys:
+        data = key.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    for value in args:
+        if type(value) is str:
+            data = value.encode()
+        elif type(value) is int:
+            data = b"%d" % value
+        else:
+            data = _encode(value)
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)

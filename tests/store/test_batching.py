@@ -7,10 +7,12 @@ import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
+from sidecar import loops
 from sidecar.errors import StoreUnavailable
 from sidecar.metrics import Metrics
 from sidecar.store.base import MeterRequest, Outcome
@@ -195,3 +197,17 @@ async def test_round_trips_and_calls_are_exported_as_metrics(store: RedisStore) 
     text = metrics.exposition().decode()
     assert "sidecar_store_script_calls_total 10.0" in text
     assert "sidecar_store_round_trips_total 1.0" in text
+
+
+def test_the_batcher_works_on_uvloop(redis_url: str) -> None:
+    pytest.importorskip("uvloop")
+
+    async def calls() -> list[Any]:
+        batcher = ScriptBatcher.of_url(redis_url, timeout=2.0)
+        try:
+            echo = batcher.register(ECHO)
+            return list(await asyncio.gather(*(echo([], [str(i)]) for i in range(5))))
+        finally:
+            await batcher.close()
+
+    assert loops.run(calls(), "uvloop") == [[str(i).encode()] for i in range(5)]
