@@ -137,7 +137,8 @@ def too_many_requests(verdict: Verdict) -> web.Response:
             "limit": limit.ceiling,
             "period": limit.period.value,
             "remaining": worst.remaining,
-            "reset": rfc3339(math.ceil(verdict.store_time + worst.reset_seconds)),
+            # rounded first: a cached refusal, aged, must name the same second despite float noise
+            "reset": rfc3339(math.ceil(round(verdict.store_time + worst.reset_seconds, 3))),
         }
     body["violated-policies"] = names
     headers = {"Retry-After": str(retry_after), **ratelimit_headers(verdict.limits, verdict.credits)}
