@@ -23,39 +23,18 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from sidecar.app import UPSTREAM_CONNECTIONS
+from sidecar.app import upstream_client
+from sidecar.proxy import CHUNK_SIZE, HOP_BY_HOP, SKIP_AUTO_HEADERS, connection_listed
 
-CHUNK_SIZE = 64 * 1024
 UPSTREAM_TIMEOUT = 30.0  # the sidecar's --upstream-timeout default
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "expect",
-    }
-)
 FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto"})
-SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
 
 
 def _dropped(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    listed = {
-        token.strip().lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-        if token.strip()
-    }
-    return HOP_BY_HOP | listed
+    return HOP_BY_HOP | connection_listed(headers)
 
 
 def _appended(headers: CIMultiDictProxy[str], name: str, value: str) -> str:
@@ -105,14 +84,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    """The same ClientSession settings as sidecar/app.py's _upstream_session."""
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=UPSTREAM_TIMEOUT, sock_read=UPSTREAM_TIMEOUT),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        trust_env=False,
-    )
+    session = upstream_client(UPSTREAM_TIMEOUT)  # the sidecar's own session settings
     app[SESSION] = session
     yield
     await session.close()

@@ -27,7 +27,7 @@ from sidecar.charges import meter_request
 from sidecar.errors import StoreUnavailable
 from sidecar.policy.loader import load_policy
 from sidecar.store.base import Admission, MeterRequest
-from sidecar.store.redis import RedisStore, _arguments, bounded, connect
+from sidecar.store.redis import RedisStore, bounded, connect, script_arguments
 
 CALLERS = 50
 STORE_TIMEOUT = 0.05  # the sidecar's --store-timeout default
@@ -96,7 +96,7 @@ async def run(url: str, policy_path: str, calls: int, only_sidecar: bool, repeat
             variants.append({**entry, "warmup_failed": warmup_failed, "failed": failed})
 
         request = meter_request(policy, customer, "hello", spec, store.time())
-        key_list, args = _arguments(request)
+        key_list, args = script_arguments(request)
         script = store._check  # the sidecar's own script, called through its batcher
         legacy = store.client.register_script(script.source)  # the same, as redis-py's Script
         flat = (*key_list, *args)
@@ -104,7 +104,7 @@ async def run(url: str, policy_path: str, calls: int, only_sidecar: bool, repeat
 
         async def unbatched(request: MeterRequest) -> Admission:
             """check_and_meter as it was before the batcher: one EVALSHA per call through redis-py."""
-            reply = await bounded(legacy(*_arguments(request)), STORE_TIMEOUT)
+            reply = await bounded(legacy(*script_arguments(request)), STORE_TIMEOUT)
             return store._admission(reply, request)
 
         async def batch() -> None:
@@ -159,7 +159,7 @@ async def run(url: str, policy_path: str, calls: int, only_sidecar: bool, repeat
                     await _measure_batched(batch, calls),
                 )
         windows = timeit.repeat(
-            lambda: _arguments(meter_request(policy, customer, "hello", spec, time.time())),
+            lambda: script_arguments(meter_request(policy, customer, "hello", spec, time.time())),
             number=2000,
             repeat=3,
         )

@@ -49,18 +49,20 @@ async def _stored_customers(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    """One keep-alive session for every upstream call: no cookies kept, no decompression, no env proxies."""
-    settings = app[COMPONENTS].settings
-    session = aiohttp.ClientSession(
+def upstream_client(timeout: float) -> aiohttp.ClientSession:
+    """The one keep-alive session for every upstream call: no cookies kept, no decompression, no
+    env proxies. The benchmark's bare proxy uses it too, so the two differ only by metering."""
+    return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS),
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.upstream_timeout, sock_read=settings.upstream_timeout
-        ),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         trust_env=False,
     )
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    session = upstream_client(app[COMPONENTS].settings.upstream_timeout)
     app[SESSION] = session
     yield
     await session.close()

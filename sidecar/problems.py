@@ -107,15 +107,11 @@ def too_many_requests(verdict: Verdict) -> web.Response:
     """429 naming the limit that keeps the request out the longest (credit used up keeps it out
     until a grant); every refusing limit and credit is listed."""
     refusing, credits = verdict.refusing, verdict.refusing_credits
-    names = [s.charge.limit.name for s in refusing] + [c.charge.name for c in credits]
     if credits:
         credit = credits[0]
         retry_after = max([CREDIT_RETRY_AFTER, *(math.ceil(s.reset_seconds) for s in refusing)])
-        body = {
-            "type": QUOTA_EXCEEDED,
-            "title": "Quota exceeded",
-            "status": 429,
-            "detail": f"prepaid {credit.charge.meter} credit is used up; it returns with a new grant",
+        detail = f"prepaid {credit.charge.meter} credit is used up; it returns with a new grant"
+        named: dict[str, Any] = {
             "meter": credit.charge.meter,
             "limit": credit.granted,
             "period": "prepaid",
@@ -126,24 +122,24 @@ def too_many_requests(verdict: Verdict) -> web.Response:
         worst = max(refusing, key=lambda s: s.reset_seconds)
         limit = worst.charge.limit
         retry_after = max(1, math.ceil(worst.reset_seconds))
-        body = {
-            "type": QUOTA_EXCEEDED,
-            "title": "Quota exceeded",
-            "status": 429,
-            "detail": (
-                f"limit {limit.name} ({limit.ceiling} {limit.meter} per {limit.period.value}) is used up"
-            ),
+        detail = f"limit {limit.name} ({limit.ceiling} {limit.meter} per {limit.period.value}) is used up"
+        # rounded first: a cached refusal, aged, must name the same second despite float noise
+        reset = rfc3339(math.ceil(round(verdict.store_time + worst.reset_seconds, 3)))
+        named = {
             "meter": limit.meter,
             "limit": limit.ceiling,
             "period": limit.period.value,
             "remaining": worst.remaining,
-            # rounded first: a cached refusal, aged, must name the same second despite float noise
-            "reset": rfc3339(math.ceil(round(verdict.store_time + worst.reset_seconds, 3))),
+            "reset": reset,
         }
-    body["violated-policies"] = names
     headers = {"Retry-After": str(retry_after), **ratelimit_headers(verdict.limits, verdict.credits)}
-    return web.Response(
-        status=429, body=json.dumps(body).encode(), content_type=PROBLEM_JSON, headers=headers
+    policies = [s.charge.limit.name for s in refusing] + [c.charge.name for c in credits]
+    return problem(
+        429,
+        "Quota exceeded",
+        detail,
+        headers=headers,
+        **{"type": QUOTA_EXCEEDED, **named, "violated-policies": policies},
     )
 
 

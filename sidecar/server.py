@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Coroutine
 from contextlib import AsyncExitStack
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -29,8 +30,7 @@ from sidecar.policy.holder import PolicyHolder, freeze_heap
 from sidecar.reloading import reload_policy, watch
 from sidecar.settings import Settings
 from sidecar.store.embedded import EmbeddedRedis
-from sidecar.store.redis import RedisStore, connect
-from sidecar.store.redis import _arguments as journal_arguments
+from sidecar.store.redis import RedisStore, connect, script_arguments
 
 log = logging.getLogger("sidecar")
 
@@ -56,6 +56,7 @@ async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True)
         metrics.policy_loaded.set(time.time())
         outbox = Outbox(connect(url, BILLING_STORE_TIMEOUT, max_connections=BILLING_CONNECTIONS))
         stack.push_async_callback(outbox.client.aclose)
+        journal = Journal(settings.data_dir / "journal", script_arguments)
         components = Components(
             settings=settings,
             holder=holder,
@@ -63,10 +64,10 @@ async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True)
             metrics=metrics,
             outbox=outbox,
             directory=CustomerDirectory(outbox.client),
-            journal=Journal(settings.data_dir / "journal", journal_arguments),
+            journal=journal,
         )
         await _pusher(stack, components)
-        await _background(stack, _merge_journal(components))
+        await _background(stack, _merge_journal(components, journal))
         await _background(stack, watch(components, stopping))
         loop.add_signal_handler(signal.SIGHUP, _start_reload, components, reloads)
         if admin:
@@ -116,19 +117,17 @@ async def _background(stack: AsyncExitStack, work: Coroutine[object, object, Non
     stack.push_async_callback(cancel)
 
 
-async def _merge_journal(components: Components) -> None:
+async def _merge_journal(components: Components, journal: Journal) -> None:
     """Write the journal to disk every FLUSH_INTERVAL; merge it into the store once a second
     (a no-op while it is empty). On shutdown the last entries are written, to merge after restart."""
-    journal = components.journal
-    assert journal is not None
     metrics = components.metrics
 
-    async def merge(entry: dict[str, object]) -> None:
+    async def merge(entry: dict[str, Any]) -> None:
         if await components.store.replay(entry):
             metrics.journal_merged.inc()
         billing = components.holder.current.billing
         if billing is not None:
-            components.marks.note(str(entry["customer"]), float(str(entry["at"])), billing)
+            components.marks.note(entry["customer"], entry["at"], billing)
 
     try:
         while True:

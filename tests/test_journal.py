@@ -12,7 +12,7 @@ from sidecar.journal import SEGMENT_SUFFIX, Journal
 from sidecar.policy.model import Limit, Period
 from sidecar.policy.windows import calendar_window
 from sidecar.store.base import LimitCharge, MeterRequest, UsageCharge
-from sidecar.store.redis import RedisStore, _arguments
+from sidecar.store.redis import RedisStore, script_arguments
 
 
 def request_at(now: float) -> MeterRequest:
@@ -29,7 +29,7 @@ async def test_recorded_usage_is_merged_into_the_counters_and_the_billing_usage(
     store: RedisStore, tmp_path: Path
 ) -> None:
     now = store.time()
-    journal = Journal(tmp_path, _arguments)
+    journal = Journal(tmp_path, script_arguments)
     for _ in range(5):
         journal.record(request_at(now), now)
     assert await journal.replay(store.replay) == 5
@@ -47,7 +47,7 @@ async def test_an_entry_merged_twice_counts_once(store: RedisStore, tmp_path: Pa
     async def keep(entry: dict[str, Any]) -> None:
         entries.append(entry)
 
-    journal = Journal(tmp_path, _arguments)
+    journal = Journal(tmp_path, script_arguments)
     journal.record(request_at(now), now)
     await journal.replay(keep)
     assert [await store.replay(entries[0]) for _ in range(2)] == [True, False]
@@ -58,22 +58,22 @@ async def test_entries_written_before_a_crash_are_merged_after_the_restart(
     store: RedisStore, tmp_path: Path
 ) -> None:
     now = store.time()
-    before = Journal(tmp_path, _arguments)
+    before = Journal(tmp_path, script_arguments)
     for _ in range(3):
         before.record(request_at(now), now)
     await before.flush()
     before.close()  # what the process's death does to its lock
-    after = Journal(tmp_path, _arguments)
+    after = Journal(tmp_path, script_arguments)
     assert await after.replay(store.replay) == 3
     assert await used(store, now) == 3
 
 
 async def test_a_segment_another_live_process_writes_is_left_alone(store: RedisStore, tmp_path: Path) -> None:
     now = store.time()
-    live = Journal(tmp_path, _arguments)
+    live = Journal(tmp_path, script_arguments)
     live.record(request_at(now), now)
     await live.flush()
-    assert await Journal(tmp_path, _arguments).replay(store.replay) == 0
+    assert await Journal(tmp_path, script_arguments).replay(store.replay) == 0
     assert await live.replay(store.replay) == 1
     live.close()
 
@@ -82,7 +82,7 @@ async def test_a_store_still_down_keeps_the_segment_for_the_next_attempt(
     store: RedisStore, tmp_path: Path
 ) -> None:
     now = store.time()
-    journal = Journal(tmp_path, _arguments)
+    journal = Journal(tmp_path, script_arguments)
     journal.record(request_at(now), now)
 
     async def down(entry: dict[str, Any]) -> None:
@@ -98,11 +98,11 @@ async def test_a_line_cut_short_by_a_crash_is_skipped(
     store: RedisStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     now = store.time()
-    journal = Journal(tmp_path, _arguments)
+    journal = Journal(tmp_path, script_arguments)
     journal.record(request_at(now), now)
     await journal.flush()
     journal.close()
     segment = next(tmp_path.glob(f"*{SEGMENT_SUFFIX}"))
     segment.write_text(segment.read_text() + '{"v": 1, "id": "cut')
-    assert await Journal(tmp_path, _arguments).replay(store.replay) == 1
+    assert await Journal(tmp_path, script_arguments).replay(store.replay) == 1
     assert "incomplete" in caplog.text

@@ -92,15 +92,15 @@ class RedisStore:
         return self.time() + self._timeout / 2
 
     async def check_and_meter(self, request: MeterRequest) -> Admission:
-        reply = await self._call(lambda: self._check(*_arguments(request, deadline=self._deadline())))
+        reply = await self._call(lambda: self._check(*script_arguments(request, deadline=self._deadline())))
         return self._admission(reply, request)
 
     async def charge(self, request: MeterRequest) -> Admission:
-        reply = await self._call(lambda: self._charge(*_arguments(request, deadline=self._deadline())))
+        reply = await self._call(lambda: self._charge(*script_arguments(request, deadline=self._deadline())))
         return self._admission(reply, None)
 
     async def read_limits(self, request: MeterRequest) -> Admission:
-        reply = await self._call(lambda: self._read(*_arguments(request, usage=False)))
+        reply = await self._call(lambda: self._read(*script_arguments(request, usage=False)))
         return self._admission(reply, request, has_over=False)
 
     async def grant(self, customer_id: str, grant: Grant) -> GrantOutcome:
@@ -207,7 +207,7 @@ async def bounded(operation: Awaitable[T], timeout: float) -> T:
         raise StoreUnavailable(f"store did not answer: {type(error).__name__}") from error
 
 
-def _arguments(
+def script_arguments(
     request: MeterRequest, *, usage: bool = True, deadline: float = 0.0
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of the metering scripts, in the layout lib.lua's parse_request reads;

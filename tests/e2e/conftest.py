@@ -12,14 +12,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from sidecar.store.embedded import free_port
+from sidecar.store.embedded import EmbeddedRedis, free_port
 
 ACME = "acme-key-1"
 READY_TIMEOUT = 15.0
@@ -130,6 +130,17 @@ async def launch(tmp_path: Path) -> AsyncIterator[Launcher]:
                 os.killpg(sidecar.process.pid, signal.SIGKILL)
             if sidecar.process.returncode is None:
                 await sidecar.process.wait()
+
+
+@pytest.fixture
+def outage_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A redis-server of the test's own, to stop or pause (SIGSTOP); resumed before it is stopped."""
+    server = EmbeddedRedis(tmp_path / "redis", persistent=False)
+    server.start()
+    yield server
+    if server.pid is not None:
+        os.kill(server.pid, signal.SIGCONT)
+    server.stop()
 
 
 @pytest.fixture

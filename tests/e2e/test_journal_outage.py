@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -18,16 +17,6 @@ from tests.conftest import Upstream, key_hash, write_policy
 from tests.e2e.conftest import ACME, PROBE_TIMEOUT, READY_TIMEOUT, Launcher, Sidecar, get
 
 STORE_TIMEOUT = "0.05"
-
-
-@pytest.fixture
-def paused_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path / "redis", persistent=False)
-    server.start()
-    yield server
-    if server.pid is not None:
-        os.kill(server.pid, signal.SIGCONT)
-    server.stop()
 
 
 def open_policy(tmp_path: Path) -> Path:
@@ -65,18 +54,18 @@ async def used_today(session: aiohttp.ClientSession, sidecar: Sidecar) -> int:
 async def test_usage_admitted_during_an_outage_survives_a_restart_and_is_merged_once(
     launch: Launcher,
     session: aiohttp.ClientSession,
-    paused_redis: EmbeddedRedis,
+    outage_redis: EmbeddedRedis,
     upstream: Upstream,
     tmp_path: Path,
 ) -> None:
     policy, data = open_policy(tmp_path), tmp_path / "data"
-    args = ("--redis", paused_redis.url, "--store-timeout", STORE_TIMEOUT)
+    args = ("--redis", outage_redis.url, "--store-timeout", STORE_TIMEOUT)
     first = await launch(policy, upstream.url, data, *args)
     await first.wait_ready(session)
     assert [(await get(session, f"{first.proxy}/v1/search"))[0] for _ in range(3)] == [200] * 3
 
-    assert paused_redis.pid is not None
-    os.kill(paused_redis.pid, signal.SIGSTOP)
+    assert outage_redis.pid is not None
+    os.kill(outage_redis.pid, signal.SIGSTOP)
     worst = 0.0
     for _ in range(20):
         started = time.perf_counter()
@@ -88,7 +77,7 @@ async def test_usage_admitted_during_an_outage_survives_a_restart_and_is_merged_
 
     second = await launch(policy, upstream.url, data, *args)
     await wait_healthy(session, second)
-    os.kill(paused_redis.pid, signal.SIGCONT)
+    os.kill(outage_redis.pid, signal.SIGCONT)
     await second.wait_ready(session)
     deadline = time.monotonic() + 10
     while (used := await used_today(session, second)) < 23 and time.monotonic() < deadline:

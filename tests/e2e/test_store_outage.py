@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -25,16 +25,6 @@ STORE_TIMEOUT = 0.05
 ANSWER_BUDGET = 0.25
 
 Client = TestClient[web.Request, web.Application]
-
-
-@pytest.fixture
-def outage_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path / "redis", persistent=False)
-    server.start()
-    yield server
-    if server.pid is not None:
-        os.kill(server.pid, signal.SIGCONT)
-    server.stop()
 
 
 def policy(tmp_path: Path, store_failure: str) -> Path:

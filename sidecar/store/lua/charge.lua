@@ -9,13 +9,10 @@
 -- Returns {1, time_s, time_us}, or {-1, time_s, time_us} when a calendar window given does not
 -- contain the store's time (nothing written; recompute and call again), or {-2, ...} when the
 -- call came after its deadline (nothing written).
-local t = redis.call('TIME')
-local now_s = tonumber(t[1])
-local frac_us = tonumber(t[2])
-local now_us = now_s * 1000000 + frac_us
+local t, now_s, frac_us, now_us = store_clock()
 local req = parse_request()
-if past_deadline(req, now_us) then return {-2, t[1], t[2]} end
-if stale(req, now_s) then return {-1, t[1], t[2]} end
+local early = cannot_run(req, t, now_s, now_us)
+if early then return early end
 if req.holds and req.hold ~= '' then release_hold(req.holds, req.hold_expiries, req.hold) end
 release_expired_holds(req, math.floor(now_us / 1000))
 

@@ -10,13 +10,10 @@
 --   contain the store's time; recompute and call again; -2 past the deadline: nothing written.
 -- Expired reservations of the customer are released first, even when the request is refused:
 -- they hold units that no longer belong to anyone.
-local t = redis.call('TIME')
-local now_s = tonumber(t[1])
-local frac_us = tonumber(t[2])
-local now_us = now_s * 1000000 + frac_us
+local t, now_s, frac_us, now_us = store_clock()
 local req = parse_request()
-if past_deadline(req, now_us) then return {-2, t[1], t[2]} end
-if stale(req, now_s) then return {-1, t[1], t[2]} end
+local early = cannot_run(req, t, now_s, now_us)
+if early then return early end
 release_expired_holds(req, math.floor(now_us / 1000))
 
 local refused = false

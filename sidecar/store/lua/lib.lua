@@ -167,6 +167,22 @@ local function stale(req, now_s)
   return false
 end
 
+-- The store's clock: TIME's reply (echoed to the caller), whole seconds, microseconds within the
+-- second, and microseconds since the epoch.
+local function store_clock()
+  local t = redis.call('TIME')
+  local now_s, frac_us = tonumber(t[1]), tonumber(t[2])
+  return t, now_s, frac_us, now_s * 1000000 + frac_us
+end
+
+-- The reply of a script that must write nothing: {-2, ...} past the caller's deadline, {-1, ...}
+-- when a calendar window is stale; nil when the script may go on.
+local function cannot_run(req, t, now_s, now_us)
+  if past_deadline(req, now_us) then return {-2, t[1], t[2]} end
+  if stale(req, now_s) then return {-1, t[1], t[2]} end
+  return nil
+end
+
 -- Fills in l.used and l.reset (and l.expired for a rate limit); reads only.
 local function read_limit(l, now_s, now_us, frac_us)
   if l.kind == 'r' then

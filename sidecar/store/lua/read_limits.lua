@@ -3,12 +3,10 @@
 -- KEYS/ARGV: the request of lib.lua's parse_request, without a usage hash (amounts are 0).
 -- Returns {1, time_s, time_us, then per limit: used, reset_us, then per credit: granted, balance};
 -- a calendar window that does not contain the store's time reads as stale: {-1, time_s, time_us}.
-local t = redis.call('TIME')
-local now_s = tonumber(t[1])
-local frac_us = tonumber(t[2])
-local now_us = now_s * 1000000 + frac_us
+local t, now_s, frac_us, now_us = store_clock()
 local req = parse_request()
-if stale(req, now_s) then return {-1, t[1], t[2]} end
+local early = cannot_run(req, t, now_s, now_us)  -- no deadline is given for a read
+if early then return early end
 local reply = {1, t[1], t[2]}
 for _, l in ipairs(req.limits) do
   read_limit(l, now_s, now_us, frac_us)
