@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any, TypeVar
@@ -34,6 +33,7 @@ from sidecar.store.base import (
 )
 from sidecar.store.batching import ScriptBatcher
 from sidecar.store.breaker import CircuitBreaker
+from sidecar.store.clock import StoreClock
 
 T = TypeVar("T")
 log = logging.getLogger("sidecar.store")
@@ -72,7 +72,7 @@ class RedisStore:
         self.client = client
         self._timeout = timeout
         self.breaker = CircuitBreaker()
-        self._clock_offset = 0.0
+        self._clock = StoreClock()
         # The hot path's scripts go through the batcher: one pipelined round trip per loop turn.
         self.batcher = ScriptBatcher.of_client(client, timeout=timeout)
         self._check = self.batcher.register(load_script("check_and_meter"))
@@ -82,7 +82,7 @@ class RedisStore:
         self._replay = client.register_script(load_script("replay"))
 
     def time(self) -> float:
-        return time.time() + self._clock_offset
+        return self._clock.now()
 
     def _deadline(self) -> float:
         """When a metering script must no longer write (store clock): half the store timeout from
@@ -169,7 +169,7 @@ class RedisStore:
         self, reply: Sequence[Any], request: MeterRequest | None, *, has_over: bool = True
     ) -> Admission:
         store_time = int(reply[1]) + int(reply[2]) / 1e6
-        self._clock_offset = store_time - time.time()
+        self._clock.learn(store_time)
         if int(reply[0]) == EXPIRED:
             raise StoreUnavailable("the store ran the script after its deadline; it wrote nothing")
         outcome = _OUTCOMES[int(reply[0])]
