@@ -171,15 +171,12 @@ HOT_PATH = (
     "identify (sidecar/identity.py)",
     "meter_request (sidecar/charges.py)",
     "RedisStore.check_and_meter (sidecar/store/redis.py)",
-    "bounded (sidecar/store/redis.py)",
-    "AsyncScript.__call__ (redis/commands/core.py)",
-    "Redis.execute_command (redis/asyncio/client.py)",
-    "BlockingConnectionPool.get_connection (redis/asyncio/connection.py)",
-    "AbstractConnection.pack_command (redis/asyncio/connection.py)",
-    "AbstractConnection.send_packed_command (redis/asyncio/connection.py)",
-    "AbstractConnection.read_response (redis/asyncio/connection.py)",
-    "BlockingConnectionPool.release (redis/asyncio/connection.py)",
+    "script_arguments (sidecar/store/redis.py)",
+    "ScriptBatcher.call (sidecar/store/batching.py)",
+    "_evalsha (sidecar/store/batching.py)",
     "RedisStore._admission (sidecar/store/redis.py)",
+    "ScriptBatcher._flush (sidecar/store/batching.py)",
+    "_Link.data_received (sidecar/store/batching.py)",
     "Metrics.record_verdict (sidecar/metrics.py)",
     "forward (sidecar/proxy.py)",
     "upstream_request_headers (sidecar/proxy.py)",
@@ -188,6 +185,13 @@ HOT_PATH = (
     "ratelimit_headers (sidecar/problems.py)",
     "StreamResponse.prepare (aiohttp/web_response.py)",
     "_relay_body (sidecar/proxy.py)",
+)
+
+
+# The store batcher's work runs in loop callbacks, outside any request handler's stack.
+BATCHER_FRAMES = (
+    "ScriptBatcher._flush (sidecar/store/batching.py)",
+    "_Link.data_received (sidecar/store/batching.py)",
 )
 
 
@@ -206,13 +210,18 @@ PARTS = (
         ("",),
         ("",),
     ),
+    Part(
+        "the batcher in loop callbacks: each turn's pipeline written, the replies read and handed out",
+        BATCHER_FRAMES,
+        (),
+    ),
     Part("the request handler, in all", ("handle (sidecar/proxy.py)",), ("handle (bench/bare_proxy.py)",)),
     Part(
         "· admission: route, identity, calendar windows, the EVALSHA call", ("admit (sidecar/gate.py)",), ()
     ),
     Part(
-        "  · of which redis-py and its timeouts (pool, pack, send, read, parse)",
-        ("RedisStore._call (sidecar/store/redis.py)",),
+        "  · of which the store call in the handler (arguments, RESP, queueing, the reply parsed)",
+        ("RedisStore.check_and_meter (sidecar/store/redis.py)",),
         (),
     ),
     Part(
@@ -252,9 +261,9 @@ def part_samples(summary: Summary, part: Part, kind: str) -> int | None:
     names = part.sidecar if kind == "sidecar" else part.bare
     if not names:
         return None
-    if names == ("",):  # everything outside the handler
+    if names == ("",):  # everything outside the handler (and outside the batcher's callbacks)
         handler = "handle (sidecar/proxy.py)" if kind == "sidecar" else "handle (bench/bare_proxy.py)"
-        return summary.busy - summary.within_any([handler])
+        return summary.busy - summary.within_any([handler, *BATCHER_FRAMES])
     if part.leaf is not None:
         return sum(summary.within(name, leaf=part.leaf) for name in names)
     return summary.within_any(names)

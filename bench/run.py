@@ -670,7 +670,7 @@ class Bench:
         )
         return (
             "\n".join(lines) + "\n\nBuilding the windows and the script's KEYS/ARGV alone (`meter_request` + "
-            f"`_arguments`, no I/O, timeit): {arguments} per call."
+            f"`script_arguments`, no I/O, timeit): {arguments} per call."
         )
 
     def details(self) -> str:
@@ -722,7 +722,7 @@ class Bench:
         paced = {side.customers: (bare, side) for bare, side in self.pairs("paced")}
         for bare, side in self.pairs("saturated"):
             ratio = side.load.rps / bare.load.rps if bare.load.rps else 0.0
-            trips = side.per_request(side.scripts) or 0.0
+            trips = side.per_request(side.round_trips) or 0.0
             checks = [
                 (f"throughput {ratio:.2f}× bare (≥ {TARGET_RATIO}×)", ratio >= TARGET_RATIO)  # noqa: RUF001,
             ]
@@ -737,7 +737,7 @@ class Bench:
                 ]
             checks.append(
                 (
-                    f"{trips:.3f} EVALSHA per admitted request (≤ {TARGET_ROUND_TRIPS:g})",
+                    f"{trips:.3f} Redis round trips per admitted request (≤ {TARGET_ROUND_TRIPS:g})",
                     trips <= TARGET_ROUND_TRIPS,
                 )
             )
@@ -1000,7 +1000,7 @@ def machine(tool: str) -> str:
     if uvloop is None:
         parts.append("no uvloop")
     else:
-        parts.append(f"uvloop {getattr(uvloop, '__version__', '?')} (for the bench's uvloop rows only)")
+        parts.append(f"uvloop {getattr(uvloop, '__version__', '?')} (the uvloop rows: `--loop uvloop`)")
     return ", ".join(parts)
 
 

@@ -78,7 +78,7 @@ async def test_calls_of_later_loop_turns_form_later_batches(batcher: ScriptBatch
 
     results = await asyncio.gather(*(caller() for _ in range(20)))
     assert sorted(v for r in results for v in r) == list(range(1, 201))
-    assert 10 <= batcher.round_trips <= 40, "about one batch per round of the 20 callers"
+    assert 10 <= batcher.round_trips < 100, "about one batch per round of the 20 callers, not 200"
 
 
 async def test_an_error_reply_fails_only_its_own_call(batcher: ScriptBatcher) -> None:
@@ -131,13 +131,13 @@ async def test_one_deadline_bounds_the_whole_batch(redis_url: str, plain: aiored
     incr = batcher.register(INCR)
     try:
         await batcher.connect()
-        spin = asyncio.ensure_future(plain.eval(SPIN, 0, 400_000))  # Redis busy for 0.4 s
+        spin = asyncio.ensure_future(plain.eval(SPIN, 0, 600_000))  # Redis busy for 0.6 s
         await asyncio.sleep(0.02)
         started = time.perf_counter()
         replies = await asyncio.gather(*(incr(["counter"]) for _ in range(30)), return_exceptions=True)
         waited = time.perf_counter() - started
         assert all(isinstance(r, StoreUnavailable) for r in replies)
-        assert waited < 0.15, f"the batch waited {waited:.3f}s for a 0.05s deadline"
+        assert waited < 0.35, f"the batch waited {waited:.3f}s for a 0.05s deadline, not for Redis"
         await spin
         assert await incr(["counter"]) >= 1, "the next batch opens a new connection and works"
     finally:
