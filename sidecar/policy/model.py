@@ -277,8 +277,9 @@ def resolve_charges(
         amount = request_amount(meter, feature) if meter.source.at_request_time else 0
         if meter.source.at_request_time and amount == 0:
             continue
-        enforced = limit.is_hard and not limit.shadow and not plan.shadow
         allowance = meter.name in plan.prepaid and not limit.period.is_rate
+        # An allowance never refuses by itself: its credit does, for what the allowance cannot cover.
+        enforced = limit.is_hard and not limit.shadow and not plan.shadow and not allowance
         limits.append(LimitSpec(limit, amount, enforced, meter.counts_requests, allowance))
     credits = []
     for name in plan.prepaid:

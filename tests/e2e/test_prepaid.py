@@ -245,6 +245,19 @@ async def test_the_monthly_allowance_is_used_before_credit(
     assert (rows["month"]["used"], rows["prepaid"]["used"], rows["prepaid"]["remaining"]) == (500, 400, 600)
 
 
+async def test_a_request_past_the_allowance_and_the_credit_is_refused_by_the_credit_alone(
+    sidecar: SidecarFactory, tmp_path: Path, llm: str
+) -> None:
+    policy = credits_policy(tmp_path, allowance="limits: [{meter: tokens, limit: 500, period: month}]")
+    admin, client = await sidecar(policy, llm, admin=True), await sidecar(policy, llm)
+    await grant(admin, 100)
+    response = await client.post("/v1/completions", json={"max_tokens": 700}, headers=HEADERS)
+    assert response.status == 429
+    body = await response.json(content_type="application/problem+json")
+    assert (body["period"], body["violated-policies"]) == ("prepaid", ["tokens-prepaid"])
+    assert response.headers["Retry-After"] == "60"  # a grant lifts it, not the month's end
+
+
 async def test_concurrent_reserved_requests_on_two_replicas_never_overdraw(
     sidecar: SidecarFactory, tmp_path: Path, llm: str
 ) -> None:
