@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import date
 
-from sidecar.policy.model import Aggregation, ChargeSpec, Customer, Limit, Policy
+from sidecar.policy.model import Aggregation, ChargeSpec, Customer, Limit, LimitSpec, Policy
 from sidecar.policy.windows import Window, calendar_window
 from sidecar.store.base import CreditCharge, Hold, LimitCharge, MeterRequest, UsageCharge
 
@@ -32,37 +33,66 @@ def meter_request(
     ``reserved`` maps a measured meter to the amount this request holds until it settles under
     ``hold_id``; an amount of 0 holds nothing and admits while the balance is above zero.
     """
-    limits = tuple(
-        LimitCharge(
-            s.limit,
-            s.amount or reserved.get(s.limit.meter, 0),
-            window_for(s.limit, now, customer),
-            s.enforced,
-            s.counts_requests,
-            s.allowance,
-            reserved.get(s.limit.meter, 0) > 0,
-        )
-        for s in spec.limits
-    )
+    holding = any(reserved.values())
+    if holding:
+        limits = tuple([_reserving(s, now, customer, reserved) for s in spec.limits])
+    else:
+        anchor = customer.billing_anchor
+        limits = tuple([_fixed(s, now, anchor) for s in spec.limits])
     credits = tuple(
-        CreditCharge(
-            c.meter.name,
-            c.amount or reserved.get(c.meter.name, 0),
-            c.enforced,
-            c.allowances,
-            reserved.get(c.meter.name, 0) > 0,
-            c.meter.counts_requests,
-        )
-        for c in spec.credits
+        [
+            CreditCharge(
+                c.meter.name,
+                c.amount or reserved.get(c.meter.name, 0),
+                c.enforced,
+                c.allowances,
+                reserved.get(c.meter.name, 0) > 0,
+                c.meter.counts_requests,
+            )
+            for c in spec.credits
+        ]
     )
     usage = (
-        tuple(UsageCharge(meter, feature, amount, "+") for meter, amount in spec.usage)
+        tuple([UsageCharge(meter, feature, amount, "+") for meter, amount in spec.usage])
         if policy.billing
         else ()
     )
-    hold = _hold(spec, hold_id) if any(reserved.values()) else None
+    hold = _hold(spec, hold_id) if holding else None
     holds = bool(spec.credits or spec.reserves)
     return MeterRequest(customer.id, limits, usage, policy.billing_interval, credits, hold, holds)
+
+
+# Windows remembered per limit: a month limit has at most 31 current windows (one per anchor day),
+# so this is reached only when time has moved on through many windows; then it starts afresh.
+_WINDOWS_REMEMBERED = 64
+
+
+def _fixed(spec: LimitSpec, now: float, anchor: date | None) -> LimitCharge:
+    """A request that reserves nothing adds the same to a limit as every other one in the same
+    window, so the LimitCharge is built once per window (spec.charges) and shared."""
+    limit = spec.limit
+    period = limit.period
+    window = None if period.is_rate else calendar_window(period, now, anchor)
+    charge = spec.charges.get(window)
+    if charge is None:
+        if len(spec.charges) >= _WINDOWS_REMEMBERED:
+            spec.charges.clear()
+        charge = LimitCharge(limit, spec.amount, window, spec.enforced, spec.counts_requests, spec.allowance)
+        spec.charges[window] = charge
+    return charge
+
+
+def _reserving(spec: LimitSpec, now: float, customer: Customer, reserved: Mapping[str, int]) -> LimitCharge:
+    held = reserved.get(spec.limit.meter, 0)
+    return LimitCharge(
+        spec.limit,
+        spec.amount or held,
+        window_for(spec.limit, now, customer),
+        spec.enforced,
+        spec.counts_requests,
+        spec.allowance,
+        held > 0,
+    )
 
 
 def _hold(spec: ChargeSpec, hold_id: str) -> Hold:

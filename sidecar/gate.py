@@ -53,7 +53,13 @@ class Verdict:
 
     @property
     def forwards(self) -> bool:
-        return self.decision in _FORWARDED
+        # Identity tests, not a set: hashing an enum member is a Python-level call.
+        decision = self.decision
+        return (
+            decision is Decision.ADMITTED
+            or decision is Decision.PUBLIC
+            or decision is Decision.ADMITTED_UNMETERED
+        )
 
     @property
     def recorded_usage(self) -> bool:
@@ -74,13 +80,12 @@ class Verdict:
     def shadow_refusals(self) -> tuple[LimitState, ...]:
         """Limits that would have refused had they not been shadow limits (or on a shadow plan)."""
         return tuple(
-            s
-            for s in self.limits
-            if s.over and not s.charge.enforced and s.charge.limit.is_hard and not s.charge.allowance
+            [
+                s
+                for s in self.limits
+                if s.over and not s.charge.enforced and s.charge.limit.is_hard and not s.charge.allowance
+            ]
         )
-
-
-_FORWARDED = frozenset({Decision.PUBLIC, Decision.ADMITTED, Decision.ADMITTED_UNMETERED})
 
 
 async def _no_body() -> bytes | None:
@@ -138,9 +143,9 @@ async def _meter(
     spec: ChargeSpec,
     reserved: Mapping[str, int],
 ) -> Verdict:
-    admitted = Verdict(decision=Decision.ADMITTED, feature=feature, customer=customer, plan=plan, spec=spec)
     if not spec.limits and not spec.credits and not (spec.usage and policy.billing):
-        return admitted  # nothing to check at admission; measured meters are still charged later
+        # Nothing to check at admission; measured meters are still charged later.
+        return Verdict(decision=Decision.ADMITTED, feature=feature, customer=customer, plan=plan, spec=spec)
     hold_id = secrets.token_hex(8) if any(reserved.values()) else ""
     try:
         admission = await at_store_time(

@@ -150,23 +150,25 @@ def ratelimit_headers(
     prepaid credit (no window: ``w`` and ``t`` are left out, as the draft allows)."""
     if not states and not credits:
         return {}
-    ordered = sorted(states, key=_tightness)
-    policies = [_policy_item(s) for s in ordered] + [_credit_item(c) for c in credits]
-    current = [f'"{s.charge.limit.name}";r={s.remaining};t={math.ceil(s.reset_seconds)}' for s in ordered]
-    current += [f'"{c.charge.name}";r={max(0, c.balance)}' for c in credits]
+    policies: list[str] = []
+    current: list[str] = []
+    for state in sorted(states, key=_tightness) if len(states) > 1 else states:
+        charge = state.charge
+        limit = charge.limit
+        window = charge.window
+        seconds = window[1] - window[0] if window else limit.period.seconds
+        unit = "" if charge.counts_requests else f';sc-qu="{limit.meter}"'
+        policies.append(f'"{limit.name}";q={limit.ceiling};w={seconds}{unit}')
+        current.append(f'"{limit.name}";r={state.remaining};t={math.ceil(state.reset_seconds)}')
+    for credit in credits:
+        policies.append(_credit_item(credit))
+        current.append(f'"{credit.charge.name}";r={max(0, credit.balance)}')
     return {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(current)}
 
 
 def _tightness(state: LimitState) -> float:
     ceiling = state.charge.limit.ceiling
     return state.remaining / ceiling if ceiling else 0.0
-
-
-def _policy_item(state: LimitState) -> str:
-    limit, window = state.charge.limit, state.charge.window
-    seconds = window[1] - window[0] if window else limit.period.seconds
-    item = f'"{limit.name}";q={limit.ceiling};w={seconds}'
-    return item if state.charge.counts_requests else f'{item};sc-qu="{limit.meter}"'
 
 
 def _credit_item(credit: CreditState) -> str:

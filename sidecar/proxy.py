@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
 
 import aiohttp
 from aiohttp import web
@@ -44,7 +43,10 @@ HOP_BY_HOP = frozenset(
         "expect",
     }
 )
+_HOP_BY_HOP_NAMES = tuple(HOP_BY_HOP)
 IDENTITY_HEADERS = frozenset({"x-customer-id", "x-customer-plan"})
+# Never passed on as the client sent them: the forwarding headers are appended to instead.
+_NOT_FORWARDED = HOP_BY_HOP | IDENTITY_HEADERS | {"x-forwarded-for", "x-forwarded-proto"}
 # Headers the client library would otherwise invent: the upstream sees only what the client sent.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -74,19 +76,22 @@ async def handle(request: web.Request) -> web.StreamResponse:
         keep_in_journal(components, verdict.unrecorded, "admission")
     if policy.billing and verdict.recorded_usage and verdict.customer:
         components.marks.note(verdict.customer.id, verdict.store_time, policy.billing)
-    if verdict.shadow_refusals and verdict.customer is not None:
-        names = ", ".join(state.charge.limit.name for state in verdict.shadow_refusals)
-        log.info("shadow: %s on %s would have been refused by %s", verdict.customer.id, request.path, names)
+    shadowed = _shadow_names(verdict)
+    if shadowed and verdict.customer is not None:
+        customer_id = verdict.customer.id
+        log.info("shadow: %s on %s would have been refused by %s", customer_id, request.path, shadowed)
     if reads_json(verdict.spec):
         tally.capture = bytearray()
     try:
-        response, upstream_headers = await forward(request, components, verdict, tally, body)
+        response, upstream_headers = await forward(request, components, verdict, tally, body, shadowed)
     except asyncio.CancelledError:
         # The server cancels handlers of clients that left when run with handler_cancellation
         # (aiohttp's test server does): a reservation must still be released, not left to expire.
         if verdict.hold_id:
             await asyncio.shield(charge_response(components, policy, verdict, None))
         raise
+    if verdict.spec is None or not verdict.spec.measured:
+        return response  # nothing is measured from the exchange: charge_response would do nothing
     exchange = None
     if upstream_headers is not None:
         exchange = tally.exchange(request.headers, upstream_headers, response.status)
@@ -94,8 +99,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def _shadow_names(verdict: Verdict) -> str:
+    """The shadow limits that would have refused, for the log and Sidecar-Shadow-Refusal ("" for none)."""
+    shadowed = verdict.shadow_refusals
+    return ", ".join([state.charge.limit.name for state in shadowed]) if shadowed else ""
+
+
 async def forward(
-    request: web.Request, components: Components, verdict: Verdict, tally: Tally, body: RequestBody
+    request: web.Request,
+    components: Components,
+    verdict: Verdict,
+    tally: Tally,
+    body: RequestBody,
+    shadowed: str,
 ) -> tuple[web.StreamResponse, CIMultiDictProxy[str] | None]:
     """The response, and the upstream's headers when it answered (None when it did not)."""
     # Path and query exactly as sent; rel_url, not raw_path, because raw_path is the whole target of
@@ -126,7 +142,7 @@ async def forward(
         components.metrics.upstream_errors.labels("refused").inc()
         return problems.bad_gateway(f"the upstream is unreachable ({type(error).__name__})"), None
     async with upstream:
-        return await _stream_back(request, upstream, verdict, components, tally), upstream.headers
+        return await _stream_back(request, upstream, verdict, components, tally, shadowed), upstream.headers
 
 
 async def _stream_back(
@@ -135,15 +151,22 @@ async def _stream_back(
     verdict: Verdict,
     components: Components,
     tally: Tally,
+    shadowed: str,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(without_hop_by_hop(upstream.headers))
-    response.headers.update(problems.ratelimit_headers(verdict.limits, verdict.credits))
-    if verdict.shadow_refusals:
-        response.headers["Sidecar-Shadow-Refusal"] = ", ".join(
-            s.charge.limit.name for s in verdict.shadow_refusals
-        )
-    await response.prepare(request)
+    headers = response.headers
+    headers.extend(without_hop_by_hop(upstream.headers))
+    headers.update(problems.ratelimit_headers(verdict.limits, verdict.credits))
+    if shadowed:
+        headers["Sidecar-Shadow-Refusal"] = shadowed
+    try:
+        await response.prepare(request)
+    except ConnectionError:
+        # The client left before the status line could be written (wrk closing its connections
+        # at the end of a run does it): not an error, and there is no one to send the body to.
+        tally.cut = True
+        log.debug("client left before the response on %s %s", request.method, request.path)
+        return response
     await _relay_body(request, upstream, response, components, tally)
     return response
 
@@ -214,30 +237,31 @@ def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     )
 
 
-def without_hop_by_hop(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def without_hop_by_hop(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str] | list[tuple[str, str]]:
+    """The headers themselves when none is hop-by-hop (the common answer), else the others."""
+    if not any(name in headers for name in _HOP_BY_HOP_NAMES):  # case-insensitive lookups, in C
+        return headers
     dropped = HOP_BY_HOP | connection_listed(headers)
-    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in dropped)
+    return [(name, value) for name, value in headers.items() if name.lower() not in dropped]
 
 
 def upstream_request_headers(request: web.Request, verdict: Verdict) -> CIMultiDict[str]:
-    forwarding = {"x-forwarded-for", "x-forwarded-proto"}
-    dropped = HOP_BY_HOP | IDENTITY_HEADERS | forwarding | connection_listed(request.headers)
-    headers = _one_spelling(
-        (n, v) for n, v in request.headers.items() if n.lower() not in dropped and not spoofable(n)
-    )
-    headers["X-Forwarded-For"] = _appended(request.headers, "X-Forwarded-For", request.remote or "unknown")
-    headers["X-Forwarded-Proto"] = _appended(request.headers, "X-Forwarded-Proto", request.scheme)
+    incoming = request.headers
+    dropped = _NOT_FORWARDED | connection_listed(incoming) if "Connection" in incoming else _NOT_FORWARDED
+    # Repeats of a name take its first spelling: aiohttp's ClientSession keeps only the last of
+    # names that differ in case (X-Tag, x-tag) and would silently drop the others' values.
+    spelling: dict[str, str] = {}
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lowered = name.lower()
+        if lowered not in dropped and not spoofable(name):
+            headers.add(spelling.setdefault(lowered, name), value)
+    headers["X-Forwarded-For"] = _appended(incoming, "X-Forwarded-For", request.remote or "unknown")
+    headers["X-Forwarded-Proto"] = _appended(incoming, "X-Forwarded-Proto", request.scheme)
     if verdict.customer is not None and verdict.decision is not Decision.PUBLIC:
         headers["X-Customer-Id"] = verdict.customer.id
         headers["X-Customer-Plan"] = verdict.customer.plan
     return headers
-
-
-def _one_spelling(pairs: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """Repeats of a name take its first spelling: aiohttp's ClientSession keeps only the last of
-    names that differ in case (X-Tag, x-tag) and would silently drop the others' values."""
-    first: dict[str, str] = {}
-    return CIMultiDict((first.setdefault(name.lower(), name), value) for name, value in pairs)
 
 
 def _appended(headers: CIMultiDictProxy[str], name: str, value: str) -> str:

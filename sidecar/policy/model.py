@@ -11,11 +11,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from sidecar.policy.routes import RouteTable
 
+if TYPE_CHECKING:
+    from sidecar.store.base import LimitCharge
+
+_PERIOD_SECONDS = {
+    "second": 1,
+    "minute": 60,
+    "hour": 3600,
+    "day": 86400,
+    "week": 7 * 86400,
+    "month": 30 * 86400,
+}
+
 
 class Period(enum.Enum):
+    """A limit's period. ``is_rate`` and ``seconds`` are plain member attributes, set once: the hot
+    path reads them for every limit of every request, and as properties each read cost a call
+    through the enum's descriptors (and, for ``seconds``, hashing the member in Python)."""
+
     SECOND = "second"
     MINUTE = "minute"
     HOUR = "hour"
@@ -23,25 +40,11 @@ class Period(enum.Enum):
     WEEK = "week"
     MONTH = "month"
 
-    @property
-    def is_rate(self) -> bool:
-        """Second/minute/hour limits are moving windows; day/week/month are UTC calendar windows."""
-        return self in (Period.SECOND, Period.MINUTE, Period.HOUR)
-
-    @property
-    def seconds(self) -> int:
-        """Nominal length; a calendar month's real length comes from windows.py."""
-        return _PERIOD_SECONDS[self]
-
-
-_PERIOD_SECONDS = {
-    Period.SECOND: 1,
-    Period.MINUTE: 60,
-    Period.HOUR: 3600,
-    Period.DAY: 86400,
-    Period.WEEK: 7 * 86400,
-    Period.MONTH: 30 * 86400,
-}
+    def __init__(self, value: str) -> None:
+        # Second/minute/hour limits are moving windows; day/week/month are UTC calendar windows.
+        self.is_rate = value in ("second", "minute", "hour")
+        # Nominal length; a calendar month's real length comes from windows.py.
+        self.seconds = _PERIOD_SECONDS[value]
 
 
 class Aggregation(enum.Enum):
@@ -145,17 +148,16 @@ class Limit:
     feature: str | None = None
     on_exceed: OnExceed = OnExceed.REJECT
     shadow: bool = False
+    # Derived once here, not per read: the hot path reads both for every limit of every request.
+    # name: what clients see in RateLimit headers and 429 bodies, e.g. requests-month.
+    # ceiling: units admitted in one window, the limit plus the burst allowance.
+    name: str = field(init=False, repr=False, compare=False)
+    ceiling: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def name(self) -> str:
-        """The policy name clients see in RateLimit headers and 429 bodies, e.g. requests-month."""
+    def __post_init__(self) -> None:
         base = f"{self.meter}-{self.period.value}"
-        return f"{base}-{self.feature}" if self.feature else base
-
-    @property
-    def ceiling(self) -> int:
-        """Units admitted in one window: the limit plus the burst allowance."""
-        return self.limit + self.burst
+        object.__setattr__(self, "name", f"{base}-{self.feature}" if self.feature else base)
+        object.__setattr__(self, "ceiling", self.limit + self.burst)
 
     @property
     def is_hard(self) -> bool:
@@ -225,6 +227,12 @@ class LimitSpec:
     enforced: bool
     counts_requests: bool
     allowance: bool = False
+    # What a request that reserves nothing adds, by calendar window (None for a rate limit): the
+    # same frozen object for every request in that window, so admission does not build it anew.
+    # Filled by charges.py, which also bounds it; not part of the policy's value.
+    charges: dict[tuple[int, int] | None, LimitCharge] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
 
 @dataclass(frozen=True, slots=True)

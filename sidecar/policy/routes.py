@@ -16,7 +16,7 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 def has_dot_segments(path: str) -> bool:
     """A decoded path with `.` or `..` segments: an upstream that normalises it would serve a
     route other than the one the route table matched, so such paths are refused, not routed."""
-    return any(segment in (".", "..") for segment in path.split("/"))
+    return "." in path and any(segment in (".", "..") for segment in path.split("/"))
 
 
 def template_to_regex(template: str) -> re.Pattern[str]:

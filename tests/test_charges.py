@@ -1,0 +1,89 @@
+"""meter_request: what one admitted request charges, with the window charges shared per window."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+
+from sidecar.charges import meter_request
+from sidecar.policy.loader import load_policy
+from sidecar.policy.model import Customer, Policy
+from sidecar.store.base import LimitCharge
+from tests.conftest import write_policy
+
+JAN_10 = datetime(2026, 1, 10, tzinfo=UTC).timestamp()
+FEB_10 = datetime(2026, 2, 10, tzinfo=UTC).timestamp()
+JAN_1, FEB_1, MAR_1 = (int(datetime(2026, m, 1, tzinfo=UTC).timestamp()) for m in (1, 2, 3))
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Policy:
+    return load_policy(
+        write_policy(
+            tmp_path,
+            """
+            version: 1
+            meters:
+              requests: {aggregation: count}
+              tokens: {aggregation: sum, source: "response.header:X-Tokens", reserve: 50}
+            features: [{name: chat, match: {path: /chat}}]
+            plans:
+              p:
+                features: [chat]
+                limits:
+                  - {meter: requests, limit: 100, period: month}
+                  - {meter: requests, limit: 5, period: second}
+                  - {meter: tokens, limit: 1000, period: month}
+            customers:
+              acme: {plan: p, api_keys: []}
+            """,
+        )
+    )
+
+
+def charges(
+    policy: Policy, now: float, customer: Customer | None = None, **reserved: int
+) -> tuple[LimitCharge, ...]:
+    customer = customer or policy.customers["acme"]
+    return meter_request(policy, customer, "chat", policy.charges[("p", "chat")], now, reserved).limits
+
+
+def test_a_request_that_reserves_nothing_charges_each_limit_in_the_window_of_now(policy: Policy) -> None:
+    month, second, tokens = (spec.limit for spec in policy.charges[("p", "chat")].limits)
+    assert charges(policy, JAN_10) == (
+        LimitCharge(month, 1, (JAN_1, FEB_1), True),
+        LimitCharge(second, 1, None, True),
+        LimitCharge(tokens, 0, (JAN_1, FEB_1), True, counts_requests=False),
+    )
+    assert charges(policy, FEB_10)[0].window == (FEB_1, MAR_1)
+
+
+def test_requests_in_one_window_share_its_charges_and_the_next_window_gets_its_own(policy: Policy) -> None:
+    first, again, later = charges(policy, JAN_10), charges(policy, JAN_10 + 3600), charges(policy, FEB_10)
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    assert first[0] is not later[0] and first[0].window != later[0].window
+    assert first[1] is later[1]  # a rate limit has no calendar window
+
+
+def test_each_billing_anchor_gets_its_own_month_window(policy: Policy) -> None:
+    anchored = Customer(id="bob", plan="p", billing_anchor=date(2025, 12, 15))
+    assert charges(policy, JAN_10, anchored)[0].window == (
+        int(datetime(2025, 12, 15, tzinfo=UTC).timestamp()),
+        int(datetime(2026, 1, 15, tzinfo=UTC).timestamp()),
+    )
+    assert charges(policy, JAN_10)[0].window == (JAN_1, FEB_1)
+
+
+def test_a_reserving_request_charges_what_it_holds(policy: Policy) -> None:
+    _, _, tokens = charges(policy, JAN_10, tokens=300)
+    assert (tokens.amount, tokens.reserved) == (300, True)
+    assert charges(policy, JAN_10)[2].amount == 0  # and the shared charge is left as it was
+
+
+def test_the_shared_charges_are_bounded(policy: Policy) -> None:
+    day = 86_400
+    for n in range(24 * 31):  # two years of month windows, a month apart each
+        charges(policy, JAN_10 + n * 31 * day)
+    assert all(len(spec.charges) <= 64 for spec in policy.charges[("p", "chat")].limits)
