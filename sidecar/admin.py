@@ -38,19 +38,33 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when a policy is loaded (always, once started) and the store answers."""
+    """Ready (200) when a policy is loaded (always, once started) and the store answers; 503 while
+    it does not. Either way the body says whether the circuit breaker is open and how much usage
+    waits in the local journal, so a probe shows a degraded sidecar and its recovery."""
     components = request.app[COMPONENTS]
     try:
         await components.store.ping()
     except StoreUnavailable as error:
         components.metrics.store_errors.labels("ping").inc()
-        return web.json_response({"status": "unavailable", "store": str(error)}, status=503)
-    return web.json_response({"status": "ready", "policy": components.holder.current.summary()})
+        answer = {"status": "unavailable", "store": str(error), **_degradation(components)}
+        return web.json_response(answer, status=503)
+    policy = components.holder.current.summary()
+    return web.json_response({"status": "ready", "policy": policy, **_degradation(components)})
+
+
+def _degradation(components: Components) -> dict[str, object]:
+    journal = components.journal
+    return {
+        "circuit": "open" if components.store.circuit_open else "closed",
+        "journal_pending": journal.pending if journal is not None else 0,
+    }
 
 
 async def metrics(request: web.Request) -> web.Response:
     components = request.app[COMPONENTS]
     components.metrics.store_circuit_open.set(1 if components.store.circuit_open else 0)
+    if components.journal is not None:
+        components.metrics.journal_pending.set(components.journal.pending)
     body = components.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

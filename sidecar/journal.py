@@ -43,6 +43,7 @@ class Journal:
         self._segment: IO[str] | None = None
         self._segment_path: Path | None = None
         self._written = 0
+        self._kept = 0  # entries of segments the last replay had to keep (the store was down)
         directory.mkdir(parents=True, exist_ok=True)
 
     def record(self, request: MeterRequest, at: float) -> None:
@@ -53,14 +54,15 @@ class Journal:
 
     @property
     def pending(self) -> int:
-        """Entries recorded but not yet known to be merged (in memory or in this process's segment)."""
-        return len(self._buffer) + self._written
+        """Entries not yet known to be merged: in memory, in this process's open segment, and in
+        the segments the last replay found the store down for (its own, or a dead process's)."""
+        return len(self._buffer) + self._written + self._kept
 
     async def flush(self) -> None:
         if self._buffer:
             lines, self._buffer = self._buffer, []
+            self._written += len(lines)  # counted as pending while they are being written, too
             await asyncio.to_thread(self._append, lines)
-            self._written += len(lines)
 
     def _append(self, lines: list[str]) -> None:
         if self._segment is None:
@@ -82,29 +84,43 @@ class Journal:
         if self._segment is not None:
             self._segment.close()  # releases its lock: replayed below like any closed segment
             self._segment = None
+            self._kept += self._written  # still pending while this replay runs
             self._written = 0
-        merged = 0
+        merged = kept = 0
         for path in sorted(self._directory.glob(f"*{SEGMENT_SUFFIX}")):
-            entries = await asyncio.to_thread(_claim, path)
-            if entries is None:
+            claimed = await asyncio.to_thread(_claim, path)
+            if claimed is None:
                 continue  # a live process's open segment, or another replayer's
-            handle, lines = entries
-            try:
-                for entry in _entries(path, lines):
-                    await merge(entry)
-                    merged += 1
-            except StoreUnavailable:
-                log.info("store unavailable while replaying %s; kept for the next attempt", path.name)
-                handle.close()
-                break
-            path.unlink(missing_ok=True)
-            handle.close()
+            handle, lines = claimed
+            with handle:  # closed (its lock released) also when the replay is cancelled
+                entries = _entries(path, lines)
+                done = 0 if kept else await _merge_segment(entries, merge)  # store down: count only
+                merged += done
+                if done == len(entries):
+                    path.unlink(missing_ok=True)
+                    continue
+                if not kept:
+                    log.info("store unavailable while replaying %s; kept for the next attempt", path.name)
+                kept += len(entries) - done
+        self._kept = kept
         return merged
 
     def close(self) -> None:
         if self._segment is not None:
             self._segment.close()
             self._segment = None
+
+
+async def _merge_segment(entries: list[dict[str, Any]], merge: Callable[[dict[str, Any]], Any]) -> int:
+    """How many of the entries were merged, in order, before the store failed (all: it did not)."""
+    done = 0
+    try:
+        for entry in entries:
+            await merge(entry)
+            done += 1
+    except StoreUnavailable:
+        pass
+    return done
 
 
 def _entries(path: Path, lines: list[str]) -> list[dict[str, Any]]:

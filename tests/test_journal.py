@@ -106,3 +106,21 @@ async def test_a_line_cut_short_by_a_crash_is_skipped(
     segment.write_text(segment.read_text() + '{"v": 1, "id": "cut')
     assert await Journal(tmp_path, script_arguments).replay(store.replay) == 1
     assert "incomplete" in caplog.text
+
+
+async def test_entries_kept_because_the_store_is_down_still_count_as_pending(
+    store: RedisStore, tmp_path: Path
+) -> None:
+    now = store.time()
+    journal = Journal(tmp_path, script_arguments)
+    for _ in range(3):
+        journal.record(request_at(now), now)
+    assert journal.pending == 3
+
+    async def down(entry: dict[str, Any]) -> None:
+        raise StoreUnavailable("down")
+
+    assert await journal.replay(down) == 0
+    assert journal.pending == 3  # in a closed segment now, still waiting for the store
+    assert await journal.replay(store.replay) == 3
+    assert journal.pending == 0

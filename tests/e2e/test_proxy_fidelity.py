@@ -557,13 +557,15 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def served_like_sidecar_run(policy: Path, upstream_url: str, redis_url: str) -> AsyncIterator[Served]:
+async def served_like_sidecar_run(
+    policy: Path, upstream_url: str, redis_url: str, **settings: object
+) -> AsyncIterator[Served]:
     """A sidecar served the way `sidecar run` serves it (server._site).
 
     Unlike aiohttp's TestServer, that server does not cancel a handler whose client disconnects,
     so the handler itself meets the dead connection. `handled` is set once the handler returns.
     """
-    components = make_components(policy, upstream_url, redis_url)
+    components = make_components(policy, upstream_url, redis_url, **settings)
     app = build_proxy_app(components)
     served = Served(port=0, components=components)
 
