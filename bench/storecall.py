@@ -27,7 +27,7 @@ from sidecar.charges import meter_request
 from sidecar.errors import StoreUnavailable
 from sidecar.policy.loader import load_policy
 from sidecar.store.base import Admission, MeterRequest
-from sidecar.store.redis import RedisStore, bounded, connect, script_arguments
+from sidecar.store.redis import RedisStore, bounded, script_arguments
 
 CALLERS = 50
 STORE_TIMEOUT = 0.05  # the sidecar's --store-timeout default
@@ -77,7 +77,7 @@ async def run(url: str, policy_path: str, calls: int, only_sidecar: bool, repeat
     policy = load_policy(policy_path)
     customer = policy.customers["customer-0"]
     spec = policy.charges[(customer.plan, "hello")]
-    store = RedisStore(connect(url, STORE_TIMEOUT), timeout=STORE_TIMEOUT)
+    store = RedisStore.open(url, STORE_TIMEOUT)
     plain = aioredis.Redis.from_url(url)  # default pool, no timeouts
     try:
         await store.ping()

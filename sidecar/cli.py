@@ -58,8 +58,16 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--upstream", help="upstream base URL (SIDECAR_UPSTREAM, default http://127.0.0.1:8080)")
     run.add_argument("--admin", help="admin address HOST:PORT (SIDECAR_ADMIN, default 127.0.0.1:9000)")
     run.add_argument("--policies", help="policy file or directory (SIDECAR_POLICIES, default policies/)")
-    run.add_argument("--redis", help="redis:// URL (SIDECAR_REDIS_URL); default: an embedded redis-server")
-    run.add_argument("--redis-cluster", action="store_true", help="--redis names a Redis Cluster node")
+    run.add_argument(
+        "--redis",
+        help="redis://, rediss://, unix:// or redis+sentinel:// URL, cluster=true for a cluster "
+        "(SIDECAR_REDIS_URL); default: an embedded redis-server",
+    )
+    run.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="--redis names Redis Cluster nodes (SIDECAR_REDIS_CLUSTER)",
+    )
     run.add_argument("--data-dir", help="embedded store data (SIDECAR_DATA_DIR, default .sidecar/)")
     run.add_argument("--upstream-timeout", help="seconds to wait for the upstream (default 30)")
     run.add_argument("--store-timeout", help="seconds to wait for the store (default 0.05)")

@@ -21,12 +21,11 @@ from datetime import date
 from types import MappingProxyType
 from typing import Any, cast
 
-import redis.asyncio as aioredis
-
 from sidecar.errors import StoreUnavailable
 from sidecar.policy.model import BillingFormat, Customer, Policy
 from sidecar.store import keys
 from sidecar.store.redis import bounded
+from sidecar.store.topology import StoreClient
 
 log = logging.getLogger("sidecar.customers")
 
@@ -51,7 +50,7 @@ class Stored:
 
 
 class CustomerDirectory:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: StoreClient) -> None:
         self.client = client
         self.stored = Stored()
         self._put = client.register_script(_PUT)

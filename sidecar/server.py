@@ -31,6 +31,7 @@ from sidecar.reloading import reload_policy, watch
 from sidecar.settings import Settings
 from sidecar.store.embedded import EmbeddedRedis
 from sidecar.store.redis import RedisStore, connect, script_arguments
+from sidecar.store.topology import close_client
 
 log = logging.getLogger("sidecar")
 
@@ -49,13 +50,13 @@ async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True)
     reloads: set[asyncio.Task[object]] = set()
     async with AsyncExitStack() as stack:
         url = settings.redis_url or await _embedded_store(stack, settings)
-        store = RedisStore(connect(url, settings.store_timeout), timeout=settings.store_timeout)
+        store = RedisStore.open(url, settings.store_timeout)
         stack.push_async_callback(store.close)
         await store.connect()  # open now: the first burst of requests must not wait for it
         metrics = Metrics()
         metrics.policy_loaded.set(time.time())
         outbox = Outbox(connect(url, BILLING_STORE_TIMEOUT, max_connections=BILLING_CONNECTIONS))
-        stack.push_async_callback(outbox.client.aclose)
+        stack.push_async_callback(close_client, outbox.client)
         journal = Journal(settings.data_dir / "journal", script_arguments)
         components = Components(
             settings=settings,

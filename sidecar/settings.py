@@ -12,10 +12,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from sidecar import loops
 from sidecar.errors import SettingsInvalid
+from sidecar.store.topology import Topology, TopologyInvalid
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,18 +87,29 @@ def parse_http_url(value: str, name: str) -> str:
 
 
 def parse_redis_url(value: str, name: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme == "redis+sentinel" or "cluster=true" in parts.query.lower():
-        raise SettingsInvalid(f"{name}={value!r}: {_TOPOLOGY_NOT_YET}")
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise SettingsInvalid(f"{name}={value!r}: expected a redis://, rediss:// or unix:// URL")
+    try:
+        Topology.parse(value)
+    except TopologyInvalid as error:
+        raise SettingsInvalid(f"{name}={_without_password(value)!r}: {error}") from None
     return value
 
 
-_TOPOLOGY_NOT_YET = (
-    "Redis Sentinel and Cluster are not supported by this version; use one Redis server "
-    "(redis://, rediss://, unix://) or the embedded store"
-)
+def _without_password(url: str) -> str:
+    """A URL fit for an error message: a password in it is a secret (README, Security)."""
+    parts = urlsplit(url)
+    credentials, at, location = parts.netloc.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    user = credentials.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{location}"))
+
+
+def _as_cluster(url: str | None, name: str) -> str:
+    """--redis-cluster: the --redis URL, marked as a cluster's startup nodes."""
+    if url is None:
+        raise SettingsInvalid(f"{name}: a cluster needs --redis (or SIDECAR_REDIS_URL) naming its nodes")
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(query="&".join(filter(None, (parts.query, "cluster=true")))))
 
 
 def parse_seconds(value: str, name: str) -> float:
@@ -167,7 +179,7 @@ _SOURCES: tuple[tuple[str, str | None, str, Callable[[str, str], Any]], ...] = (
     ("upstream", "upstream", "SIDECAR_UPSTREAM", parse_http_url),
     ("admin", "admin", "SIDECAR_ADMIN", parse_address),
     ("policies", "policies", "SIDECAR_POLICIES", _path),
-    ("redis_url", "redis", "SIDECAR_REDIS_URL", parse_redis_url),
+    ("redis_url", "redis", "SIDECAR_REDIS_URL", _text),
     ("redis_cluster", None, "SIDECAR_REDIS_CLUSTER", parse_bool),
     ("data_dir", "data_dir", "SIDECAR_DATA_DIR", _path),
     ("admin_token", None, "SIDECAR_ADMIN_TOKEN", _text),
@@ -189,15 +201,21 @@ _SOURCES: tuple[tuple[str, str | None, str, Callable[[str, str], Any]], ...] = (
 def build_settings(flags: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     """Resolve every setting: the flag if given, else the variable if set, else the default."""
     values: dict[str, Any] = {}
+    named: dict[str, str] = {}  # field → the flag or variable its value came from
     for field, flag, variable, parse in _SOURCES:
         flag_value = flags.get(flag) if flag else None
         if flag and flag_value is not None:
-            values[field] = parse(str(flag_value), f"--{flag.replace('_', '-')}")
+            named[field] = f"--{flag.replace('_', '-')}"
+            values[field] = parse(str(flag_value), named[field])
         elif env.get(variable):
+            named[field] = variable
             values[field] = parse(env[variable], variable)
+    if flags.get("redis_cluster"):
+        named["redis_cluster"] = "--redis-cluster"
     if flags.get("redis_cluster") or values.pop("redis_cluster", False):
-        flag_or_variable = "--redis-cluster" if flags.get("redis_cluster") else "SIDECAR_REDIS_CLUSTER"
-        raise SettingsInvalid(f"{flag_or_variable}: {_TOPOLOGY_NOT_YET}")
+        values["redis_url"] = _as_cluster(values.get("redis_url"), named["redis_cluster"])
+    if "redis_url" in values:  # checked once the cluster flag has had its say
+        values["redis_url"] = parse_redis_url(values["redis_url"], named["redis_url"])
     settings = Settings(**values)
     _check_admin_exposure(settings)
     return settings

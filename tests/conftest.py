@@ -26,7 +26,8 @@ from sidecar.metrics import Metrics
 from sidecar.policy.holder import PolicyHolder
 from sidecar.settings import Settings
 from sidecar.store.embedded import EmbeddedRedis
-from sidecar.store.redis import RedisStore, connect
+from sidecar.store.redis import RedisStore
+from tests.topologies import Cluster, SentinelGroup
 
 # Generous for a loaded 2-core CI machine; outage tests set their own.
 TEST_STORE_TIMEOUT = 2.0
@@ -40,6 +41,22 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A real 3-master Redis Cluster on loopback, created when a test first asks for it."""
+    cluster = Cluster(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def sentinel_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
+    """A master, a replica and a sentinel on loopback; a module's tests may fail it over."""
+    group = SentinelGroup(tmp_path_factory.mktemp("sentinel")).start()
+    yield group
+    group.stop()
+
+
 @pytest.fixture
 def redis_url(redis_server: EmbeddedRedis) -> str:
     client = redis.Redis.from_url(redis_server.url)
@@ -50,7 +67,7 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
 
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[RedisStore]:
-    store = RedisStore(connect(redis_url, TEST_STORE_TIMEOUT), timeout=TEST_STORE_TIMEOUT)
+    store = RedisStore.open(redis_url, TEST_STORE_TIMEOUT)
     yield store
     await store.close()
 
@@ -129,7 +146,7 @@ def sidecar(
 
 def make_components(policy_path: Path, upstream_url: str, redis_url: str, **overrides: object) -> Components:
     settings = Settings(**{"upstream": upstream_url, "store_timeout": TEST_STORE_TIMEOUT, **overrides})  # type: ignore[arg-type]
-    store = RedisStore(connect(redis_url, settings.store_timeout), timeout=settings.store_timeout)
+    store = RedisStore.open(redis_url, settings.store_timeout)
     return Components(
         settings=settings,
         holder=PolicyHolder.load(policy_path),

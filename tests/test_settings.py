@@ -90,21 +90,68 @@ def test_secrets_come_from_the_environment() -> None:
 
 
 @pytest.mark.parametrize(
+    ("flags", "env"),
+    [
+        ({"redis": "redis://n1.test:7000,n2.test:7001", "redis_cluster": True}, {}),
+        ({"redis": "redis://n1.test:7000,n2.test:7001"}, {"SIDECAR_REDIS_CLUSTER": "true"}),
+        ({}, {"SIDECAR_REDIS_URL": "redis://n1.test:7000,n2.test:7001", "SIDECAR_REDIS_CLUSTER": "yes"}),
+    ],
+    ids=["flag", "variable", "both-variables"],
+)
+def test_redis_cluster_marks_the_redis_url_as_a_clusters_startup_nodes(
+    flags: dict[str, Any], env: dict[str, str]
+) -> None:
+    url = build_settings(flags, env).redis_url
+    assert url == "redis://n1.test:7000,n2.test:7001?cluster=true"
+
+
+@pytest.mark.parametrize(
     ("flags", "env", "named"),
     [
-        ({}, {"SIDECAR_REDIS_CLUSTER": "true"}, "SIDECAR_REDIS_CLUSTER"),
         ({"redis_cluster": True}, {}, "--redis-cluster"),
-        ({"redis": "redis://r.test:6379/0?cluster=true"}, {}, "--redis"),
-        ({"redis": "redis+sentinel://sentinel.test:26379/mymaster/0"}, {}, "--redis"),
+        ({}, {"SIDECAR_REDIS_CLUSTER": "true"}, "SIDECAR_REDIS_CLUSTER"),
     ],
-    ids=["cluster-env", "cluster-flag", "cluster-query", "sentinel"],
+    ids=["flag", "variable"],
 )
-def test_cluster_and_sentinel_are_refused_clearly_until_supported(
+def test_redis_cluster_without_a_redis_url_is_refused(
     flags: dict[str, Any], env: dict[str, str], named: str
 ) -> None:
-    """Silently treating a cluster or sentinel as one server would misroute keys: refuse instead."""
-    with pytest.raises(SettingsInvalid, match=rf"{re.escape(named)}.*not supported by this version"):
+    """The embedded store is one server: a cluster flag without nodes must not fall back to it."""
+    with pytest.raises(SettingsInvalid, match=rf"{re.escape(named)}: a cluster needs --redis"):
         build_settings(flags, env)
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://a.test:1,b.test:2", "several hosts are a cluster"),
+        ("redis+sentinel://s.test:26379", "names the service"),
+        ("redis+sentinel://s.test:26379/mymaster/zero", "is not a number"),
+        ("redis://a.test:1/3?cluster=true", "only database 0"),
+        ("unix:///tmp/r.sock?cluster=true", "reached over TCP"),
+        ("redis+sentinel://s.test:26379/mymaster?cluster=true", "not both"),
+        ("memcached://m.test:11211", "expected a redis://"),
+    ],
+    ids=[
+        "hosts-without-cluster",
+        "sentinel-no-service",
+        "sentinel-bad-db",
+        "cluster-db",
+        "cluster-unix",
+        "both",
+        "scheme",
+    ],
+)
+def test_a_redis_url_naming_no_usable_store_is_refused_with_the_reason(url: str, says: str) -> None:
+    with pytest.raises(SettingsInvalid, match=rf"--redis=.*{re.escape(says)}"):
+        build_settings({"redis": url}, {})
+
+
+def test_a_refused_redis_url_never_shows_its_password() -> None:
+    with pytest.raises(SettingsInvalid) as refused:
+        build_settings({"redis": "redis://user:hunter2@a.test:1,b.test:2"}, {})
+    assert "hunter2" not in str(refused.value)
+    assert "user:***@a.test:1,b.test:2" in str(refused.value)
 
 
 # -- every parser's error names the flag or variable and the bad value ---------------------------
@@ -159,8 +206,11 @@ def test_bad_environment_error_names_the_variable_and_the_value(flag: str, varia
         "redis://10.0.0.5:6379/0",
         "rediss://user:pw@redis.test:6380/1",
         "unix:///var/run/redis.sock",
+        "redis+sentinel://s1.test:26379,s2.test:26379/mymaster/0",
+        "rediss+sentinel://:pw@s1.test/mymaster?sentinel_password=spw",
+        "redis://n1.test:7000,n2.test:7001?cluster=true",
     ],
-    ids=["redis", "rediss", "unix"],
+    ids=["redis", "rediss", "unix", "sentinel", "sentinel-tls", "cluster"],
 )
 def test_every_redis_url_form_of_the_spec_is_accepted(url: str) -> None:
     assert build_settings({"redis": url}, {}).redis_url == url

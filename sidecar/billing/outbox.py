@@ -13,11 +13,10 @@ import json
 from collections.abc import Mapping
 from typing import Any, cast
 
-import redis.asyncio as aioredis
-
 from sidecar.billing.summaries import Summary
 from sidecar.store import keys
 from sidecar.store.redis import bounded, load_script
+from sidecar.store.topology import StoreClient
 
 # Background work may wait longer than a request can.
 BILLING_STORE_TIMEOUT = 2.0
@@ -25,7 +24,7 @@ _SCAN_BATCH = 1000
 
 
 class Outbox:
-    def __init__(self, client: aioredis.Redis, *, timeout: float = BILLING_STORE_TIMEOUT) -> None:
+    def __init__(self, client: StoreClient, *, timeout: float = BILLING_STORE_TIMEOUT) -> None:
         self.client = client
         self._timeout = timeout
         self._close = client.register_script(load_script("close", shared=False))

@@ -25,6 +25,13 @@ requests does not meet a cold pool); when it is lost, the next batch opens anoth
 at a time, under its own connect timeout. A batch that waits for that connection keeps its own
 deadline; a connect slower than one batch's deadline still completes for the batches after it.
 Replies are parsed by hiredis.
+
+Which server takes a call is the locator's answer (topology.py): the one server, the master the
+sentinels name, or the master of the call's cluster slot. With a cluster, a loop turn's calls are
+grouped by master, one pipeline and one connection per master, under the batch's one deadline. A
+MOVED or ASK reply says the script did not run, so the call is sent once more, where the reply
+points. A READONLY reply (a master demoted by a failover) fails the call and makes the locator
+ask again, as a lost connection does.
 """
 
 from __future__ import annotations
@@ -33,16 +40,15 @@ import asyncio
 import collections
 import hashlib
 import logging
-import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import hiredis
-import redis.asyncio as aioredis
-from redis.asyncio.connection import RedisSSLContext, SSLConnection, UnixDomainSocketConnection
+from redis.crc import key_slot
 
 from sidecar.errors import StoreUnavailable
+from sidecar.store.topology import Arg, Endpoint, Locator, Topology
 
 log = logging.getLogger("sidecar.store")
 
@@ -50,7 +56,6 @@ log = logging.getLogger("sidecar.store")
 # attempt is not cancelled when a batch's deadline passes, only by this.
 CONNECT_TIMEOUT = 2.0
 CLIENT_NAME = "sidecar-batch"
-Arg = str | int | float | bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,87 +74,32 @@ class Script:
         return self.batcher.call(self, keys, args)
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where the store is and how to open a connection to it (from a redis-py pool's settings)."""
-
-    host: str = "127.0.0.1"
-    port: int = 6379
-    path: str | None = None  # a unix socket
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    tls: ssl.SSLContext | None = None
-
-    @classmethod
-    def of_pool(cls, pool: aioredis.ConnectionPool) -> Endpoint:
-        kwargs = pool.connection_kwargs
-        kind = pool.connection_class
-        return cls(
-            host=kwargs.get("host") or "127.0.0.1",
-            port=int(kwargs.get("port") or 6379),
-            path=kwargs.get("path") if issubclass(kind, UnixDomainSocketConnection) else None,
-            db=int(kwargs.get("db") or 0),
-            username=kwargs.get("username"),
-            password=kwargs.get("password"),
-            tls=_tls_context(kwargs) if issubclass(kind, SSLConnection) else None,
-        )
-
-    def handshake(self) -> list[tuple[Arg, ...]]:
-        """The commands a new connection sends before any script call."""
-        commands: list[tuple[Arg, ...]] = []
-        if self.password is not None:
-            user = (self.username,) if self.username else ()
-            commands.append(("AUTH", *user, self.password))
-        if self.db:
-            commands.append(("SELECT", self.db))
-        commands.append(("CLIENT", "SETNAME", CLIENT_NAME))
-        return commands
-
-
-def _tls_context(kwargs: dict[str, Any]) -> ssl.SSLContext:
-    """The same TLS settings redis-py's own SSLConnection would use for this URL."""
-    context = RedisSSLContext(
-        keyfile=kwargs.get("ssl_keyfile"),
-        certfile=kwargs.get("ssl_certfile"),
-        cert_reqs=kwargs.get("ssl_cert_reqs", "required"),
-        ca_certs=kwargs.get("ssl_ca_certs"),
-        ca_data=kwargs.get("ssl_ca_data"),
-        check_hostname=kwargs.get("ssl_check_hostname", True),
-        min_version=kwargs.get("ssl_min_version"),
-        ciphers=kwargs.get("ssl_ciphers"),
-    )
-    return context.get()
-
-
 class ScriptBatcher:
-    """Queues script calls and writes each loop turn's calls to one connection as one pipeline.
+    """Queues script calls and writes each loop turn's calls as one pipeline per server.
 
-    ``round_trips`` counts the pipelines written (a NOSCRIPT resend is not one: it rides on the
-    connection's next read) and ``calls`` the script calls queued; the ratio is the batching.
+    ``round_trips`` counts the pipelines written (a resend after NOSCRIPT, MOVED or ASK is not
+    one: it rides on a connection's next read) and ``calls`` the script calls queued; the ratio
+    is the batching.
     """
 
-    def __init__(self, endpoint: Endpoint, *, timeout: float, connect_timeout: float = CONNECT_TIMEOUT):
-        self.endpoint = endpoint
+    def __init__(self, locator: Locator, *, timeout: float, connect_timeout: float = CONNECT_TIMEOUT):
+        self.locator = locator
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.scripts: dict[str, Script] = {}
         self.round_trips = 0
         self.calls = 0
         self._queue: list[_Call] = []
-        self._link: _Link | None = None
-        self._opening: asyncio.Task[_Link] | None = None
+        self._links: dict[Endpoint, _Link] = {}
+        self._opening: dict[Endpoint, asyncio.Task[_Link]] = {}
+        self._learning: asyncio.Task[None] | None = None
         self._waiting: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @classmethod
-    def of_client(cls, client: aioredis.Redis, *, timeout: float) -> ScriptBatcher:
-        """A batcher for the server a redis-py client talks to (it opens its own connection)."""
-        return cls(Endpoint.of_pool(client.connection_pool), timeout=timeout)
-
-    @classmethod
     def of_url(cls, url: str, *, timeout: float) -> ScriptBatcher:
-        return cls(Endpoint.of_pool(aioredis.ConnectionPool.from_url(url)), timeout=timeout)
+        """A batcher for the store a --redis URL names (it opens its own connections)."""
+        return cls(Topology.parse(url).locator(timeout), timeout=timeout)
 
     def register(self, source: str) -> Script:
         sha = hashlib.sha1(source.encode()).hexdigest()
@@ -165,25 +115,31 @@ class ScriptBatcher:
             return future
         if not self._queue:
             loop.call_soon(self._flush)
-        self._queue.append(_Call(future, script, _evalsha(script.sha, keys, args)))
+        slot = key_slot(keys[0].encode()) if keys and self.locator.sharded else 0
+        self._queue.append(_Call(future, script, _evalsha(script.sha, keys, args), slot))
         self.calls += 1
         return future
 
     async def connect(self) -> None:
-        """Open the connection now (at startup), so the first requests find it open."""
-        await self._connected()
+        """Find the servers and open a connection to each now (at startup), so the first
+        requests find them open."""
+        await self._learn()
+        if not self.locator.sharded:
+            await self._connected(self._endpoint(0))
+            return
+        masters = {self.locator.endpoint(slot) for slot in range(0, 16384)} - {None}
+        await asyncio.gather(*(self._connected(cast(Endpoint, master)) for master in masters))
 
     async def close(self) -> None:
         self._closed = True
-        for task in list(self._waiting):
+        for task in [*self._waiting, *self._opening.values(), *([self._learning] if self._learning else [])]:
             task.cancel()
-        if self._opening is not None and not self._opening.done():
-            self._opening.cancel()
-        if self._link is not None:
-            self._link.close("the store client was closed", quiet=True)
-            self._link = None
+        for link in list(self._links.values()):
+            link.close("the store client was closed", quiet=True)
+        self._links.clear()
         _fail(self._queue, "the store client was closed")
         self._queue = []
+        await self.locator.close()
 
     # -- one batch ------------------------------------------------------------------------------
 
@@ -194,96 +150,206 @@ class ScriptBatcher:
         loop = asyncio.get_running_loop()
         batch = _Batch(calls)
         batch.timer = loop.call_at(loop.time() + self.timeout, self._expire, batch)
-        link = self._link
-        if link is not None and link.open:
-            self._send(link, batch)
+        if not self.locator.sharded:
+            self._dispatch(self.locator.endpoint(0), batch, calls)
             return
-        task = loop.create_task(self._send_when_connected(batch))
-        self._waiting.add(task)
-        task.add_done_callback(self._waiting.discard)
+        for endpoint, group in self._by_server(calls).items():
+            self._dispatch(endpoint, batch, group)
 
-    def _send(self, link: _Link, batch: _Batch) -> None:
-        calls = [call for call in batch.calls if not call.future.done()]  # expired, or caller gone
-        batch.sent(link, len(calls))
-        if calls:
-            link.send(calls, b"".join(call.command for call in calls))
+    def _by_server(self, calls: list[_Call]) -> dict[Endpoint | None, list[_Call]]:
+        groups: dict[Endpoint | None, list[_Call]] = {}
+        endpoint = self.locator.endpoint
+        for call in calls:
+            groups.setdefault(endpoint(call.slot), []).append(call)
+        return groups
+
+    def _dispatch(self, endpoint: Endpoint | None, batch: _Batch, calls: list[_Call]) -> None:
+        link = self._links.get(endpoint) if endpoint is not None else None
+        if link is not None and link.open:
+            self._send(link, batch, calls)
+        else:
+            self._later(self._send_when_ready(endpoint, batch, calls))
+
+    def _send(self, link: _Link, batch: _Batch, calls: list[_Call]) -> None:
+        live = [call for call in calls if not call.future.done()]  # expired, or caller gone
+        for call in calls:
+            if call.future.done():
+                call.finish()
+        if live:
+            batch.links.append(link)
+            link.send(live, b"".join(call.command for call in live))
             self.round_trips += 1
 
-    async def _send_when_connected(self, batch: _Batch) -> None:
+    async def _send_when_ready(self, endpoint: Endpoint | None, batch: _Batch, calls: list[_Call]) -> None:
         try:
-            link = await asyncio.shield(self._connected())
+            if endpoint is None:
+                await self._learn()
+                for known, group in self._by_server(calls).items():
+                    if known is None:
+                        _fail(group, "no server of the store serves this key's slot")
+                    else:
+                        self._dispatch(known, batch, group)
+                return
+            link = await self._connected(endpoint)
         except StoreUnavailable as error:
-            batch.fail(str(error))
+            _fail(calls, str(error))
             return
-        self._send(link, batch)
+        self._send(link, batch, calls)
 
     def _expire(self, batch: _Batch) -> None:
         if batch.settled:
             return
+        behind = [link for link in batch.links if link.waits_for(batch)]
         batch.fail(f"the store did not answer within {self.timeout:g}s")
-        link = batch.link
-        if link is not None:
+        for link in behind:
             link.close("a reply was late; the connection is behind")  # later replies would mismatch
-            if self._link is link:
-                self._link = None
 
-    # -- the connection -------------------------------------------------------------------------
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
 
-    async def _connected(self) -> _Link:
-        if self._link is not None and self._link.open:
-            return self._link
-        if self._opening is None or self._opening.done():
-            self._opening = asyncio.get_running_loop().create_task(self._open())
-        return await asyncio.shield(self._opening)
+    # -- redirects --------------------------------------------------------------------------------
 
-    async def _open(self) -> _Link:
+    def redirect(self, call: _Call, link: _Link, reply: str) -> None:
+        """Send a call once more where a MOVED or ASK reply points (the script did not run)."""
+        kind, slot, address = reply.split(" ", 2)
+        host, _, port = address.rpartition(":")
+        asking = kind == "ASK"
+        if asking:
+            target = link.endpoint.at(host, int(port))
+        else:
+            target = self.locator.moved(int(slot), host, int(port))
+        known = self._links.get(target)
+        if known is not None and known.open:
+            known.redirected(call, asking)
+        else:
+            self._later(self._redirect_when_connected(target, call, asking))
+
+    async def _redirect_when_connected(self, target: Endpoint, call: _Call, asking: bool) -> None:
+        try:
+            link = await self._connected(target)
+        except StoreUnavailable as error:
+            call.fail(str(error))
+            return
+        link.redirected(call, asking)
+
+    # -- the connections ------------------------------------------------------------------------
+
+    def _endpoint(self, slot: int) -> Endpoint:
+        endpoint = self.locator.endpoint(slot)
+        if endpoint is None:
+            raise StoreUnavailable("the store's topology is not known")
+        return endpoint
+
+    async def _learn(self) -> None:
+        """Ask the topology where calls go (one question at a time, shared by every waiter)."""
+        if self._learning is None or self._learning.done():
+            self._learning = asyncio.get_running_loop().create_task(self.locator.learn(self._ask))
+        await asyncio.shield(self._learning)
+
+    async def _ask(self, endpoint: Endpoint, command: tuple[Arg, ...]) -> Any:
+        link = await self._connected(endpoint)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                return await link.control(command)
+        except TimeoutError as error:
+            raise StoreUnavailable(f"{endpoint.address} did not answer {command[0]!r}") from error
+
+    async def _connected(self, endpoint: Endpoint) -> _Link:
+        link = self._links.get(endpoint)
+        if link is not None and link.open:
+            return link
+        opening = self._opening.get(endpoint)
+        if opening is None or opening.done():
+            opening = self._opening[endpoint] = asyncio.get_running_loop().create_task(self._open(endpoint))
+        return await asyncio.shield(opening)
+
+    async def _open(self, endpoint: Endpoint) -> _Link:
         loop = asyncio.get_running_loop()
-        endpoint = self.endpoint
         link: _Link | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if endpoint.path is not None:
-                    _, link = await loop.create_unix_connection(_Link, endpoint.path)
+                    _, link = await loop.create_unix_connection(lambda: _Link(self, endpoint), endpoint.path)
                 else:
                     _, link = await loop.create_connection(
-                        _Link, endpoint.host, endpoint.port, ssl=endpoint.tls
+                        lambda: _Link(self, endpoint), endpoint.host, endpoint.port, ssl=endpoint.tls
                     )
-                await link.prepare(endpoint.handshake(), self.scripts.values())
+                await link.prepare(endpoint.handshake(CLIENT_NAME), self.scripts.values())
         except (OSError, TimeoutError, StoreUnavailable) as error:
             if link is not None:
                 link.close("the connection could not be prepared")
-            raise StoreUnavailable(f"cannot open a store connection: {_describe(error)}") from error
-        self._link = link
+            self.locator.forget()
+            reason = f"cannot open a store connection to {endpoint.address}: {_describe(error)}"
+            raise StoreUnavailable(reason) from error
+        self._links[endpoint] = link
         return link
+
+    def lost(self, link: _Link, *, stale: bool) -> None:
+        """A connection closed: forget it; ``stale`` when where calls go may have changed."""
+        if self._links.get(link.endpoint) is link:
+            del self._links[link.endpoint]
+        if stale:
+            self.locator.forget()
 
 
 class _Call:
-    __slots__ = ("batch", "command", "future", "resent", "script")
+    __slots__ = ("batch", "command", "finished", "future", "redirected", "resent", "script", "slot")
 
-    def __init__(self, future: asyncio.Future[Any], script: Script, command: bytes) -> None:
+    def __init__(self, future: asyncio.Future[Any], script: Script, command: bytes, slot: int) -> None:
         self.future = future
         self.script = script
         self.command = command
+        self.slot = slot
         self.resent = False
+        self.redirected = False
+        self.finished = False
         self.batch: _Batch | None = None
 
     def settle(self, reply: Any, link: _Link) -> None:
         future = self.future
         if not future.done():  # else its batch expired, or its caller went away
             if isinstance(reply, hiredis.ReplyError):
-                if str(reply).startswith("NOSCRIPT") and not self.resent:
-                    self.resent = True  # the script did not run: load it and send this call again
-                    link.resend(self)
+                if self._retried(str(reply), link):
                     return
                 future.set_exception(StoreUnavailable(f"the store refused a script call: {reply}"))
             else:
                 future.set_result(reply)
-        if self.batch is not None:
-            self.batch.one_settled()
+        self.finish()
+
+    def _retried(self, error: str, link: _Link) -> bool:
+        """Send the call once more if the reply says its script did not run and where to go."""
+        if error.startswith("NOSCRIPT") and not self.resent:
+            self.resent = True  # load the script and send this call again
+            link.resend(self)
+            return True
+        if error.startswith(("MOVED ", "ASK ")) and not self.redirected:
+            self.redirected = True
+            try:
+                link.owner.redirect(self, link, error)
+            except StoreUnavailable as refused:
+                self.fail(str(refused))
+            return True
+        if error.startswith("READONLY"):  # a master a failover demoted: ask where the master is now
+            link.owner.lost(link, stale=True)
+        return False
+
+    def fail(self, reason: str) -> None:
+        if not self.future.done():
+            self.future.set_exception(StoreUnavailable(reason))
+        self.finish()
+
+    def finish(self) -> None:
+        """Counted once, however the call ends: its batch's deadline ends when every call has."""
+        if not self.finished:
+            self.finished = True
+            if self.batch is not None:
+                self.batch.one_settled()
 
 
 class _Control:
-    """A reply the connection itself waits for (handshake, SCRIPT LOAD)."""
+    """A reply the connection itself waits for (handshake, SCRIPT LOAD, CLUSTER SLOTS, ASKING)."""
 
     __slots__ = ("future", "on_reply")
 
@@ -301,16 +367,21 @@ class _Control:
         else:
             self.future.set_result(reply)
 
+    def fail(self, reason: str) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_exception(StoreUnavailable(reason))
+
 
 class _Batch:
-    """The calls of one loop turn, their deadline, and how many of those sent await a reply."""
+    """The calls of one loop turn, their deadline, the connections they went out on, and how many
+    have not ended yet."""
 
-    __slots__ = ("calls", "link", "open_calls", "timer")
+    __slots__ = ("calls", "links", "open_calls", "timer")
 
     def __init__(self, calls: list[_Call]) -> None:
         self.calls = calls
         self.open_calls = len(calls)
-        self.link: _Link | None = None
+        self.links: list[_Link] = []
         self.timer: asyncio.TimerHandle | None = None
         for call in calls:
             call.batch = self
@@ -319,28 +390,22 @@ class _Batch:
     def settled(self) -> bool:
         return self.open_calls <= 0
 
-    def sent(self, link: _Link, count: int) -> None:
-        self.link = link
-        self.open_calls = count
-        if count == 0 and self.timer is not None:
-            self.timer.cancel()
-
     def one_settled(self) -> None:
         self.open_calls -= 1
         if self.open_calls <= 0 and self.timer is not None:
             self.timer.cancel()
 
     def fail(self, reason: str) -> None:
-        self.open_calls = 0
-        if self.timer is not None:
-            self.timer.cancel()
         _fail(self.calls, reason)
 
 
 class _Link(asyncio.Protocol):
-    """One connection: writes pipelines, and hands each reply to the entry waiting first."""
+    """One connection to one server: writes pipelines, and hands each reply to the entry waiting
+    first."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: ScriptBatcher, endpoint: Endpoint) -> None:
+        self.owner = owner
+        self.endpoint = endpoint
         self.transport: asyncio.WriteTransport | None = None
         self.reader = hiredis.Reader()
         self.pending: collections.deque[_Call | _Control] = collections.deque()
@@ -353,13 +418,14 @@ class _Link(asyncio.Protocol):
 
     async def prepare(self, handshake: list[tuple[Arg, ...]], scripts: Iterable[Script]) -> None:
         """Send the handshake and load every known script; wait for every reply to be OK."""
-        loop = asyncio.get_running_loop()
-        replies: list[asyncio.Future[Any]] = []
-        for command in [*handshake, *(("SCRIPT", "LOAD", s.source) for s in scripts)]:
-            future: asyncio.Future[Any] = loop.create_future()
-            replies.append(future)
-            self._write(_command(command), _Control(future))
-        await asyncio.gather(*replies)
+        commands = [*handshake, *(("SCRIPT", "LOAD", s.source) for s in scripts)]
+        await asyncio.gather(*(self.control(command) for command in commands))
+
+    def control(self, command: tuple[Arg, ...]) -> asyncio.Future[Any]:
+        """Send one command of the connection's own; the future holds its reply."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._write(_command(command), _Control(future))
+        return future
 
     def send(self, calls: list[_Call], data: bytes) -> None:
         if self.transport is None:
@@ -376,6 +442,17 @@ class _Link(asyncio.Protocol):
             self._write(load, _Control(on_reply=self._loaded(sha)))
         self._write(call.command, call)
 
+    def redirected(self, call: _Call, asking: bool) -> None:
+        """Take a call another server redirected here; ASK: only for this one call."""
+        if call.batch is not None:
+            call.batch.links.append(self)
+        if asking:
+            self._write(_command(("ASKING",)), _Control())
+        self._write(call.command, call)
+
+    def waits_for(self, batch: _Batch) -> bool:
+        return any(isinstance(entry, _Call) and entry.batch is batch for entry in self.pending)
+
     def _loaded(self, sha: str) -> Any:
         return lambda reply: self.loading.discard(sha)
 
@@ -389,7 +466,7 @@ class _Link(asyncio.Protocol):
         reader = self.reader
         reader.feed(data)
         try:
-            while (reply := reader.gets()) is not False:
+            while self.open and (reply := reader.gets()) is not False:
                 if not self.pending:
                     self.close("a reply came that nothing waited for")
                     return
@@ -398,13 +475,16 @@ class _Link(asyncio.Protocol):
             self.close("the store's reply could not be parsed")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        lost_by_the_server = self.open  # not closed by us: the server went away, or a failover began
         self.open = False
+        self.owner.lost(self, stale=lost_by_the_server)
         self._fail_pending("the store connection was lost" + (f" ({_describe(exc)})" if exc else ""))
 
     def close(self, reason: str, *, quiet: bool = False) -> None:
         if self.open and not quiet:
-            log.warning("closing the store connection: %s", reason)
+            log.warning("closing the store connection to %s: %s", self.endpoint.address, reason)
         self.open = False
+        self.owner.lost(self, stale=False)
         if self.transport is not None:
             self.transport.abort()
         self._fail_pending(reason)
@@ -412,16 +492,12 @@ class _Link(asyncio.Protocol):
     def _fail_pending(self, reason: str) -> None:
         pending, self.pending = self.pending, collections.deque()
         for entry in pending:
-            if entry.future is not None and not entry.future.done():
-                entry.future.set_exception(StoreUnavailable(reason))
-            if isinstance(entry, _Call) and entry.batch is not None:
-                entry.batch.one_settled()
+            entry.fail(reason)
 
 
 def _fail(calls: Iterable[_Call], reason: str) -> None:
     for call in calls:
-        if not call.future.done():
-            call.future.set_exception(StoreUnavailable(reason))
+        call.fail(reason)
 
 
 def _describe(error: BaseException) -> str:

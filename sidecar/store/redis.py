@@ -15,25 +15,20 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from sidecar.errors import StoreUnavailable
-from sidecar.store import keys
+from sidecar.store import keys, replies
 from sidecar.store.base import (
     Admission,
-    CreditState,
     Grant,
     GrantOutcome,
-    LimitState,
     MeterRequest,
-    Outcome,
 )
 from sidecar.store.batching import ScriptBatcher
 from sidecar.store.breaker import CircuitBreaker
 from sidecar.store.clock import StoreClock
+from sidecar.store.topology import StoreClient, Topology, close_client
 
 T = TypeVar("T")
 log = logging.getLogger("sidecar.store")
@@ -41,7 +36,6 @@ log = logging.getLogger("sidecar.store")
 MAX_CONNECTIONS = 64
 # Seconds a merged journal entry is remembered; far longer than any outage a journal outlives.
 JOURNAL_MARKER_TTL = 7 * 86400
-_OUTCOMES = {1: Outcome.ADMITTED, 0: Outcome.REFUSED, -1: Outcome.STALE}
 EXPIRED = -2  # a metering script that ran after its deadline, having written nothing
 _GRANT_OUTCOMES = {1: GrantOutcome.ADDED, 0: GrantOutcome.REPEATED, -1: GrantOutcome.CONFLICT}
 
@@ -53,33 +47,33 @@ def load_script(name: str, *, shared: bool = True) -> str:
     return lua.joinpath("lib.lua").read_text() + "\n" + source if shared else source
 
 
-def connect(url: str, timeout: float, *, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
-    """A client whose every wait (connect, reply, a free pooled connection) is bounded by `timeout`
-    and which never retries by itself."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
-    return aioredis.Redis.from_pool(pool)
+def connect(url: str, timeout: float, *, max_connections: int = MAX_CONNECTIONS) -> StoreClient:
+    """A client for the store a --redis URL names (one server, Sentinel or Cluster) whose every
+    wait (connect, reply, a free pooled connection) is bounded by `timeout` and which never
+    retries by itself."""
+    return Topology.parse(url).client(timeout, max_connections=max_connections)
 
 
 class RedisStore:
-    def __init__(self, client: aioredis.Redis, *, timeout: float) -> None:
+    def __init__(self, client: StoreClient, batcher: ScriptBatcher, *, timeout: float) -> None:
         self.client = client
         self._timeout = timeout
         self.breaker = CircuitBreaker()
         self._clock = StoreClock()
         # The hot path's scripts go through the batcher: one pipelined round trip per loop turn.
-        self.batcher = ScriptBatcher.of_client(client, timeout=timeout)
+        self.batcher = batcher
         self._check = self.batcher.register(load_script("check_and_meter"))
         self._read = self.batcher.register(load_script("read_limits"))
         self._charge = self.batcher.register(load_script("charge"))
         self._grant = client.register_script(load_script("grant", shared=False))
         self._replay = client.register_script(load_script("replay"))
+
+    @classmethod
+    def open(cls, url: str, timeout: float) -> RedisStore:
+        """The store a --redis URL names, with its own client and batcher."""
+        topology = Topology.parse(url)
+        batcher = ScriptBatcher(topology.locator(timeout), timeout=timeout)
+        return cls(topology.client(timeout, max_connections=MAX_CONNECTIONS), batcher, timeout=timeout)
 
     def time(self) -> float:
         return self._clock.now()
@@ -143,7 +137,7 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.batcher.close()
-        await self.client.aclose()
+        await close_client(self.client)
 
     @property
     def circuit_open(self) -> bool:
@@ -168,34 +162,12 @@ class RedisStore:
     def _admission(
         self, reply: Sequence[Any], request: MeterRequest | None, *, has_over: bool = True
     ) -> Admission:
-        store_time = int(reply[1]) + int(reply[2]) / 1e6
-        self._clock.learn(store_time)
         if int(reply[0]) == EXPIRED:
+            self._clock.learn(replies.store_time(reply))
             raise StoreUnavailable("the store ran the script after its deadline; it wrote nothing")
-        outcome = _OUTCOMES[int(reply[0])]
-        if outcome is Outcome.STALE or request is None:
-            return Admission(outcome, store_time, ())
-        stride = 3 if has_over else 2
-        limits = tuple(
-            LimitState(
-                charge=charge,
-                used=int(reply[3 + i * stride]),
-                reset_seconds=int(reply[4 + i * stride]) / 1e6,
-                over=has_over and bool(int(reply[5 + i * stride])),
-            )
-            for i, charge in enumerate(request.limits)
-        )
-        first = 3 + len(request.limits) * stride
-        credits = tuple(
-            CreditState(
-                charge=charge,
-                granted=int(reply[first + i * stride]),
-                balance=int(reply[first + 1 + i * stride]),
-                over=has_over and bool(int(reply[first + 2 + i * stride])),
-            )
-            for i, charge in enumerate(request.credits)
-        )
-        return Admission(outcome, store_time, limits, credits)
+        admission = replies.admission(reply, request, has_over=has_over)
+        self._clock.learn(admission.store_time)
+        return admission
 
 
 async def bounded(operation: Awaitable[T], timeout: float) -> T:
