@@ -44,6 +44,9 @@ class Journal:
         self._segment_path: Path | None = None
         self._written = 0
         self._kept = 0  # entries of segments the last replay had to keep (the store was down)
+        # Flushes run beside replays (a replay may take seconds): a write to the open segment and
+        # a replay closing that segment must not overlap.
+        self._segment_use = asyncio.Lock()
         directory.mkdir(parents=True, exist_ok=True)
 
     def record(self, request: MeterRequest, at: float) -> None:
@@ -59,10 +62,11 @@ class Journal:
         return len(self._buffer) + self._written + self._kept
 
     async def flush(self) -> None:
-        if self._buffer:
-            lines, self._buffer = self._buffer, []
-            self._written += len(lines)  # counted as pending while they are being written, too
-            await asyncio.to_thread(self._append, lines)
+        async with self._segment_use:
+            if self._buffer:
+                lines, self._buffer = self._buffer, []
+                self._written += len(lines)  # counted as pending while they are being written, too
+                await asyncio.to_thread(self._append, lines)
 
     def _append(self, lines: list[str]) -> None:
         if self._segment is None:
@@ -81,11 +85,12 @@ class Journal:
         their markers). Returns the entries merged.
         """
         await self.flush()
-        if self._segment is not None:
-            self._segment.close()  # releases its lock: replayed below like any closed segment
-            self._segment = None
-            self._kept += self._written  # still pending while this replay runs
-            self._written = 0
+        async with self._segment_use:
+            if self._segment is not None:
+                self._segment.close()  # releases its lock: replayed below like any closed segment
+                self._segment = None
+                self._kept += self._written  # still pending while this replay runs
+                self._written = 0
         merged = kept = 0
         for path in sorted(self._directory.glob(f"*{SEGMENT_SUFFIX}")):
             claimed = await asyncio.to_thread(_claim, path)

@@ -119,8 +119,10 @@ async def _background(stack: AsyncExitStack, work: Coroutine[object, object, Non
 
 
 async def _merge_journal(components: Components, journal: Journal) -> None:
-    """Write the journal to disk every FLUSH_INTERVAL; merge it into the store once a second
-    (a no-op while it is empty). On shutdown the last entries are written, to merge after restart."""
+    """Write the journal to disk every FLUSH_INTERVAL, and merge it into the store once a second
+    (a no-op while it is empty). The writing never waits for a merge: under load a merge takes
+    seconds, and what is recorded meanwhile must reach the disk as promptly (a crash loses at
+    most FLUSH_INTERVAL). On shutdown the last entries are written, to merge after restart."""
     metrics = components.metrics
 
     async def merge(entry: dict[str, Any]) -> None:
@@ -130,17 +132,24 @@ async def _merge_journal(components: Components, journal: Journal) -> None:
         if billing is not None:
             components.marks.note(entry["customer"], entry["at"], billing)
 
+    async def keep_writing() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            await journal.flush()
+            metrics.journal_pending.set(journal.pending)
+
+    writing = asyncio.create_task(keep_writing())
     try:
         while True:
-            for _ in range(round(MERGE_INTERVAL / FLUSH_INTERVAL)):
-                await asyncio.sleep(FLUSH_INTERVAL)
-                await journal.flush()
-                metrics.journal_pending.set(journal.pending)
+            await asyncio.sleep(MERGE_INTERVAL)
             merged = await journal.replay(merge)
             if merged:
                 log.info("merged %d journal entries into the store", merged)
             metrics.journal_pending.set(journal.pending)
     finally:
+        writing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writing
         await journal.flush()
         journal.close()
 
