@@ -71,9 +71,13 @@ async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True)
         await _background(stack, _merge_journal(components, journal))
         await _background(stack, watch(components, stopping))
         loop.add_signal_handler(signal.SIGHUP, _start_reload, components, reloads)
+        # The proxy port opens first (/readyz answering 200 must mean requests can be served) and
+        # closes first (it drains while the admin port still answers).
+        sites: list[web.AppRunner] = []
+        stack.push_async_callback(_close_sites, sites)
+        await _site(sites, build_proxy_app(components), settings, admin=False)
         if admin:
-            await _site(stack, build_admin_app(components), settings, admin=True)
-        await _site(stack, build_proxy_app(components), settings, admin=False)
+            await _site(sites, build_admin_app(components), settings, admin=True)
         log.info("serving %s → %s; admin on %s", settings.listen, settings.upstream, settings.admin)
         await stopping.wait()
         log.info("stopping: draining in-flight requests (up to %ss)", settings.drain_timeout)
@@ -154,6 +158,12 @@ async def _merge_journal(components: Components, journal: Journal) -> None:
         journal.close()
 
 
+async def _close_sites(sites: list[web.AppRunner]) -> None:
+    """Close the sites in the order they opened: the proxy's drain first, then the admin port."""
+    for runner in sites:
+        await runner.cleanup()
+
+
 def _start_reload(components: Components, running: set[asyncio.Task[object]]) -> None:
     task: asyncio.Task[object] = asyncio.ensure_future(reload_policy(components))
     running.add(task)  # held until done: the loop keeps only weak references to tasks
@@ -168,13 +178,13 @@ async def _embedded_store(stack: AsyncExitStack, settings: Settings) -> str:
     return url
 
 
-async def _site(stack: AsyncExitStack, app: web.Application, settings: Settings, *, admin: bool) -> None:
+async def _site(sites: list[web.AppRunner], app: web.Application, settings: Settings, *, admin: bool) -> None:
     address = settings.admin if admin else settings.listen
     runner = web.AppRunner(
         app, access_log=None, shutdown_timeout=settings.drain_timeout, handle_signals=False
     )
     await runner.setup()
-    stack.push_async_callback(runner.cleanup)
+    sites.append(runner)
     metrics = app[COMPONENTS].metrics
     shared = not admin and settings.workers > 1  # every worker listens on the proxy port
     await GuardedSite(
