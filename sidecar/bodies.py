@@ -3,21 +3,27 @@
 A reserve such as ``request.json:max_tokens`` needs the request's JSON before the store call. The
 body is read into memory only then, and only up to measure.JSON_CAPTURE_LIMIT bytes; a longer
 body cannot be read (the reserve falls back to its default) and is forwarded as it streams in.
+
+Every read waits at most ``idle_timeout`` for the next bytes (--body-timeout), then raises
+BodyStalled: the head deadline (intake.py) ends when the head is in, and a body may then stall.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import StreamReader
 
+from sidecar.errors import BodyStalled
 from sidecar.measure import JSON_CAPTURE_LIMIT
 
 
 class RequestBody:
-    def __init__(self, content: StreamReader, chunk_size: int) -> None:
+    def __init__(self, content: StreamReader, chunk_size: int, idle_timeout: float) -> None:
         self._content = content
         self._chunk_size = chunk_size
+        self._idle_timeout = idle_timeout
         self._head = b""
         self._whole = False
 
@@ -26,7 +32,7 @@ class RequestBody:
         parts: list[bytes] = []
         size = 0
         while size <= JSON_CAPTURE_LIMIT:
-            part = await self._content.read(JSON_CAPTURE_LIMIT + 1 - size)
+            part = await self._read(JSON_CAPTURE_LIMIT + 1 - size)
             if not part:
                 self._whole = True
                 break
@@ -40,5 +46,12 @@ class RequestBody:
         if self._head:
             yield self._head
         if not self._whole:
-            async for chunk in self._content.iter_chunked(self._chunk_size):
+            while chunk := await self._read(self._chunk_size):
                 yield chunk
+
+    async def _read(self, size: int) -> bytes:
+        try:
+            async with asyncio.timeout(self._idle_timeout):
+                return await self._content.read(size)
+        except TimeoutError:
+            raise BodyStalled(self._idle_timeout) from None

@@ -77,6 +77,9 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--max-headers", help="header fields per request, else 431 (default 100)")
     run.add_argument("--max-body-size", help="bytes of request body, else 413 (default 1g)")
     run.add_argument("--header-timeout", help="seconds a request head may take to arrive (default 10)")
+    run.add_argument(
+        "--body-timeout", help="seconds a request body may go without a byte arriving (default 30)"
+    )
     run.add_argument("--workers", help="processes sharing the proxy port (SIDECAR_WORKERS, default 1)")
     run.add_argument("--loop", help="event loop: asyncio or uvloop (SIDECAR_LOOP, default asyncio)")
 

@@ -55,6 +55,16 @@ class EmbeddedStoreFailed(SidecarError):
     """The embedded redis-server process could not be started."""
 
 
+class BodyStalled(SidecarError):
+    """No byte of a request body came for ``timeout`` seconds; raised inside the read, so a client
+    that trickles a body (or stops sending one) does not hold a connection and an upstream upload
+    open forever."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        super().__init__(f"no byte of the request body came for {timeout:g} seconds")
+
+
 class BodyTooLarge(SidecarError):
     """A streamed request body passed the limit; raised inside the upload, so the upstream never
     receives it whole."""

@@ -35,7 +35,7 @@ from itertools import chain
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from multidict import MultiMapping
 
-from sidecar.errors import BodyTooLarge
+from sidecar.errors import BodyStalled, BodyTooLarge
 
 
 class Fault(enum.Enum):
@@ -45,6 +45,7 @@ class Fault(enum.Enum):
     HEADERS_TOO_LARGE = "headers_too_large"
     BODY_TOO_LARGE = "body_too_large"
     HEAD_TIMEOUT = "head_timeout"
+    BODY_TIMEOUT = "body_timeout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,14 +189,20 @@ async def capped(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[byte
 
 def body_refusal(error: BaseException) -> Refusal | None:
     """The client's fault in an upload that failed while the body streamed to the upstream: 413 when
-    the body outgrew the limit, 400 when its framing broke (a bad chunk); None when it was not the
-    client's body that failed."""
+    the body outgrew the limit, 400 when its framing broke (a bad chunk), 408 when it stalled; None
+    when it was not the client's body that failed."""
     cause = error.__cause__
+    if isinstance(cause, BodyStalled):
+        return stalled(cause)
     if isinstance(cause, BodyTooLarge):
         return Refusal(Fault.BODY_TOO_LARGE, f"the request body is larger than {cause.limit} bytes")
     if isinstance(cause, HttpProcessingError):
         return Refusal(Fault.MALFORMED, f"the request body is not valid HTTP/1.1: {_reason(cause.message)}")
     return None
+
+
+def stalled(error: BodyStalled) -> Refusal:
+    return Refusal(Fault.BODY_TIMEOUT, str(error))
 
 
 def spoofable(name: str) -> bool:

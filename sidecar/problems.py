@@ -187,6 +187,7 @@ def _names(verdict: Verdict) -> tuple[str, str]:
 _INPUT_FAULTS = {
     Fault.MALFORMED: (400, "Bad Request"),
     Fault.HEAD_TIMEOUT: (408, "Request Timeout"),
+    Fault.BODY_TIMEOUT: (408, "Request Timeout"),
     Fault.BODY_TOO_LARGE: (413, "Content Too Large"),
     Fault.HEADERS_TOO_LARGE: (431, "Request Header Fields Too Large"),
 }

@@ -19,8 +19,9 @@ from yarl import URL
 from sidecar import problems
 from sidecar.bodies import RequestBody
 from sidecar.components import COMPONENTS, SESSION, Components
+from sidecar.errors import BodyStalled
 from sidecar.gate import Decision, Verdict, admit
-from sidecar.guard import body_refusal, capped, spoofable
+from sidecar.guard import body_refusal, capped, spoofable, stalled
 from sidecar.metering import Tally, charge_response, keep_in_journal, reads_json
 from sidecar.policy.routes import has_dot_segments
 
@@ -57,17 +58,22 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if has_dot_segments(request.path):
         return problems.bad_request("a path with . or .. segments is not accepted; send the normalised path")
     policy = components.holder.current
-    body = RequestBody(request.content, CHUNK_SIZE)
-    verdict = await admit(
-        policy,
-        components.directory,
-        components.store,
-        request.method,
-        request.path,
-        request.headers,
-        body.read_head,
-        denials=components.denials,
-    )
+    body = RequestBody(request.content, CHUNK_SIZE, components.settings.body_timeout)
+    try:
+        verdict = await admit(
+            policy,
+            components.directory,
+            components.store,
+            request.method,
+            request.path,
+            request.headers,
+            body.read_head,
+            denials=components.denials,
+        )
+    except BodyStalled as error:  # a body read ahead for a reserve stalled: before admission, free
+        refusal = stalled(error)
+        components.metrics.refused_input.labels(refusal.fault.value).inc()
+        return problems.refused_input(refusal)
     components.metrics.record_verdict(verdict)
     if not verdict.forwards:
         return problems.refusal(verdict, policy, request.method, request.path)

@@ -58,6 +58,7 @@ class Settings:
     max_headers: int = 100
     max_body_size: int = 1024**3
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
     # Processes serving the proxy port together (SO_REUSEPORT); worker 0 also serves the admin port.
     workers: int = 1
     loop: str = "asyncio"  # or "uvloop" (the optional extra), see loops.py
@@ -193,6 +194,7 @@ _SOURCES: tuple[tuple[str, str | None, str, Callable[[str, str], Any]], ...] = (
     ("max_headers", "max_headers", "SIDECAR_MAX_HEADERS", parse_count),
     ("max_body_size", "max_body_size", "SIDECAR_MAX_BODY_SIZE", parse_size),
     ("header_timeout", "header_timeout", "SIDECAR_HEADER_TIMEOUT", parse_seconds),
+    ("body_timeout", "body_timeout", "SIDECAR_BODY_TIMEOUT", parse_seconds),
     ("workers", "workers", "SIDECAR_WORKERS", parse_count),
     ("loop", "loop", "SIDECAR_LOOP", parse_loop),
 )

@@ -46,6 +46,7 @@ PRECEDENCE = [
     Source("max_body_size", "max_body_size", "SIDECAR_MAX_BODY_SIZE", "10MiB", "2g",
            10 * 1024**2, 2 * 1024**3, 1024**3),
     Source("header_timeout", "header_timeout", "SIDECAR_HEADER_TIMEOUT", "2.5", "20", 2.5, 20.0, 10.0),
+    Source("body_timeout", "body_timeout", "SIDECAR_BODY_TIMEOUT", "5", "60", 5.0, 60.0, 30.0),
 ]  # fmt: skip
 IDS = [source.field for source in PRECEDENCE]
 
@@ -178,6 +179,7 @@ BAD_VALUES = [
     ("max_body_size", "SIDECAR_MAX_BODY_SIZE", "-1"),
     ("max_body_size", "SIDECAR_MAX_BODY_SIZE", "lots"),
     ("header_timeout", "SIDECAR_HEADER_TIMEOUT", "0"),
+    ("body_timeout", "SIDECAR_BODY_TIMEOUT", "soon"),
 ]
 BAD_IDS = [f"{flag}={value}" for flag, _, value in BAD_VALUES]
 

@@ -560,6 +560,54 @@ async def test_a_slow_body_after_a_prompt_head_is_not_cut_by_the_head_deadline(
     assert [record["bytes"] for record in recorder.completed()] == [8]
 
 
+async def test_a_body_that_stalls_after_admission_is_408_at_the_body_timeout_and_never_forwarded_whole(
+    guarded: GuardedFactory, policy: Path, recorder: Recorder
+) -> None:
+    sidecar = await guarded(policy, recorder.url, body_timeout=0.3, upstream_timeout=20)
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+    writer.write(head("POST /v1/a HTTP/1.1", "Content-Length: 8", body=b"1234"))  # then nothing
+    started = time.monotonic()
+    answer = await read_answer(reader)
+    waited = time.monotonic() - started
+    writer.close()
+    assert answer is not None and answer.status == 408 and answer.closes
+    assert answer.problem()["detail"] == "no byte of the request body came for 0.3 seconds"
+    assert 0.3 <= waited < 3
+    await asyncio.sleep(0.1)
+    assert len(recorder.seen) == 1 and recorder.completed() == []
+    assert sidecar.refused("body_timeout") == 1
+
+
+async def test_a_body_read_ahead_for_a_reserve_that_stalls_is_408_before_admission_and_costs_nothing(
+    guarded: GuardedFactory, tmp_path: Path, recorder: Recorder
+) -> None:
+    policy = write_policy(
+        tmp_path,
+        f"""
+        version: 1
+        meters:
+          requests: {{aggregation: count}}
+          tokens: {{aggregation: sum, source: "response.header:X-Tokens", reserve: "request.json:max_tokens",
+                    reserve_default: 10}}
+        features:
+          - {{name: files, match: {{path: "/v1/{{name}}"}}}}
+        plans:
+          p: {{features: [files], limits: [{{meter: requests, limit: 5, period: day}},
+                                            {{meter: tokens, limit: 1000, period: day}}]}}
+        customers:
+          acme: {{plan: p, api_keys: ["{key_hash(KEY)}"]}}
+        """,
+    )
+    sidecar = await guarded(policy, recorder.url, body_timeout=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+    writer.write(head("POST /v1/a HTTP/1.1", "Content-Length: 40", body=b'{"max_tokens": '))
+    answer = await read_answer(reader)
+    writer.close()
+    assert answer is not None and answer.status == 408
+    assert recorder.seen == []
+    assert await sidecar.components.store.client.keys("sc:{c:acme}:*") == []  # nothing charged or held
+
+
 async def test_pipelined_requests_with_bodies_are_all_answered(
     guarded: GuardedFactory, policy: Path, recorder: Recorder
 ) -> None:
