@@ -21,7 +21,7 @@ from sidecar.bodies import RequestBody
 from sidecar.components import COMPONENTS, SESSION, Components
 from sidecar.errors import BodyStalled
 from sidecar.gate import Decision, Verdict, admit
-from sidecar.guard import body_refusal, capped, spoofable, stalled
+from sidecar.guard import Refusal, body_refusal, capped, spoofable, stalled
 from sidecar.metering import Tally, charge_response, keep_in_journal, reads_json
 from sidecar.policy.routes import has_dot_segments
 
@@ -71,9 +71,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             denials=components.denials,
         )
     except BodyStalled as error:  # a body read ahead for a reserve stalled: before admission, free
-        refusal = stalled(error)
-        components.metrics.refused_input.labels(refusal.fault.value).inc()
-        return problems.refused_input(refusal)
+        return _refused(components, stalled(error))
     components.metrics.record_verdict(verdict)
     if not verdict.forwards:
         return problems.refusal(verdict, policy, request.method, request.path)
@@ -138,9 +136,8 @@ async def forward(
         components.metrics.upstream_errors.labels("timeout").inc()
         return problems.gateway_timeout("the upstream did not answer in time"), None
     except aiohttp.ClientError as error:
-        if (refusal := body_refusal(error)) is not None:  # the body outgrew the limit, or its framing broke
-            components.metrics.refused_input.labels(refusal.fault.value).inc()
-            return problems.refused_input(refusal), None
+        if (refusal := body_refusal(error)) is not None:  # the body outgrew the limit, broke or stalled
+            return _refused(components, refusal), None
         if _client_gone(request):
             # The body being relayed broke off because its sender left: not the upstream's failure.
             log.debug("client left mid-request on %s %s", request.method, request.path)
@@ -149,6 +146,12 @@ async def forward(
         return problems.bad_gateway(f"the upstream is unreachable ({type(error).__name__})"), None
     async with upstream:
         return await _stream_back(request, upstream, verdict, components, tally, shadowed), upstream.headers
+
+
+def _refused(components: Components, refusal: Refusal) -> web.Response:
+    """The client's input refused: counted, answered, the connection closed."""
+    components.metrics.refused_input.labels(refusal.fault.value).inc()
+    return problems.refused_input(refusal)
 
 
 async def _stream_back(

@@ -7,9 +7,11 @@ loopback ports, each process in its own temporary directory, all stopped by ``st
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,15 +78,20 @@ class Processes:
         self.running.clear()
 
 
+def _answers(port: int) -> bool:
+    with redis.Redis(port=port) as server:
+        return bool(server.ping())
+
+
 def server_args(port: int, *extra: str) -> list[str]:
     return ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *extra]
 
 
-def wait_until(check: object, what: str, timeout: float = READY_TIMEOUT) -> None:
+def wait_until(check: Callable[[], bool], what: str, timeout: float = READY_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(redis.exceptions.RedisError, OSError):
-            if check():  # type: ignore[operator]
+            if check():
                 return
         time.sleep(0.05)
     raise RuntimeError(f"timed out waiting for {what}")
@@ -112,7 +119,7 @@ class Cluster:
                 *server_args(port, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
             )
         for port in self.ports:
-            wait_until(lambda port=port: redis.Redis(port=port).ping(), f"cluster node {port}")
+            wait_until(functools.partial(_answers, port), f"cluster node {port}")
         nodes = [f"127.0.0.1:{port}" for port in self.ports]
         subprocess.run(
             [redis_cli_binary(), "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
@@ -121,7 +128,7 @@ class Cluster:
             timeout=60,
         )
         for port in self.ports:
-            wait_until(lambda port=port: self._ok(port), f"cluster state ok on {port}")
+            wait_until(functools.partial(self._ok, port), f"cluster state ok on {port}")
         return self
 
     @staticmethod

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import hiredis
-from redis.crc import key_slot
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from sidecar.errors import StoreUnavailable
 from sidecar.store.topology import Arg, Endpoint, Locator, Topology
@@ -127,7 +127,7 @@ class ScriptBatcher:
         if not self.locator.sharded:
             await self._connected(self._endpoint(0))
             return
-        masters = {self.locator.endpoint(slot) for slot in range(0, 16384)} - {None}
+        masters = {self.locator.endpoint(slot) for slot in range(REDIS_CLUSTER_HASH_SLOTS)} - {None}
         await asyncio.gather(*(self._connected(cast(Endpoint, master)) for master in masters))
 
     async def close(self) -> None:
@@ -171,10 +171,12 @@ class ScriptBatcher:
             self._later(self._send_when_ready(endpoint, batch, calls))
 
     def _send(self, link: _Link, batch: _Batch, calls: list[_Call]) -> None:
-        live = [call for call in calls if not call.future.done()]  # expired, or caller gone
+        live = []
         for call in calls:
-            if call.future.done():
+            if call.future.done():  # expired, or its caller went away
                 call.finish()
+            else:
+                live.append(call)
         if live:
             batch.links.append(link)
             link.send(live, b"".join(call.command for call in live))
@@ -220,11 +222,7 @@ class ScriptBatcher:
             target = link.endpoint.at(host, int(port))
         else:
             target = self.locator.moved(int(slot), host, int(port))
-        known = self._links.get(target)
-        if known is not None and known.open:
-            known.redirected(call, asking)
-        else:
-            self._later(self._redirect_when_connected(target, call, asking))
+        self._later(self._redirect_when_connected(target, call, asking))
 
     async def _redirect_when_connected(self, target: Endpoint, call: _Call, asking: bool) -> None:
         try:

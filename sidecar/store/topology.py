@@ -211,9 +211,8 @@ class ClusterSlots:
         return self.table[slot] if self.table else None
 
     async def learn(self, ask: Ask) -> None:
-        known = {node for node in self.table if node is not None}
         errors: list[str] = []
-        for node in (*known, *self.startup):
+        for node in self.startup:
             try:
                 reply = await ask(node, ("CLUSTER", "SLOTS"))
             except StoreUnavailable as error:
