@@ -329,8 +329,10 @@ class _Call:
             except StoreUnavailable as refused:
                 self.fail(str(refused))
             return True
-        if error.startswith("READONLY"):  # a master a failover demoted: ask where the master is now
-            link.owner.lost(link, stale=True)
+        # A master a failover demoted: ask where the master is now. Redis 6 wraps the error of a
+        # script's write ("ERR Error running script ... -READONLY ..."), Redis 7 passes it as is.
+        if error.startswith("READONLY") or "-READONLY " in error:
+            link.close("the server is a replica now (READONLY)", stale=True)
         return False
 
     def fail(self, reason: str) -> None:
@@ -478,11 +480,12 @@ class _Link(asyncio.Protocol):
         self.owner.lost(self, stale=lost_by_the_server)
         self._fail_pending("the store connection was lost" + (f" ({_describe(exc)})" if exc else ""))
 
-    def close(self, reason: str, *, quiet: bool = False) -> None:
+    def close(self, reason: str, *, quiet: bool = False, stale: bool = False) -> None:
+        """Close from our side; ``stale`` when where calls go may have changed with it."""
         if self.open and not quiet:
             log.warning("closing the store connection to %s: %s", self.endpoint.address, reason)
         self.open = False
-        self.owner.lost(self, stale=False)
+        self.owner.lost(self, stale=stale)
         if self.transport is not None:
             self.transport.abort()
         self._fail_pending(reason)

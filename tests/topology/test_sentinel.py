@@ -11,6 +11,7 @@ import redis
 
 from sidecar.errors import StoreUnavailable
 from sidecar.store.base import Outcome
+from sidecar.store.batching import CLIENT_NAME, ScriptBatcher
 from sidecar.store.redis import RedisStore
 from tests.e2e.test_admission import test_quota_of_n_admits_exactly_n_across_two_replicas_under_concurrency
 from tests.store.test_check_and_meter import (
@@ -18,7 +19,7 @@ from tests.store.test_check_and_meter import (
     request_for,
     test_concurrent_calls_admit_exactly_the_quota,
 )
-from tests.topologies import SentinelGroup
+from tests.topologies import SentinelGroup, wait_until
 
 # Run here against the Sentinel-named master, through the redis_url fixture below.
 __all__ = [
@@ -66,3 +67,26 @@ async def test_after_a_failover_calls_reach_the_new_master_and_stay_exact(
     with redis.Redis(port=new) as master:
         counters = [int(master.get(key) or 0) for key in master.keys("*:q:*")]
     assert counters == [30]
+
+
+def batch_connections(port: int) -> list[dict[str, str]]:
+    with redis.Redis(port=port) as server:
+        return [client for client in server.client_list() if client["name"] == CLIENT_NAME]
+
+
+async def test_a_write_refused_by_a_replica_fails_the_call_and_closes_its_connection(
+    sentinel_group: SentinelGroup,
+) -> None:
+    """What a master demoted by a failover answers (READONLY): the call fails, and the connection
+    to that server is closed rather than kept, so the next calls ask where the master is."""
+    ports = (sentinel_group.master_port, sentinel_group.replica_port)
+    replica = next(port for port in ports if port != sentinel_group.current_master())
+    batcher = ScriptBatcher.of_url(f"redis://127.0.0.1:{replica}/0", timeout=2.0)
+    write = batcher.register("return redis.call('INCR', KEYS[1])")
+    try:
+        await batcher.connect()
+        with pytest.raises(StoreUnavailable, match="READONLY"):
+            await write(["sc:{c:acme}:x"])
+        wait_until(lambda: not batch_connections(replica), "the replica connection to close", timeout=5)
+    finally:
+        await batcher.close()
