@@ -333,7 +333,12 @@ async def billing_caught_up(
 
 async def scrape(session: aiohttp.ClientSession, admin: str) -> list[str]:
     """The fault-related series of a sidecar's /metrics (its own counters since it started)."""
-    names = ("sidecar_store_errors_total", "sidecar_journal_", "sidecar_billing_pushes_total")
+    names = (
+        "sidecar_store_errors_total",
+        "sidecar_journal_",
+        "sidecar_lost_replies",
+        "sidecar_billing_pushes_total",
+    )
     async with session.get(f"{admin}/metrics") as response:
         text = await response.text()
     return [line for line in text.splitlines() if line.startswith(names) and "_created" not in line]

@@ -4,6 +4,7 @@
      ├── PolicyInvalid      a policy file (or set of files) failed validation; carries every PolicyError
      ├── SettingsInvalid    a flag or SIDECAR_* variable has a bad value; names the variable
      ├── StoreUnavailable   Redis could not answer within the store timeout (or refused)
+     │    └── OutcomeUnknown a metering call was sent, but its reply never came
      ├── EmbeddedStoreFailed the bundled redis-server could not be started
      └── BodyTooLarge       a streamed request body passed --max-body-size (stops the upload)
 
@@ -47,8 +48,31 @@ class SettingsInvalid(SidecarError):
     """A command-line flag or environment variable has a value the sidecar cannot use."""
 
 
+@dataclass(frozen=True, slots=True)
+class UnansweredCall:
+    """A metering call the store may have run without the sidecar reading its reply: named in the
+    store by the connection it went out on (``token``) and its sequence number there, and unable
+    to write after ``deadline_us`` (store clock, microseconds)."""
+
+    token: str
+    seq: int
+    deadline_us: int = 0
+
+
 class StoreUnavailable(SidecarError):
     """The store did not answer in time or refused the connection."""
+
+    call: UnansweredCall | None = None  # set by OutcomeUnknown: the call may have run
+
+
+class OutcomeUnknown(StoreUnavailable):
+    """A metering call was written to the store, and its reply was lost with the connection or
+    came after the store timeout: whether the script ran is not known here. If it wrote, it left
+    a record under ``call`` (lib.lua remember_call), which the journal looks up later."""
+
+    def __init__(self, reason: str, call: UnansweredCall) -> None:
+        super().__init__(reason)
+        self.call: UnansweredCall = call
 
 
 class EmbeddedStoreFailed(SidecarError):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sidecar.charges import meter_request
-from sidecar.errors import StoreUnavailable
+from sidecar.errors import StoreUnavailable, UnansweredCall
 from sidecar.identity import CustomerLookup, identify
 from sidecar.measure import reserve_amount
 from sidecar.policy.model import ChargeSpec, Customer, Feature, Plan, Policy, StoreFailure
@@ -50,6 +50,9 @@ class Verdict:
     credits: tuple[CreditState, ...] = ()
     hold_id: str = ""  # the reservation to settle when the response ends ("" when none was made)
     unrecorded: MeterRequest | None = None  # admitted with the store down: for the local journal
+    # The metering call was sent and never answered (it may have run): the journal merges the
+    # unrecorded usage only if it did not (open), or undoes the call if it did (closed, a 503).
+    unanswered: UnansweredCall | None = None
 
     @property
     def forwards(self) -> bool:
@@ -153,7 +156,7 @@ async def _meter(
             store.check_and_meter,
             lambda now: meter_request(policy, customer, feature.name, spec, now, reserved, hold_id),
         )
-    except StoreUnavailable:
+    except StoreUnavailable as error:
         failure = plan.store_failure or policy.store_failure
         if failure is StoreFailure.OPEN:
             # Its request-time usage goes to the journal; measured meters are charged at the end.
@@ -164,8 +167,15 @@ async def _meter(
                 plan=plan,
                 spec=spec,
                 unrecorded=meter_request(policy, customer, feature.name, spec, store.time()),
+                unanswered=error.call,
             )
-        return Verdict(decision=Decision.UNAVAILABLE, feature=feature, customer=customer, plan=plan)
+        return Verdict(
+            decision=Decision.UNAVAILABLE,
+            feature=feature,
+            customer=customer,
+            plan=plan,
+            unanswered=error.call,
+        )
     decision = Decision.REFUSED if admission.outcome is Outcome.REFUSED else Decision.ADMITTED
     return Verdict(
         decision=decision,

@@ -1,7 +1,11 @@
 """The local journal: usage the store could not take, kept on disk until it can (SPEC §5).
 
-Two things land here: requests admitted while the store was unreachable under
-``store_failure: open``, and response-time charges that could not be sent. Recording is a list
+Three things land here: requests admitted while the store was unreachable under
+``store_failure: open``, response-time charges that could not be sent, and voids: requests
+answered 503 under ``closed`` whose metering call was sent but never answered (it may have run,
+and is undone if it did). An entry made for an unanswered call names it, and merging it asks the
+store first whether that call ran (lib.lua remember_call), so usage is neither lost nor counted
+twice when a reply is lost with its connection. Recording is a list
 append on the hot path (no I/O); a background task writes the entries to a segment file under
 ``--data-dir`` every FLUSH_INTERVAL with fsync, so a restart keeps them (a crash loses at most the
 last interval). When the store answers again, each entry is merged by replay.lua once — a marker
@@ -15,6 +19,7 @@ of processes that died are replayed by whichever process gets their lock first.
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
 import json
 import logging
@@ -24,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from sidecar.errors import StoreUnavailable
+from sidecar.errors import StoreUnavailable, UnansweredCall
 from sidecar.store.base import MeterRequest
 
 log = logging.getLogger("sidecar.journal")
@@ -47,13 +52,35 @@ class Journal:
         # Flushes run beside replays (a replay may take seconds): a write to the open segment and
         # a replay closing that segment must not overlap.
         self._segment_use = asyncio.Lock()
+        self._voids: collections.Counter[str] = collections.Counter()  # recorded here, not merged yet
         directory.mkdir(parents=True, exist_ok=True)
 
-    def record(self, request: MeterRequest, at: float) -> None:
-        """Keep one request's usage; written to disk by the next flush."""
+    def record(self, request: MeterRequest, at: float, unanswered: UnansweredCall | None = None) -> None:
+        """Keep one request's usage; written to disk by the next flush. ``unanswered``: the
+        metering call for it was sent, and may have run (then this usage is not merged)."""
         key_list, args = self._encode(request)
-        entry = {"v": 1, "id": uuid.uuid4().hex, "customer": request.customer_id, "at": at}
+        entry = self._entry(request.customer_id, at, unanswered, "call")
         self._buffer.append(json.dumps({**entry, "keys": key_list, "args": args}))
+
+    def void(self, customer_id: str, unanswered: UnansweredCall, at: float) -> None:
+        """Keep a call to undo, if the store ran it: the request it metered was refused."""
+        self._buffer.append(json.dumps(self._entry(customer_id, at, unanswered, "void")))
+        self._voids[customer_id] += 1
+
+    @property
+    def voiding(self) -> frozenset[str]:
+        """Customers with a void this process recorded and has not merged yet. Their billing
+        windows are kept open meanwhile (server.py holds them in the store for every replica), so
+        the undo reaches the usage before a summary of it is made: void.lua leaves a call whose
+        usage was billed first as it is."""
+        return frozenset(self._voids)
+
+    @staticmethod
+    def _entry(customer_id: str, at: float, unanswered: UnansweredCall | None, name: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {"v": 1, "id": uuid.uuid4().hex, "customer": customer_id, "at": at}
+        if unanswered is not None:
+            entry[name] = [unanswered.token, unanswered.seq, unanswered.deadline_us]
+        return entry
 
     @property
     def pending(self) -> int:
@@ -91,6 +118,15 @@ class Journal:
                 self._segment = None
                 self._kept += self._written  # still pending while this replay runs
                 self._written = 0
+
+        async def merge_and_count(entry: dict[str, Any]) -> None:
+            await merge(entry)
+            customer = entry.get("customer", "")
+            if "void" in entry and self._voids[customer] > 0:  # else another process recorded it
+                self._voids[customer] -= 1
+                if not self._voids[customer]:
+                    del self._voids[customer]
+
         merged = kept = 0
         for path in sorted(self._directory.glob(f"*{SEGMENT_SUFFIX}")):
             claimed = await asyncio.to_thread(_claim, path)
@@ -99,7 +135,7 @@ class Journal:
             handle, lines = claimed
             with handle:  # closed (its lock released) also when the replay is cancelled
                 entries = _entries(path, lines)
-                done = 0 if kept else await _merge_segment(entries, merge)  # store down: count only
+                done = 0 if kept else await _merge_segment(entries, merge_and_count)  # store down: count only
                 merged += done
                 if done == len(entries):
                     path.unlink(missing_ok=True)

@@ -89,13 +89,22 @@ class Metrics:
         self.journal_recorded = Counter(
             "sidecar_journal_recorded",
             "Usage kept in the local journal because the store was unreachable, by source "
-            "(admission: admitted under store_failure open; charge: a response-time charge).",
+            "(admission: admitted under store_failure open; charge: a response-time charge; void: "
+            "a request answered 503 whose metering call may have run, to undo).",
             ["source"],
             registry=self.registry,
         )
         self.journal_merged = Counter(
             "sidecar_journal_merged",
             "Journal entries merged into the store once it answered again.",
+            registry=self.registry,
+        )
+        self.lost_replies = Counter(
+            "sidecar_lost_replies",
+            "Metering calls sent whose reply never came, by what the journal found in the store: "
+            "ran (its usage was in already, or undone for a 503), not_run, ran_and_billed (a 503 "
+            "whose window billing had before the undo came: it stands) or repeated.",
+            ["found"],
             registry=self.registry,
         )
         self.journal_pending = Gauge(

@@ -22,7 +22,7 @@ from sidecar.components import COMPONENTS, SESSION, Components
 from sidecar.errors import BodyStalled
 from sidecar.gate import Decision, Verdict, admit
 from sidecar.guard import Refusal, body_refusal, capped, spoofable, stalled
-from sidecar.metering import Tally, charge_response, keep_in_journal, reads_json
+from sidecar.metering import Tally, charge_response, keep_in_journal, reads_json, void_in_journal
 from sidecar.policy.routes import has_dot_segments
 
 log = logging.getLogger("sidecar.proxy")
@@ -74,10 +74,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return _refused(components, stalled(error))
     components.metrics.record_verdict(verdict)
     if not verdict.forwards:
+        if verdict.unanswered is not None and verdict.customer is not None:
+            void_in_journal(components, verdict.customer.id, verdict.unanswered)
         return problems.refusal(verdict, policy, request.method, request.path)
     components.metrics.overhead.observe(time.perf_counter() - tally.started)
     if verdict.unrecorded is not None:
-        keep_in_journal(components, verdict.unrecorded, "admission")
+        keep_in_journal(components, verdict.unrecorded, "admission", verdict.unanswered)
     if policy.billing and verdict.recorded_usage and verdict.customer:
         components.marks.note(verdict.customer.id, verdict.store_time, policy.billing)
     shadowed = _shadow_names(verdict)

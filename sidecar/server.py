@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import time
+import uuid
 from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from typing import Any
@@ -23,12 +24,14 @@ from sidecar.billing.outbox import BILLING_STORE_TIMEOUT, Outbox
 from sidecar.billing.pusher import Pusher
 from sidecar.components import COMPONENTS, Components
 from sidecar.customers import CustomerDirectory
+from sidecar.errors import StoreUnavailable
 from sidecar.intake import GuardedSite
 from sidecar.journal import FLUSH_INTERVAL, Journal
 from sidecar.metrics import Metrics
 from sidecar.policy.holder import PolicyHolder, freeze_heap
 from sidecar.reloading import reload_policy, watch
 from sidecar.settings import Settings
+from sidecar.store.base import Replayed
 from sidecar.store.embedded import EmbeddedRedis
 from sidecar.store.redis import RedisStore, connect, script_arguments
 from sidecar.store.topology import close_client
@@ -37,6 +40,16 @@ log = logging.getLogger("sidecar")
 
 BILLING_CONNECTIONS = 8
 MERGE_INTERVAL = 1.0  # seconds between attempts to merge the journal into the store
+VOID_HOLD_SECONDS = 30  # a void hold, renewed every merge attempt while the void waits
+# What the store had of a call whose reply was lost (sidecar_lost_replies_total{found}).
+_FOUND = {
+    Replayed.MERGED: "not_run",
+    Replayed.NOT_RUN: "not_run",
+    Replayed.RAN: "ran",
+    Replayed.UNDONE: "ran",
+    Replayed.BILLED: "ran_and_billed",
+    Replayed.REPEATED: "repeated",
+}
 
 
 async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True) -> None:
@@ -98,6 +111,7 @@ async def _pusher(stack: AsyncExitStack, components: Components) -> None:
         directory=components.directory,
         secret=components.settings.billing_secret,
         token=components.settings.billing_token,
+        held_back=(lambda: journal.voiding) if (journal := components.journal) else frozenset,
     )
     stopping = asyncio.Event()
     task = asyncio.create_task(pusher.run(stopping))
@@ -130,8 +144,11 @@ async def _merge_journal(components: Components, journal: Journal) -> None:
     metrics = components.metrics
 
     async def merge(entry: dict[str, Any]) -> None:
-        if await components.store.replay(entry):
+        replayed = await components.store.replay(entry)
+        if replayed is Replayed.MERGED:
             metrics.journal_merged.inc()
+        if "call" in entry or "void" in entry:
+            metrics.lost_replies.labels(_FOUND[replayed]).inc()
         billing = components.holder.current.billing
         if billing is not None:
             components.marks.note(entry["customer"], entry["at"], billing)
@@ -143,10 +160,14 @@ async def _merge_journal(components: Components, journal: Journal) -> None:
             metrics.journal_pending.set(journal.pending)
 
     writing = asyncio.create_task(keep_writing())
+    held: frozenset[str] = frozenset()
+    holder = uuid.uuid4().hex  # this process, in the void holds it sets
     try:
         while True:
             await asyncio.sleep(MERGE_INTERVAL)
+            held = await _hold_closes(components.outbox, journal, holder, held)
             merged = await journal.replay(merge)
+            held = await _hold_closes(components.outbox, journal, holder, held)
             if merged:
                 log.info("merged %d journal entries into the store", merged)
             metrics.journal_pending.set(journal.pending)
@@ -156,6 +177,19 @@ async def _merge_journal(components: Components, journal: Journal) -> None:
             await writing
         await journal.flush()
         journal.close()
+
+
+async def _hold_closes(outbox: Outbox, journal: Journal, holder: str, held: frozenset[str]) -> frozenset[str]:
+    """Hold, in the store, the billing windows of the customers this journal has voids for (every
+    replica's close.lua leaves them open), and end the holds of those whose voids have merged;
+    the customers held now. A hold outlives this process by VOID_HOLD_SECONDS at most."""
+    voiding = journal.voiding
+    try:
+        await outbox.hold_closes(voiding, holder, VOID_HOLD_SECONDS)
+        await outbox.end_holds(held - voiding, holder)
+    except StoreUnavailable:
+        return held | voiding
+    return voiding
 
 
 async def _close_sites(sites: list[web.AppRunner]) -> None:

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from sidecar.errors import StoreUnavailable
+from sidecar.errors import StoreUnavailable, UnansweredCall
 from sidecar.journal import SEGMENT_SUFFIX, Journal
 from sidecar.policy.model import Limit, Period
 from sidecar.policy.windows import calendar_window
-from sidecar.store.base import LimitCharge, MeterRequest, UsageCharge
+from sidecar.store.base import LimitCharge, MeterRequest, Replayed, UsageCharge
 from sidecar.store.redis import RedisStore, script_arguments
 
 
@@ -50,7 +50,7 @@ async def test_an_entry_merged_twice_counts_once(store: RedisStore, tmp_path: Pa
     journal = Journal(tmp_path, script_arguments)
     journal.record(request_at(now), now)
     await journal.replay(keep)
-    assert [await store.replay(entries[0]) for _ in range(2)] == [True, False]
+    assert [await store.replay(entries[0]) for _ in range(2)] == [Replayed.MERGED, Replayed.REPEATED]
     assert await used(store, now) == 1
 
 
@@ -124,3 +124,11 @@ async def test_entries_kept_because_the_store_is_down_still_count_as_pending(
     assert journal.pending == 3  # in a closed segment now, still waiting for the store
     assert await journal.replay(store.replay) == 3
     assert journal.pending == 0
+
+
+async def test_a_void_is_voiding_its_customer_until_it_has_merged(store: RedisStore, tmp_path: Path) -> None:
+    journal = Journal(tmp_path, script_arguments)
+    journal.void("acme", UnansweredCall("c0ffee0123456789", 1), store.time())
+    assert journal.voiding == {"acme"}
+    assert await journal.replay(store.replay) == 1
+    assert journal.voiding == set()

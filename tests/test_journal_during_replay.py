@@ -20,7 +20,7 @@ from sidecar.journal import FLUSH_INTERVAL, SEGMENT_SUFFIX, Journal
 from sidecar.policy.model import Limit, Period
 from sidecar.policy.windows import calendar_window
 from sidecar.server import MERGE_INTERVAL, _merge_journal
-from sidecar.store.base import LimitCharge, MeterRequest, UsageCharge
+from sidecar.store.base import LimitCharge, MeterRequest, Replayed, UsageCharge
 from sidecar.store.redis import script_arguments
 from tests.conftest import make_components, write_policy
 
@@ -40,11 +40,11 @@ class SlowStore:
         self.merging = asyncio.Event()
         self.merged = asyncio.Event()
 
-    async def replay(self, entry: dict[str, Any]) -> bool:
+    async def replay(self, entry: dict[str, Any]) -> Replayed:
         self.merging.set()
         await asyncio.sleep(SLOW_MERGE_SECONDS)
         self.merged.set()
-        return True
+        return Replayed.MERGED
 
 
 def on_disk(directory: Path) -> str:

@@ -10,7 +10,7 @@ so a replica dying between a script and an index update delays a summary, never 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 from sidecar.billing.summaries import Summary
@@ -21,6 +21,7 @@ from sidecar.store.topology import StoreClient
 # Background work may wait longer than a request can.
 BILLING_STORE_TIMEOUT = 2.0
 _SCAN_BATCH = 1000
+HELD = -1  # close() moved nothing: a void hold keeps the customer's windows open
 
 
 class Outbox:
@@ -49,13 +50,42 @@ class Outbox:
     async def close(
         self, customer: str, plan: str, interval: int, cutoff: int, aggregations: Mapping[str, str]
     ) -> tuple[int, int | None]:
-        """Move every window ended by `cutoff` into the outbox: (moved, earliest open window)."""
-        key_list = [keys.usage(customer), keys.revisions(customer), keys.outbox(customer)]
+        """Move every window ended by `cutoff` into the outbox: (moved, earliest open window), or
+        (HELD, None) while a void hold is set for the customer (hold_closes)."""
+        key_list = [
+            keys.usage(customer),
+            keys.revisions(customer),
+            keys.outbox(customer),
+            keys.void_hold(customer),
+        ]
         args: list[Any] = [customer, plan, interval, cutoff]
         for meter, aggregation in aggregations.items():
             args += (meter, aggregation)
         moved, open_window = await bounded(self._close(keys=key_list, args=args), self._timeout)
         return int(moved), None if int(open_window) < 0 else int(open_window)
+
+    async def hold_closes(self, customers: Iterable[str], holder: str, seconds: int) -> None:
+        """Keep these customers' windows open in every replica (close.lua) until `holder` ends
+        its hold, or nobody renews it for `seconds`."""
+
+        def hold(pipe: Any, customer: str) -> None:
+            pipe.sadd(keys.void_hold(customer), holder)
+            pipe.expire(keys.void_hold(customer), seconds)
+
+        await self._each(customers, hold)
+
+    async def end_holds(self, customers: Iterable[str], holder: str) -> None:
+        await self._each(customers, lambda pipe, customer: pipe.srem(keys.void_hold(customer), holder))
+
+    async def _each(self, customers: Iterable[str], commands: Callable[[Any, str], object]) -> None:
+        """The commands of each customer, pipelined (a cluster client splits it by node)."""
+        customers = list(customers)
+        if not customers:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for customer in customers:
+                commands(pipe, customer)
+            await bounded(pipe.execute(), self._timeout)
 
     async def reschedule(self, schedule: str, customer: str, seen: int, new: int | None) -> bool:
         """Remove (new None) or reschedule a member, only if nobody changed it since it was `seen`."""

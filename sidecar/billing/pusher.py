@@ -2,7 +2,10 @@
 
 Each cycle (every second) it
 1. records which customers this process charged (DirtyMarks) in the shared DIRTY schedule;
-2. closes every due customer's windows that ended `grace` seconds ago into its outbox;
+2. closes every due customer's windows that ended `grace` seconds ago into its outbox, except a
+   customer some journal holds a void for (journal.py: that undo must reach the usage first),
+   and not at all for CLOSE_SETTLE_SECONDS after a cycle found the store down, while the
+   replicas that lost replies to the outage write their holds;
 3. leases pending customers (one replica at a time each) and POSTs their summaries in batches,
    signed when a secret is set; a 2xx (or a format's "already have it") deletes them, a permanent
    4xx moves them to dead letters, anything else reschedules them with exponential backoff and
@@ -24,7 +27,7 @@ import aiohttp
 
 from sidecar.billing.formats import Delivery, PushRequest, classify, encode, lago_duplicates
 from sidecar.billing.marks import DirtyMarks
-from sidecar.billing.outbox import Outbox
+from sidecar.billing.outbox import HELD, Outbox
 from sidecar.billing.signing import HEADER as SIGNATURE_HEADER
 from sidecar.billing.signing import signature
 from sidecar.billing.summaries import Summary
@@ -44,6 +47,9 @@ PUSH_TIMEOUT = aiohttp.ClientTimeout(total=10)
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 300.0
 _CUSTOMERS_PER_CYCLE = 500
+# After the store failed: long enough for every journal's merge loop (once a second) to hold the
+# windows of customers it has voids for.
+CLOSE_SETTLE_SECONDS = 3.0
 
 
 class Pusher:
@@ -60,6 +66,7 @@ class Pusher:
         directory: CustomerDirectory,
         secret: str | None = None,
         token: str | None = None,
+        held_back: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         self.holder = holder
         self.outbox = outbox
@@ -71,6 +78,8 @@ class Pusher:
         self.secret = secret
         self.token = token
         self.backoff_base = backoff_base
+        self.held_back = held_back  # customers this process's journal holds voids for
+        self._closes_resume = 0.0  # monotonic time; see CLOSE_SETTLE_SECONDS
         self._failures: dict[str, int] = {}
         self._next_rebuild = 0.0
 
@@ -93,6 +102,7 @@ class Pusher:
             await self._cycle(policy, policy.billing)
         except StoreUnavailable as error:
             self.metrics.store_errors.labels("billing").inc()
+            self._closes_resume = time.monotonic() + CLOSE_SETTLE_SECONDS
             log.warning("billing cycle skipped: %s", error)
 
     async def _cycle(self, policy: Policy, billing: Billing) -> None:
@@ -101,7 +111,8 @@ class Pusher:
         if time.monotonic() >= self._next_rebuild:
             await self.outbox.rebuild_schedules()
             self._next_rebuild = time.monotonic() + REBUILD_EVERY_SECONDS
-        await self._close_due(policy, billing, now_ms)
+        if time.monotonic() >= self._closes_resume:
+            await self._close_due(policy, billing, now_ms)
         await self._push_pending(policy, billing, now_ms)
         self.metrics.billing_pending.set(await self.outbox.pending_summaries())
 
@@ -117,12 +128,17 @@ class Pusher:
         cutoff = now_ms // 1000 - billing.grace
         aggregations = {name: meter.aggregation.value for name, meter in policy.meters.items()}
         customers = self.directory.all(policy)
+        held_back = self.held_back()
         for customer, seen in await self.outbox.due_dirty(now_ms, _CUSTOMERS_PER_CYCLE):
+            if customer in held_back:
+                continue  # stays due: closed by a later cycle, once the journal has merged
             known = customers.get(customer)
             plan = known.plan if known else ""
             moved, open_window = await self.outbox.close(
                 customer, plan, billing.interval, cutoff, aggregations
             )
+            if moved == HELD:
+                continue
             if moved:
                 await self.outbox.schedule_push(customer, now_ms)
             due = None if open_window is None else (open_window + billing.interval + billing.grace) * 1000

@@ -150,6 +150,17 @@ class GrantOutcome(enum.Enum):
     CONFLICT = "conflict"  # the grant id was used before for a different grant
 
 
+class Replayed(enum.Enum):
+    """What merging one journal entry did (Store.replay)."""
+
+    MERGED = "merged"
+    REPEATED = "repeated"  # merged before (a retried replay, or another process's)
+    RAN = "ran"  # not merged: the call the entry stands for had run in the store after all
+    UNDONE = "undone"  # a void: the call it names had run, and is undone
+    NOT_RUN = "not_run"  # a void: the call it names had not run; nothing to undo
+    BILLED = "billed"  # a void: the call had run and its window was closed first; it stands
+
+
 class Store(Protocol):
     def time(self) -> float:
         """The store's clock as last observed, advanced by the local clock; no I/O."""
@@ -173,8 +184,8 @@ class Store(Protocol):
     async def grant(self, customer_id: str, grant: Grant) -> GrantOutcome:
         """Add prepaid credit once per grant id; one round trip."""
 
-    async def replay(self, entry: Mapping[str, Any]) -> bool:
-        """Merge one journal entry once; False when it was merged before."""
+    async def replay(self, entry: Mapping[str, Any]) -> Replayed:
+        """Merge one journal entry once (or undo the call a void entry names); one round trip."""
 
     @property
     def circuit_open(self) -> bool:

@@ -11,6 +11,11 @@ What does not change:
 * Each call is still its own EVALSHA of its own atomic script. Redis runs the scripts of a
   pipeline one after another, exactly as it would run them from separate connections, so every
   guarantee of a script (all-or-nothing, exact counts) holds call by call.
+* A call of a script registered ``named`` carries its name as its last three ARGV, stamped when it
+  is written to a connection: the connection's random token, the call's sequence number on it,
+  and the number of the last reply read on it. The metering scripts keep a record of each call
+  that wrote until a later call says its reply was read (lib.lua remember_call); a named call
+  whose reply never comes raises OutcomeUnknown with its name, so the journal can look it up.
 * Nothing is retried, except a call whose reply is NOSCRIPT: that reply says the script did not
   run, so the script is loaded (SCRIPT LOAD, on the same connection, ahead of the resend) and
   only that call is sent again, once. Any other error reply fails that call alone.
@@ -40,6 +45,7 @@ import asyncio
 import collections
 import hashlib
 import logging
+import secrets
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -47,7 +53,7 @@ from typing import Any, cast
 import hiredis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from sidecar.errors import StoreUnavailable
+from sidecar.errors import OutcomeUnknown, StoreUnavailable, UnansweredCall
 from sidecar.store.topology import Arg, Endpoint, Locator, Topology
 
 log = logging.getLogger("sidecar.store")
@@ -56,6 +62,7 @@ log = logging.getLogger("sidecar.store")
 # attempt is not cancelled when a batch's deadline passes, only by this.
 CONNECT_TIMEOUT = 2.0
 CLIENT_NAME = "sidecar-batch"
+NAME_ARGS = 3  # a named call's name: connection token, sequence number, last reply read
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +70,14 @@ class Script:
     """A Lua script known to a batcher; calling it queues one EVALSHA for this loop turn.
 
     ``script(keys, args)`` returns a future for the script's reply; it raises StoreUnavailable
-    when the store does not answer within the batch's deadline or answers with an error.
+    when the store does not answer within the batch's deadline or answers with an error
+    (OutcomeUnknown when the call was written and is ``named``: it may have run).
     """
 
     batcher: ScriptBatcher
     source: str
     sha: str
+    named: bool = False  # each call carries its name as its last three ARGV (see the module's doc)
 
     def __call__(self, keys: Sequence[str] = (), args: Sequence[Arg] = ()) -> asyncio.Future[Any]:
         return self.batcher.call(self, keys, args)
@@ -101,10 +110,9 @@ class ScriptBatcher:
         """A batcher for the store a --redis URL names (it opens its own connections)."""
         return cls(Topology.parse(url).locator(timeout), timeout=timeout)
 
-    def register(self, source: str) -> Script:
+    def register(self, source: str, *, named: bool = False) -> Script:
         sha = hashlib.sha1(source.encode()).hexdigest()
-        script = self.scripts.setdefault(sha, Script(self, source, sha))
-        return script
+        return self.scripts.setdefault(sha, Script(self, source, sha, named))
 
     def call(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any]:
         """Queue one EVALSHA for this loop turn's pipeline; the future holds its reply."""
@@ -116,7 +124,8 @@ class ScriptBatcher:
         if not self._queue:
             loop.call_soon(self._flush)
         slot = key_slot(keys[0].encode()) if keys and self.locator.sharded else 0
-        self._queue.append(_Call(future, script, _evalsha(script.sha, keys, args), slot))
+        command = _evalsha(script.sha, keys, args, NAME_ARGS if script.named else 0)
+        self._queue.append(_Call(future, script, command, slot))
         self.calls += 1
         return future
 
@@ -179,7 +188,7 @@ class ScriptBatcher:
                 live.append(call)
         if live:
             batch.links.append(link)
-            link.send(live, b"".join(call.command for call in live))
+            link.send(live)
             self.round_trips += 1
 
     async def _send_when_ready(self, endpoint: Endpoint | None, batch: _Batch, calls: list[_Call]) -> None:
@@ -293,7 +302,21 @@ class ScriptBatcher:
 
 
 class _Call:
-    __slots__ = ("batch", "command", "finished", "future", "redirected", "resent", "script", "slot")
+    """One script call; ``command`` is its EVALSHA without its name, which ``token`` and ``seq``
+    hold once a named call has been written (seq 0: not written, or answered that it did not run)."""
+
+    __slots__ = (
+        "batch",
+        "command",
+        "finished",
+        "future",
+        "redirected",
+        "resent",
+        "script",
+        "seq",
+        "slot",
+        "token",
+    )
 
     def __init__(self, future: asyncio.Future[Any], script: Script, command: bytes, slot: int) -> None:
         self.future = future
@@ -304,6 +327,8 @@ class _Call:
         self.redirected = False
         self.finished = False
         self.batch: _Batch | None = None
+        self.token = ""
+        self.seq = 0
 
     def settle(self, reply: Any, link: _Link) -> None:
         future = self.future
@@ -320,10 +345,12 @@ class _Call:
         """Send the call once more if the reply says its script did not run and where to go."""
         if error.startswith("NOSCRIPT") and not self.resent:
             self.resent = True  # load the script and send this call again
+            self.seq = 0  # this attempt did not run; the resend is named anew
             link.resend(self)
             return True
         if error.startswith(("MOVED ", "ASK ")) and not self.redirected:
             self.redirected = True
+            self.seq = 0
             try:
                 link.owner.redirect(self, link, error)
             except StoreUnavailable as refused:
@@ -337,7 +364,11 @@ class _Call:
 
     def fail(self, reason: str) -> None:
         if not self.future.done():
-            self.future.set_exception(StoreUnavailable(reason))
+            if self.seq:  # written, and no reply read: the script may have run
+                error: StoreUnavailable = OutcomeUnknown(reason, UnansweredCall(self.token, self.seq))
+            else:
+                error = StoreUnavailable(reason)
+            self.future.set_exception(error)
         self.finish()
 
     def finish(self) -> None:
@@ -411,6 +442,12 @@ class _Link(asyncio.Protocol):
         self.pending: collections.deque[_Call | _Control] = collections.deque()
         self.loading: set[str] = set()  # SCRIPT LOADs sent whose reply has not come yet
         self.open = False
+        # The names of the named calls written here: a token no other connection has, the last
+        # sequence number given, and the last one whose reply was read.
+        self.token = secrets.token_hex(8)
+        self._token_arg = _bulk(self.token)
+        self.seq = 0
+        self.answered = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.WriteTransport, transport)  # uvloop's is no asyncio.Transport
@@ -427,11 +464,27 @@ class _Link(asyncio.Protocol):
         self._write(_command(command), _Control(future))
         return future
 
-    def send(self, calls: list[_Call], data: bytes) -> None:
+    def send(self, calls: list[_Call]) -> None:
         if self.transport is None:
             raise AssertionError("send before the connection was made")
         self.pending.extend(calls)
-        self.transport.write(data)
+        self.transport.write(b"".join([self._named(call) for call in calls]))
+
+    def _named(self, call: _Call) -> bytes:
+        """The call's command as written here: a named call gets its name appended."""
+        if not call.script.named:
+            return call.command
+        self.seq = seq = self.seq + 1
+        call.token, call.seq = self.token, seq
+        seq_digits, answered_digits = b"%d" % seq, b"%d" % self.answered
+        return b"%s%s$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+            call.command,
+            self._token_arg,
+            len(seq_digits),
+            seq_digits,
+            len(answered_digits),
+            answered_digits,
+        )
 
     def resend(self, call: _Call) -> None:
         """Send a call again after NOSCRIPT, behind a SCRIPT LOAD unless one is on its way."""
@@ -440,7 +493,7 @@ class _Link(asyncio.Protocol):
             self.loading.add(sha)
             load = _command(("SCRIPT", "LOAD", call.script.source))
             self._write(load, _Control(on_reply=self._loaded(sha)))
-        self._write(call.command, call)
+        self._write(self._named(call), call)
 
     def redirected(self, call: _Call, asking: bool) -> None:
         """Take a call another server redirected here; ASK: only for this one call."""
@@ -448,7 +501,7 @@ class _Link(asyncio.Protocol):
             call.batch.links.append(self)
         if asking:
             self._write(_command(("ASKING",)), _Control())
-        self._write(call.command, call)
+        self._write(self._named(call), call)
 
     def waits_for(self, batch: _Batch) -> bool:
         return any(isinstance(entry, _Call) and entry.batch is batch for entry in self.pending)
@@ -470,7 +523,10 @@ class _Link(asyncio.Protocol):
                 if not self.pending:
                     self.close("a reply came that nothing waited for")
                     return
-                self.pending.popleft().settle(reply, self)
+                entry = self.pending.popleft()
+                if type(entry) is _Call and entry.seq:
+                    self.answered = entry.seq  # replies come in the order the calls were written
+                entry.settle(reply, self)
         except hiredis.ProtocolError:
             self.close("the store's reply could not be parsed")
 
@@ -530,10 +586,12 @@ def _command(parts: Sequence[Arg | None]) -> bytes:
     return b"*%d\r\n" % len(parts) + b"".join(_bulk(part) for part in parts)
 
 
-def _evalsha(sha: str, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
+def _evalsha(sha: str, keys: Sequence[str], args: Sequence[Arg], appended: int = 0) -> bytes:
     """EVALSHA sha numkeys key... arg... in RESP, in one pass (the common types inline: this runs
-    once per request, and a call per argument costs more than the encoding)."""
-    out = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + len(keys) + len(args), sha.encode())]
+    once per request, and a call per argument costs more than the encoding); the array's length
+    counts ``appended`` more arguments, written after these (a named call's name)."""
+    length = 3 + len(keys) + len(args) + appended
+    out = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (length, sha.encode())]
     out.append(_bulk(len(keys)))
     for key in keys:
         data = key.encode()

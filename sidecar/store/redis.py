@@ -1,7 +1,11 @@
 """The Redis store: the Lua scripts of store/lua, called by SHA, one round trip per operation.
 
 The client never retries a script: a reply lost to a timeout does not say whether the script
-ran, and running it again could charge twice. Every redis error and every timeout becomes
+ran, and running it again could charge twice. A metering call whose reply was lost raises
+OutcomeUnknown with the call's name and deadline; the journal entry kept for it (journal.py) is
+merged, or undone, by what the store recorded of that call (lib.lua remember_call).
+
+Every redis error and every timeout becomes
 StoreUnavailable here, the one translation point (and in batching.py, for the scripts of the hot
 path, which are pipelined: the calls of one event-loop turn share one round trip).
 """
@@ -9,6 +13,7 @@ path, which are pipelined: the calls of one event-loop turn share one round trip
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -17,15 +22,16 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
-from sidecar.errors import StoreUnavailable
+from sidecar.errors import OutcomeUnknown, StoreUnavailable
 from sidecar.store import keys, replies
 from sidecar.store.base import (
     Admission,
     Grant,
     GrantOutcome,
     MeterRequest,
+    Replayed,
 )
-from sidecar.store.batching import ScriptBatcher
+from sidecar.store.batching import Script, ScriptBatcher
 from sidecar.store.breaker import CircuitBreaker
 from sidecar.store.clock import StoreClock
 from sidecar.store.topology import StoreClient, Topology, close_client
@@ -37,6 +43,9 @@ MAX_CONNECTIONS = 64
 # Seconds a merged journal entry is remembered; far longer than any outage a journal outlives.
 JOURNAL_MARKER_TTL = 7 * 86400
 EXPIRED = -2  # a metering script that ran after its deadline, having written nothing
+TOO_EARLY = -1  # replay.lua, void.lua: the unanswered call's deadline has not passed at the store
+_REPLAYED = {1: Replayed.MERGED, 0: Replayed.REPEATED, 2: Replayed.RAN}
+_VOIDED = {1: Replayed.UNDONE, 0: Replayed.NOT_RUN, 2: Replayed.BILLED}
 _GRANT_OUTCOMES = {1: GrantOutcome.ADDED, 0: GrantOutcome.REPEATED, -1: GrantOutcome.CONFLICT}
 
 
@@ -62,11 +71,12 @@ class RedisStore:
         self._clock = StoreClock()
         # The hot path's scripts go through the batcher: one pipelined round trip per loop turn.
         self.batcher = batcher
-        self._check = self.batcher.register(load_script("check_and_meter"))
+        self._check = self.batcher.register(load_script("check_and_meter"), named=True)
         self._read = self.batcher.register(load_script("read_limits"))
-        self._charge = self.batcher.register(load_script("charge"))
+        self._charge = self.batcher.register(load_script("charge"), named=True)
         self._grant = client.register_script(load_script("grant", shared=False))
         self._replay = client.register_script(load_script("replay"))
+        self._void = client.register_script(load_script("void"))
 
     @classmethod
     def open(cls, url: str, timeout: float) -> RedisStore:
@@ -86,12 +96,19 @@ class RedisStore:
         return self.time() + self._timeout / 2
 
     async def check_and_meter(self, request: MeterRequest) -> Admission:
-        reply = await self._call(lambda: self._check(*script_arguments(request, deadline=self._deadline())))
-        return self._admission(reply, request)
+        return self._admission(await self._metering(self._check, request), request)
 
     async def charge(self, request: MeterRequest) -> Admission:
-        reply = await self._call(lambda: self._charge(*script_arguments(request, deadline=self._deadline())))
-        return self._admission(reply, None)
+        return self._admission(await self._metering(self._charge, request), None)
+
+    async def _metering(self, script: Script, request: MeterRequest) -> Any:
+        """One metering call; an OutcomeUnknown names the call and when it could last have run."""
+        deadline = self._deadline()
+        try:
+            return await self._call(lambda: script(*script_arguments(request, deadline=deadline)))
+        except OutcomeUnknown as error:
+            error.call = dataclasses.replace(error.call, deadline_us=int(deadline * 1_000_000))
+            raise
 
     async def read_limits(self, request: MeterRequest) -> Admission:
         reply = await self._call(lambda: self._read(*script_arguments(request, usage=False)))
@@ -113,12 +130,25 @@ class RedisStore:
         )
         return _GRANT_OUTCOMES[int(reply)]
 
-    async def replay(self, entry: Mapping[str, Any]) -> bool:
-        """Merge one journal entry (journal.py) once; False when it was merged before."""
-        marker = keys.journal_marker(str(entry["customer"]), str(entry["id"]))
-        args = [int(entry["at"]), JOURNAL_MARKER_TTL, *entry["args"]]
-        reply = await self._call(lambda: self._replay(keys=[marker, *entry["keys"]], args=args))
-        return bool(int(reply))
+    async def replay(self, entry: Mapping[str, Any]) -> Replayed:
+        """Merge one journal entry (journal.py) once, or undo the call a void entry names. Raises
+        StoreUnavailable, keeping the entry, while the call it names could still run."""
+        customer = str(entry["customer"])
+        if "void" in entry:
+            token, seq, deadline_us = entry["void"]
+            reply = await self._call(
+                lambda: self._void(keys=[keys.calls(customer)], args=[token, seq, deadline_us])
+            )
+            outcome = _VOIDED.get(int(reply))
+        else:
+            marker = keys.journal_marker(customer, str(entry["id"]))
+            token, seq, deadline_us = entry.get("call") or ("", 0, 0)
+            args = [int(entry["at"]), JOURNAL_MARKER_TTL, token, seq, deadline_us, *entry["args"]]
+            reply = await self._call(lambda: self._replay(keys=[marker, *entry["keys"]], args=args))
+            outcome = _REPLAYED.get(int(reply))
+        if outcome is None:  # TOO_EARLY
+            raise StoreUnavailable("a call the journal names may still run in the store; merged later")
+        return outcome
 
     async def ping(self) -> None:
         await self._call(lambda: self.client.ping())

@@ -1,5 +1,6 @@
 """The script batcher against a real redis-server: one round trip per loop turn, each script still
-run once and atomically, errors per call, one deadline per batch, NOSCRIPT resent once."""
+run once and atomically, errors per call, one deadline per batch, NOSCRIPT resent once, and the
+name a named call carries (and raises when its reply never comes)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from sidecar import loops
-from sidecar.errors import StoreUnavailable
+from sidecar.errors import OutcomeUnknown, StoreUnavailable
 from sidecar.metrics import Metrics
 from sidecar.store.base import MeterRequest, Outcome
 from sidecar.store.batching import CLIENT_NAME, ScriptBatcher
 from sidecar.store.redis import RedisStore
+from tests.relays import reply_dropper
 from tests.store.test_check_and_meter import month_charge, rate_charge
 
 INCR = "return redis.call('INCR', KEYS[1])"
@@ -211,3 +213,74 @@ def test_the_batcher_works_on_uvloop(redis_url: str) -> None:
             await batcher.close()
 
     assert loops.run(calls(), "uvloop") == [[str(i).encode()] for i in range(5)]
+
+
+async def test_a_named_call_carries_its_connection_token_number_and_the_last_reply_read(
+    batcher: ScriptBatcher,
+) -> None:
+    echo = batcher.register(ECHO, named=True)
+    first = await echo([], ["a"])
+    second = await echo([], ["b"])
+    together = await asyncio.gather(echo([], ["c"]), echo([], ["d"]))
+    assert first[0] == b"a" and len(first[1]) == 16
+    assert [reply[1] for reply in (second, *together)] == [first[1]] * 3, "one connection, one token"
+    numbers = [(int(reply[2]), int(reply[3])) for reply in (first, second, *together)]
+    assert numbers == [(1, 0), (2, 1), (3, 2), (4, 2)], "a pipeline's calls were written before either reply"
+
+
+async def test_a_call_of_an_unnamed_script_carries_only_its_own_arguments(batcher: ScriptBatcher) -> None:
+    assert await batcher.register(ECHO)([], ["a"]) == [b"a"]
+
+
+async def test_a_named_call_resent_after_noscript_is_named_anew(
+    batcher: ScriptBatcher, plain: aioredis.Redis
+) -> None:
+    echo = batcher.register(ECHO, named=True)
+    first = await echo([], ["a"])
+    await plain.script_flush()
+    again = await echo([], ["b"])
+    assert int(again[2]) == int(first[2]) + 2, "number 2 went out and was answered NOSCRIPT; the resend is 3"
+
+
+async def test_a_named_call_whose_reply_is_lost_raises_outcome_unknown_with_its_name(redis_url: str) -> None:
+    async with reply_dropper(redis_url) as dropper:
+        batcher = ScriptBatcher.of_url(dropper.url, timeout=2.0)
+        try:
+            incr = batcher.register(INCR, named=True)
+            await incr(["counter"])
+            dropper.armed = True
+            with pytest.raises(OutcomeUnknown) as lost:
+                await incr(["counter"])
+            assert lost.value.call.seq == 2 and len(lost.value.call.token) == 16
+            assert await incr(["counter"]) == 3, "the lost call ran; a new connection serves the next"
+        finally:
+            await batcher.close()
+
+
+async def test_a_named_call_answered_too_late_raises_outcome_unknown(
+    redis_url: str, plain: aioredis.Redis
+) -> None:
+    batcher = ScriptBatcher.of_url(redis_url, timeout=0.05)
+    incr = batcher.register(INCR, named=True)
+    try:
+        await batcher.connect()
+        spin = asyncio.ensure_future(plain.eval(SPIN, 0, 300_000))
+        await asyncio.sleep(0.02)
+        with pytest.raises(OutcomeUnknown):
+            await incr(["counter"])
+        await spin
+    finally:
+        await batcher.close()
+
+
+async def test_a_named_call_that_was_never_written_raises_plain_store_unavailable() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    batcher = ScriptBatcher.of_url(f"redis://127.0.0.1:{port}/0", timeout=0.5)
+    try:
+        with pytest.raises(StoreUnavailable) as refused:
+            await batcher.register(INCR, named=True)(["counter"])
+        assert not isinstance(refused.value, OutcomeUnknown), "the script cannot have run"
+    finally:
+        await batcher.close()

@@ -81,20 +81,26 @@ local function charge_calendar(key, window_end, amount)
   redis.call('EXPIREAT', key, window_end + 86400)
 end
 
--- Records ARGV[first..] usage triples (field suffix, op, amount) in the billing window's fields.
--- A unique meter's value is kept as its own field, "u|<window>|<meter>|<feature>|<value>", and
--- close.lua counts the distinct ones.
-local function record_usage(usage_key, window, first)
-  for a = first, #ARGV, 3 do
+-- Records ARGV[first..last] usage triples (field suffix, op, amount) in the billing window's
+-- fields, appending to `steps` (when given) what undoes each write. A unique meter's value is
+-- kept as its own field, "u|<window>|<meter>|<feature>|<value>", holding how many requests saw it
+-- (so one of them can be undone); close.lua counts the distinct ones.
+local function record_usage(usage_key, window, first, last, steps)
+  for a = first, last, 3 do
     local field, op, amount = window .. '|' .. ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
     if op == 'uniq' then
-      redis.call('HSET', usage_key, 'u|' .. field, 1)
+      redis.call('HINCRBY', usage_key, 'u|' .. field, 1)
+      if steps then steps[#steps + 1] = {'x', usage_key, 'u|' .. field} end
     elseif op == '+' then
       redis.call('HINCRBY', usage_key, field, string.format('%d', amount))
+      if steps then steps[#steps + 1] = {'u', usage_key, field, string.format('%d', amount)} end
     else
-      local current = tonumber(redis.call('HGET', usage_key, field))
+      local before = redis.call('HGET', usage_key, field)
+      local current = tonumber(before)
       if current == nil or (op == 'max' and amount > current) or (op == 'min' and amount < current) then
-        redis.call('HSET', usage_key, field, string.format('%d', amount))
+        local value = string.format('%d', amount)
+        redis.call('HSET', usage_key, field, value)
+        if steps then steps[#steps + 1] = {'m', usage_key, field, value, before or ''} end
       end
     end
   end
@@ -110,10 +116,11 @@ end
 --         rate: window_us, 0   calendar: window_start_s, window_end_s,
 --       n_credits, per credit: amount, mode ('h' | 's', then 'r' when reserved), n_allowances,
 --         the allowances' indexes (1-based) among the limits,
---       then usage triples (field suffix "<meter>|<feature>", op, amount) to the end.
+--       then usage triples (field suffix "<meter>|<feature>", op, amount) up to ARGV[last].
 -- KEYS: holds, hold expiries (when has_hold_keys); per limit rate: <log>, <total>, calendar: <counter>;
---       per credit: <grants left>, <grant expiries>, <overdraft>; then the usage hash (if any).
-local function parse_request(k, a)
+--       per credit: <grants left>, <grant expiries>, <overdraft>; then the usage hash (if any), from
+--       which the prefix of the customer's call records is derived (store/keys.py, calls).
+local function parse_request(k, a, last)
   k, a = k or 1, a or 1
   local req = {interval = tonumber(ARGV[a]), hold = ARGV[a + 1], ttl = tonumber(ARGV[a + 2]), limits = {}, credits = {}}
   local has_holds = ARGV[a + 3] == '1'
@@ -150,7 +157,8 @@ local function parse_request(k, a)
     a = a + 3 + n_allowances
     k = k + 3
   end
-  req.usage_key, req.usage_from = KEYS[k], a
+  req.usage_key, req.usage_from, req.usage_to = KEYS[k], a, last or #ARGV
+  if req.usage_key then req.calls_key = string.gsub(req.usage_key, ':u$', ':calls') end
   return req
 end
 
@@ -243,13 +251,13 @@ local function allowance_room(c, limits)
 end
 
 -- Charges `amount` of a credit's meter: the allowances first, then the grants in order, then the
--- overdraft. Appends what undoes it to `undo` when given (a reservation).
-local function draw(c, limits, amount, now_us, undo)
+-- overdraft. Appends what undoes it to `steps` when given.
+local function draw(c, limits, amount, now_us, steps)
   local covered = math.min(amount, allowance_room(c, limits))
   if covered > 0 then
     for _, index in ipairs(c.allowances) do
       local step = charge_limit(limits[index], covered, now_us)
-      if undo then undo[#undo + 1] = step end
+      if steps then steps[#steps + 1] = step end
     end
   end
   local rest = amount - covered
@@ -259,24 +267,29 @@ local function draw(c, limits, amount, now_us, undo)
     if take > 0 then
       redis.call('HINCRBY', c.left_key, id, string.format('%d', -take))
       c.left[i], rest = c.left[i] - take, rest - take
-      if undo then undo[#undo + 1] = {'g', c.left_key, c.expiry_key, id, string.format('%d', take)} end
+      if steps then steps[#steps + 1] = {'g', c.left_key, c.expiry_key, id, string.format('%d', take)} end
     end
   end
   if rest > 0 then
     redis.call('INCRBY', c.overdraft_key, string.format('%d', rest))
-    if undo then undo[#undo + 1] = {'o', c.overdraft_key, string.format('%d', rest)} end
+    if steps then steps[#steps + 1] = {'o', c.overdraft_key, string.format('%d', rest)} end
   end
   c.balance = c.balance - (amount - covered)
 end
 
--- Undoes what one reservation holds, if it is still held (settled, released or expired once only).
--- Its keys all carry the customer's hash tag, like the keys of the call that releases it.
-local function release_hold(holds, hold_expiries, id)
-  local record = redis.call('HGET', holds, id)
-  if not record then return end
-  redis.call('HDEL', holds, id)
-  redis.call('ZREM', hold_expiries, id)
-  for _, step in ipairs(cjson.decode(record)) do
+-- Undoes the writes a list of steps describes (a reservation's, or a call's: remember_call):
+--   {'c', counter, amount}                  a calendar quota charge
+--   {'r', log, total, entry, amount}        a moving-window entry, if it is still in the window
+--   {'g', grant units left, expiries, id, amount}   units drawn from a grant still in force
+--   {'o', overdraft, amount}                an overdraft
+--   {'h', holds, hold expiries, id}         a reservation, if it is still held
+--   {'u', usage, field, amount}             billing usage added, if its window is not closed yet
+--   {'x', usage, field}                     one sighting of a unique meter's value
+--   {'m', usage, field, value, previous}    a max/min set to value, if no later request moved it
+-- Every key carries the customer's hash tag, like the keys of the call that undoes them.
+local release_hold
+local function undo(steps)
+  for _, step in ipairs(steps) do
     local kind = step[1]
     if kind == 'c' then
       if redis.call('EXISTS', step[2]) == 1 then redis.call('DECRBY', step[2], step[3]) end
@@ -284,11 +297,35 @@ local function release_hold(holds, hold_expiries, id)
       if redis.call('LREM', step[2], 1, step[4]) == 1 then redis.call('DECRBY', step[3], step[5]) end
     elseif kind == 'g' then
       if redis.call('ZSCORE', step[3], step[4]) then redis.call('HINCRBY', step[2], step[4], step[5]) end
-    else
+    elseif kind == 'o' then
       local owed = tonumber(redis.call('GET', step[2]) or '0')
       redis.call('SET', step[2], string.format('%d', math.max(0, owed - tonumber(step[3]))))
+    elseif kind == 'h' then
+      release_hold(step[2], step[3], step[4])
+    elseif kind == 'u' then
+      local left = tonumber(redis.call('HGET', step[2], step[3]) or '0') - tonumber(step[4])
+      if left > 0 then
+        redis.call('HSET', step[2], step[3], string.format('%d', left))
+      elseif left == 0 then
+        redis.call('HDEL', step[2], step[3])
+      end  -- less than the amount: close.lua moved the window to the outbox (void.lua checks first)
+    elseif kind == 'x' then
+      if redis.call('HINCRBY', step[2], step[3], -1) <= 0 then redis.call('HDEL', step[2], step[3]) end
+    elseif kind == 'm' then
+      if redis.call('HGET', step[2], step[3]) == step[4] then
+        if step[5] == '' then redis.call('HDEL', step[2], step[3]) else redis.call('HSET', step[2], step[3], step[5]) end
+      end
     end
   end
+end
+
+-- Undoes what one reservation holds, if it is still held (settled, released or expired once only).
+release_hold = function(holds, hold_expiries, id)
+  local record = redis.call('HGET', holds, id)
+  if not record then return end
+  redis.call('HDEL', holds, id)
+  redis.call('ZREM', hold_expiries, id)
+  undo(cjson.decode(record))
 end
 
 -- Releases reservations whose replica did not settle them in time (it crashed, or lost the store).
@@ -298,9 +335,58 @@ local function release_expired_holds(req, now_ms)
   for _, id in ipairs(expired) do release_hold(req.holds, req.hold_expiries, id) end
 end
 
--- Remembers what a reservation holds, to be undone by settle, release or expiry.
-local function keep_hold(req, undo, now_ms)
-  if req.hold == '' or not req.holds or #undo == 0 then return end
-  redis.call('HSET', req.holds, req.hold, cjson.encode(undo))
+-- Remembers what a reservation holds, to be undone by settle, release or expiry; true when kept.
+local function keep_hold(req, undo_steps, now_ms)
+  if req.hold == '' or not req.holds or #undo_steps == 0 then return false end
+  redis.call('HSET', req.holds, req.hold, cjson.encode(undo_steps))
   redis.call('ZADD', req.hold_expiries, now_ms + req.ttl, req.hold)
+  return true
+end
+
+-- A metering call's name, which the batcher appends to its ARGV as it writes the call to a
+-- connection (store/batching.py): the connection's token, the call's sequence number on it, and
+-- the sequence number of the last reply the sidecar had read on it by then.
+local function call_name()
+  local n = #ARGV
+  return ARGV[n - 2], tonumber(ARGV[n - 1]), tonumber(ARGV[n])
+end
+
+-- Seconds a list of call records lives from when it is made. A lost reply is looked up when the
+-- journal merges, about a second after the store answers again (or when a sidecar that died
+-- restarts), so a day covers any outage worth riding out, while a list per idle customer and
+-- connection costs about 400 bytes (BENCHMARKS.md). A list in use for a day expires too: only
+-- the calls in flight at that instant lose their records, and the next call makes a new list.
+local CALL_RECORD_TTL = 86400
+
+-- Records that this call wrote, with the steps that undo it, in a list per (customer, connection),
+-- and drops the records of earlier calls whose replies the sidecar has read: their outcome is
+-- known. What stays is the record of a call whose reply was lost with its connection (or came
+-- too late), which the journal finds later: it skips the usage it kept for that call
+-- (store_failure: open), or undoes the call (void.lua, closed). So a list holds the calls in
+-- flight on one connection, and keeps one after its last reply. The new record is pushed before
+-- the old ones are dropped, so the list is never emptied (which would delete it, and its expiry).
+local function remember_call(req, steps)
+  local token, seq, answered = call_name()
+  local key = req.calls_key .. ':' .. token
+  local length = redis.call('RPUSH', key, string.format('%d ', seq) .. cjson.encode(steps))
+  if length == 1 then redis.call('EXPIRE', key, CALL_RECORD_TTL) end
+  while true do
+    local oldest = redis.call('LINDEX', key, 0)
+    if tonumber(string.match(oldest, '^%d+')) > answered then break end
+    redis.call('LPOP', key)
+  end
+end
+
+-- Takes the record of call `seq` of connection `token` out of the store: the steps that undo the
+-- call, or nil when the call wrote nothing (it was refused, came after its deadline, or never ran).
+local function take_call(calls_key, token, seq)
+  local key = calls_key .. ':' .. token
+  local prefix = string.format('%d ', seq)
+  for _, record in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    if string.sub(record, 1, #prefix) == prefix then
+      redis.call('LREM', key, 1, record)
+      return cjson.decode(string.sub(record, #prefix + 1))
+    end
+  end
+  return nil
 end

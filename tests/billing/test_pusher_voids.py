@@ -1,0 +1,141 @@
+"""Billing windows stay open while a journal holds a void for the customer (a 503 whose metering
+call may have run), so that the undo reaches the usage before a summary of it is made: in this
+process (the pusher skips the customer), in every replica (a hold in the store that close.lua
+obeys), and for a few seconds after any store outage. Against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from sidecar.billing import pusher as pusher_module
+from sidecar.billing.marks import DirtyMarks
+from sidecar.billing.outbox import HELD, Outbox
+from sidecar.billing.pusher import Pusher
+from sidecar.customers import CustomerDirectory
+from sidecar.errors import StoreUnavailable, UnansweredCall
+from sidecar.journal import Journal
+from sidecar.metrics import Metrics
+from sidecar.policy.holder import PolicyHolder
+from sidecar.server import _hold_closes
+from sidecar.store import keys
+from sidecar.store.redis import RedisStore, script_arguments
+from tests.billing.test_outbox import AGGREGATIONS, record
+from tests.conftest import key_hash, write_policy
+
+POLICY = f"""
+version: 1
+meters: {{requests: {{aggregation: count}}}}
+features: [{{name: search, match: {{path: /v1/search}}}}]
+plans: {{p: {{features: [search]}}}}
+customers: {{acme: {{plan: p, api_keys: ["{key_hash("acme-key")}"]}}}}
+billing: {{url: "http://127.0.0.1:9/usage", format: json, interval: 60, grace: 0}}
+"""
+CALL = UnansweredCall("c0ffee0123456789", 1)
+
+
+class OutboxDownOnce(Outbox):
+    """An outbox whose next store call fails once `down` is set, as in a store outage."""
+
+    down = False
+
+    async def mark_dirty(self, dues: Mapping[str, int]) -> None:
+        if self.down:
+            self.down = False
+            raise StoreUnavailable("down, once")
+        await super().mark_dirty(dues)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def pusher_for(
+    store: RedisStore, outbox: Outbox, session: aiohttp.ClientSession, tmp_path: Path, journal: Journal
+) -> Pusher:
+    return Pusher(
+        holder=PolicyHolder.load(write_policy(tmp_path, POLICY)),
+        outbox=outbox,
+        marks=DirtyMarks(),
+        session=session,
+        metrics=Metrics(),
+        clock=lambda: store.time() + 120,  # the window ended a minute ago
+        directory=CustomerDirectory(store.client),
+        held_back=lambda: journal.voiding,
+    )
+
+
+async def summaries(store: RedisStore) -> int:
+    return int(await store.client.hlen(keys.outbox("acme")))
+
+
+async def test_this_process_closes_a_customer_only_once_its_void_has_merged(
+    store: RedisStore, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    outbox = Outbox(store.client)
+    journal = Journal(tmp_path / "journal", script_arguments)
+    await record(store, "acme", ("requests", "search", 1))
+    await outbox.mark_dirty({"acme": 0})
+    journal.void("acme", CALL, store.time())
+    pusher = pusher_for(store, outbox, session, tmp_path, journal)
+    await pusher.cycle()
+    assert await summaries(store) == 0, "held back while the void waits"
+    assert await journal.replay(store.replay) == 1
+    await pusher.cycle()
+    assert await summaries(store) == 1, "closed once the void merged"
+
+
+async def test_a_void_hold_in_the_store_keeps_every_replica_from_closing(store: RedisStore) -> None:
+    outbox = Outbox(store.client)
+    window = await record(store, "acme", ("requests", "search", 1))
+    await outbox.hold_closes(["acme"], "replica-a", 30)
+    assert await outbox.close("acme", "p", 60, window + 60, AGGREGATIONS) == (HELD, None)
+    await outbox.end_holds(["acme"], "replica-a")
+    assert (await outbox.close("acme", "p", 60, window + 60, AGGREGATIONS))[0] == 1
+
+
+async def test_a_hold_stays_while_another_replica_still_holds_it(store: RedisStore) -> None:
+    outbox = Outbox(store.client)
+    window = await record(store, "acme", ("requests", "search", 1))
+    await outbox.hold_closes(["acme"], "replica-a", 30)
+    await outbox.hold_closes(["acme"], "replica-b", 30)
+    await outbox.end_holds(["acme"], "replica-a")
+    assert await outbox.close("acme", "p", 60, window + 60, AGGREGATIONS) == (HELD, None)
+    assert 0 < await store.client.ttl(keys.void_hold("acme")) <= 30, "a dead holder's hold expires"
+
+
+async def test_the_merge_loop_holds_the_customers_of_its_voids_and_ends_the_holds_once_merged(
+    store: RedisStore, tmp_path: Path
+) -> None:
+    outbox = Outbox(store.client)
+    journal = Journal(tmp_path / "journal", script_arguments)
+    journal.void("acme", CALL, store.time())
+    held = await _hold_closes(outbox, journal, "me", frozenset())
+    assert held == {"acme"}
+    assert await store.client.smembers(keys.void_hold("acme")) == {b"me"}
+    await journal.replay(store.replay)
+    assert await _hold_closes(outbox, journal, "me", held) == set()
+    assert not await store.client.exists(keys.void_hold("acme"))
+
+
+async def test_closes_wait_a_few_seconds_after_the_store_was_down(
+    store: RedisStore, session: aiohttp.ClientSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pusher_module, "CLOSE_SETTLE_SECONDS", 0.3)
+    outbox = OutboxDownOnce(store.client)
+    await record(store, "acme", ("requests", "search", 1))
+    await outbox.mark_dirty({"acme": 0})
+    pusher = pusher_for(store, outbox, session, tmp_path, Journal(tmp_path / "journal", script_arguments))
+    outbox.down = True
+    await pusher.cycle()  # the store is down
+    await pusher.cycle()
+    assert await summaries(store) == 0, "journals that lost replies are writing their holds"
+    await asyncio.sleep(0.35)
+    await pusher.cycle()
+    assert await summaries(store) == 1
