@@ -75,7 +75,10 @@ async def run(url: str, source: str, customers: int, calls: int) -> dict[str, fl
     await client.flushall()
     sha = await client.script_load(source)
     now = time.time()
-    arguments = [script_arguments(request(f"c{n}", now)) for n in range(customers)]
+    arguments = [
+        script_arguments(request(f"c{n}", now), records=keys.call_records(f"c{n}", TOKEN))
+        for n in range(customers)
+    ]
     seq = answered = 0
     cpu_before = await redis_cpu(client)
     started = time.perf_counter()

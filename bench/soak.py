@@ -308,11 +308,19 @@ async def drive(
 
 
 async def store_counters(session: aiohttp.ClientSession, admin: str) -> dict[str, int]:
-    """Units the store has metered this month per customer (the admin usage API)."""
+    """Units the store has metered this month per customer (the admin usage API). A 503 (a store
+    call over the 50 ms store timeout on the loaded machine) is asked again, for up to 10 s."""
     counters = {}
     for customer in CUSTOMERS:
-        async with session.get(f"{admin}/admin/customers/{customer}/usage") as response:
-            document = await response.json()
+        deadline = time.monotonic() + 10
+        while True:
+            async with session.get(f"{admin}/admin/customers/{customer}/usage") as response:
+                document = await response.json()
+            if response.status == 200 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        if response.status != 200:
+            raise RuntimeError(f"the admin usage API answered {response.status}: {document}")
         counters[customer] = next(int(row["used"]) for row in document["limits"] if row["period"] == "month")
     return counters
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import time
 import timeit
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -26,10 +28,12 @@ from sidecar import gate
 from sidecar.charges import meter_request
 from sidecar.errors import StoreUnavailable
 from sidecar.policy.loader import load_policy
+from sidecar.store import keys
 from sidecar.store.base import Admission, MeterRequest
 from sidecar.store.redis import RedisStore, bounded, script_arguments
 
 CALLERS = 50
+NAME_TOKEN = "bench-storecall"  # the token of the calls made here without the batcher
 STORE_TIMEOUT = 0.05  # the sidecar's --store-timeout default
 
 
@@ -96,21 +100,31 @@ async def run(url: str, policy_path: str, calls: int, only_sidecar: bool, repeat
             variants.append({**entry, "warmup_failed": warmup_failed, "failed": failed})
 
         request = meter_request(policy, customer, "hello", spec, store.time())
-        key_list, args = script_arguments(request)
+        records = keys.call_records(customer.id, NAME_TOKEN)
+        key_list, args = script_arguments(request, records=records)
         script = store._check  # the sidecar's own script, called through its batcher
         legacy = store.client.register_script(script.source)  # the same, as redis-py's Script
-        flat = (*key_list, *args)
         await plain.script_load(script.source)
+        numbers = itertools.count(1)
+
+        def named(arguments: list[Any]) -> list[Any]:
+            """The arguments with a call's name, as the batcher appends it (one call at a time)."""
+            seq = next(numbers)
+            return [*arguments, NAME_TOKEN, seq, seq - 1]
+
+        def evalsha_arguments() -> list[Any]:
+            return [script.sha, len(key_list), *key_list, *named(args)]
 
         async def unbatched(request: MeterRequest) -> Admission:
             """check_and_meter as it was before the batcher: one EVALSHA per call through redis-py."""
-            reply = await bounded(legacy(*script_arguments(request)), STORE_TIMEOUT)
+            call_keys, call_args = script_arguments(request, records=records)
+            reply = await bounded(legacy(call_keys, named(call_args)), STORE_TIMEOUT)
             return store._admission(reply, request)
 
         async def batch() -> None:
             pipe = plain.pipeline(transaction=False)
             for _ in range(CALLERS):
-                pipe.evalsha(script.sha, len(key_list), *flat)
+                pipe.evalsha(*evalsha_arguments())
             await pipe.execute()
 
         for _ in range(repeats):
@@ -144,15 +158,15 @@ async def run(url: str, policy_path: str, calls: int, only_sidecar: bool, repeat
                 )
                 await add(
                     "before the batcher, arguments precomputed and the reply left unparsed",
-                    await _measure(lambda: store._call(lambda: legacy(key_list, args)), calls),
+                    await _measure(lambda: store._call(lambda: legacy(key_list, named(args))), calls),
                 )
                 await add(
                     "same, without the outer asyncio.timeout (`bounded`) and the Script wrapper",
-                    await _measure(lambda: store.client.evalsha(script.sha, len(key_list), *flat), calls),
+                    await _measure(lambda: store.client.evalsha(*evalsha_arguments()), calls),
                 )
                 await add(
                     "bare EVALSHA: default pool, no timeouts, precomputed arguments",
-                    await _measure(lambda: plain.evalsha(script.sha, len(key_list), *flat), calls),
+                    await _measure(lambda: plain.evalsha(*evalsha_arguments()), calls),
                 )
                 await add(
                     f"redis-py's pipeline: {CALLERS} EVALSHAs in one pipeline, one round trip",

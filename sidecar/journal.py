@@ -19,7 +19,6 @@ of processes that died are replayed by whichever process gets their lock first.
 from __future__ import annotations
 
 import asyncio
-import collections
 import fcntl
 import json
 import logging
@@ -52,7 +51,7 @@ class Journal:
         # Flushes run beside replays (a replay may take seconds): a write to the open segment and
         # a replay closing that segment must not overlap.
         self._segment_use = asyncio.Lock()
-        self._voids: collections.Counter[str] = collections.Counter()  # recorded here, not merged yet
+        self._voids: set[tuple[str, UnansweredCall]] = set()  # recorded here, not merged yet
         directory.mkdir(parents=True, exist_ok=True)
 
     def record(self, request: MeterRequest, at: float, unanswered: UnansweredCall | None = None) -> None:
@@ -65,20 +64,29 @@ class Journal:
     def void(self, customer_id: str, unanswered: UnansweredCall, at: float) -> None:
         """Keep a call to undo, if the store ran it: the request it metered was refused."""
         self._buffer.append(json.dumps(self._entry(customer_id, at, unanswered, "void")))
-        self._voids[customer_id] += 1
+        self._voids.add((customer_id, unanswered))
+
+    @property
+    def voids(self) -> frozenset[tuple[str, UnansweredCall]]:
+        """The voids this process recorded and has not merged yet, by customer. Their customers'
+        billing windows are held open meanwhile (server.py), so the undo reaches the usage before
+        a summary of it is made: void.lua leaves a call whose usage was billed first as it is."""
+        return frozenset(self._voids)
 
     @property
     def voiding(self) -> frozenset[str]:
-        """Customers with a void this process recorded and has not merged yet. Their billing
-        windows are kept open meanwhile (server.py holds them in the store for every replica), so
-        the undo reaches the usage before a summary of it is made: void.lua leaves a call whose
-        usage was billed first as it is."""
-        return frozenset(self._voids)
+        """The customers of those voids."""
+        return frozenset(customer for customer, _ in self._voids)
+
+    def settled(self, customer_id: str, unanswered: UnansweredCall) -> None:
+        """A void needs no hold any more: it merged, or the store has nothing to undo for it."""
+        self._voids.discard((customer_id, unanswered))
 
     @staticmethod
     def _entry(customer_id: str, at: float, unanswered: UnansweredCall | None, name: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"v": 1, "id": uuid.uuid4().hex, "customer": customer_id, "at": at}
         if unanswered is not None:
+            entry["v"] = 2  # names a call: a sidecar older than that would merge it unchecked
             entry[name] = [unanswered.token, unanswered.seq, unanswered.deadline_us]
         return entry
 
@@ -121,11 +129,9 @@ class Journal:
 
         async def merge_and_count(entry: dict[str, Any]) -> None:
             await merge(entry)
-            customer = entry.get("customer", "")
-            if "void" in entry and self._voids[customer] > 0:  # else another process recorded it
-                self._voids[customer] -= 1
-                if not self._voids[customer]:
-                    del self._voids[customer]
+            if "void" in entry:  # recorded by this process or another; by identity, so once
+                token, seq, deadline_us = entry["void"]
+                self.settled(entry["customer"], UnansweredCall(token, seq, deadline_us))
 
         merged = kept = 0
         for path in sorted(self._directory.glob(f"*{SEGMENT_SUFFIX}")):

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import signal
 import time
-import uuid
 from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from typing import Any
@@ -40,7 +39,7 @@ log = logging.getLogger("sidecar")
 
 BILLING_CONNECTIONS = 8
 MERGE_INTERVAL = 1.0  # seconds between attempts to merge the journal into the store
-VOID_HOLD_SECONDS = 30  # a void hold, renewed every merge attempt while the void waits
+VOID_HOLD_SECONDS = 30  # a void's hold, renewed every FLUSH_INTERVAL while its journal keeps it
 # What the store had of a call whose reply was lost (sidecar_lost_replies_total{found}).
 _FOUND = {
     Replayed.MERGED: "not_run",
@@ -140,7 +139,8 @@ async def _merge_journal(components: Components, journal: Journal) -> None:
     """Write the journal to disk every FLUSH_INTERVAL, and merge it into the store once a second
     (a no-op while it is empty). The writing never waits for a merge: under load a merge takes
     seconds, and what is recorded meanwhile must reach the disk as promptly (a crash loses at
-    most FLUSH_INTERVAL). On shutdown the last entries are written, to merge after restart."""
+    most FLUSH_INTERVAL). Nor do the holds of the journal's voids, set as soon as the store
+    answers. On shutdown the last entries are written, to merge after restart."""
     metrics = components.metrics
 
     async def merge(entry: dict[str, Any]) -> None:
@@ -159,37 +159,37 @@ async def _merge_journal(components: Components, journal: Journal) -> None:
             await journal.flush()
             metrics.journal_pending.set(journal.pending)
 
+    async def keep_holding() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            with contextlib.suppress(StoreUnavailable):
+                await _hold_voids(components.outbox, journal)
+
     writing = asyncio.create_task(keep_writing())
-    held: frozenset[str] = frozenset()
-    holder = uuid.uuid4().hex  # this process, in the void holds it sets
+    holding = asyncio.create_task(keep_holding())
     try:
         while True:
             await asyncio.sleep(MERGE_INTERVAL)
-            held = await _hold_closes(components.outbox, journal, holder, held)
             merged = await journal.replay(merge)
-            held = await _hold_closes(components.outbox, journal, holder, held)
             if merged:
                 log.info("merged %d journal entries into the store", merged)
             metrics.journal_pending.set(journal.pending)
     finally:
-        writing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writing
+        for task in (writing, holding):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await journal.flush()
         journal.close()
 
 
-async def _hold_closes(outbox: Outbox, journal: Journal, holder: str, held: frozenset[str]) -> frozenset[str]:
+async def _hold_voids(outbox: Outbox, journal: Journal) -> None:
     """Hold, in the store, the billing windows of the customers this journal has voids for (every
-    replica's close.lua leaves them open), and end the holds of those whose voids have merged;
-    the customers held now. A hold outlives this process by VOID_HOLD_SECONDS at most."""
-    voiding = journal.voiding
-    try:
-        await outbox.hold_closes(voiding, holder, VOID_HOLD_SECONDS)
-        await outbox.end_holds(held - voiding, holder)
-    except StoreUnavailable:
-        return held | voiding
-    return voiding
+    replica's close.lua leaves them open) while a void may have something to undo; a void that
+    has nothing is settled here, and one that merges takes its hold with it (void.lua)."""
+    for customer, void in journal.voids:
+        if not await outbox.hold(customer, void, VOID_HOLD_SECONDS):
+            journal.settled(customer, void)
 
 
 async def _close_sites(sites: list[web.AppRunner]) -> None:

@@ -10,12 +10,13 @@ so a replica dying between a script and an index update delays a summary, never 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, cast
 
 from sidecar.billing.summaries import Summary
+from sidecar.errors import UnansweredCall
 from sidecar.store import keys
-from sidecar.store.redis import bounded, load_script
+from sidecar.store.redis import bounded, hold_member, load_script
 from sidecar.store.topology import StoreClient
 
 # Background work may wait longer than a request can.
@@ -33,6 +34,7 @@ class Outbox:
         self._redrive = client.register_script(load_script("redrive", shared=False))
         self._claim = client.register_script(load_script("claim", shared=False))
         self._release = client.register_script(load_script("release", shared=False))
+        self._hold = client.register_script(load_script("hold"))
 
     async def mark_dirty(self, dues: Mapping[str, int]) -> None:
         """Schedule each customer's window closing; an earlier due time wins (ZADD LT)."""
@@ -51,7 +53,7 @@ class Outbox:
         self, customer: str, plan: str, interval: int, cutoff: int, aggregations: Mapping[str, str]
     ) -> tuple[int, int | None]:
         """Move every window ended by `cutoff` into the outbox: (moved, earliest open window), or
-        (HELD, None) while a void hold is set for the customer (hold_closes)."""
+        (HELD, None) while a void hold is set for the customer (hold)."""
         key_list = [
             keys.usage(customer),
             keys.revisions(customer),
@@ -64,28 +66,12 @@ class Outbox:
         moved, open_window = await bounded(self._close(keys=key_list, args=args), self._timeout)
         return int(moved), None if int(open_window) < 0 else int(open_window)
 
-    async def hold_closes(self, customers: Iterable[str], holder: str, seconds: int) -> None:
-        """Keep these customers' windows open in every replica (close.lua) until `holder` ends
-        its hold, or nobody renews it for `seconds`."""
-
-        def hold(pipe: Any, customer: str) -> None:
-            pipe.sadd(keys.void_hold(customer), holder)
-            pipe.expire(keys.void_hold(customer), seconds)
-
-        await self._each(customers, hold)
-
-    async def end_holds(self, customers: Iterable[str], holder: str) -> None:
-        await self._each(customers, lambda pipe, customer: pipe.srem(keys.void_hold(customer), holder))
-
-    async def _each(self, customers: Iterable[str], commands: Callable[[Any, str], object]) -> None:
-        """The commands of each customer, pipelined (a cluster client splits it by node)."""
-        customers = list(customers)
-        if not customers:
-            return
-        async with self.client.pipeline(transaction=False) as pipe:
-            for customer in customers:
-                commands(pipe, customer)
-            await bounded(pipe.execute(), self._timeout)
+    async def hold(self, customer: str, void: UnansweredCall, seconds: int) -> bool:
+        """Keep the customer's windows open in every replica (close.lua) while this void may have
+        something to undo, for `seconds` unless renewed; False when it has nothing (hold.lua)."""
+        key_list = [keys.call_records(customer, void.token), keys.void_hold(customer)]
+        args: list[str | int] = [void.seq, void.deadline_us, hold_member(void), seconds]
+        return bool(await bounded(self._hold(keys=key_list, args=args), self._timeout))
 
     async def reschedule(self, schedule: str, customer: str, seen: int, new: int | None) -> bool:
         """Remove (new None) or reschedule a member, only if nobody changed it since it was `seen`."""

@@ -130,14 +130,16 @@ class Pusher:
         customers = self.directory.all(policy)
         held_back = self.held_back()
         for customer, seen in await self.outbox.due_dirty(now_ms, _CUSTOMERS_PER_CYCLE):
-            if customer in held_back:
-                continue  # stays due: closed by a later cycle, once the journal has merged
             known = customers.get(customer)
             plan = known.plan if known else ""
-            moved, open_window = await self.outbox.close(
-                customer, plan, billing.interval, cutoff, aggregations
-            )
-            if moved == HELD:
+            if customer in held_back:
+                moved, open_window = HELD, None
+            else:
+                moved, open_window = await self.outbox.close(
+                    customer, plan, billing.interval, cutoff, aggregations
+                )
+            if moved == HELD:  # due again next cycle, behind the customers due now
+                await self.outbox.reschedule(keys.DIRTY, customer, seen, now_ms + int(TICK_SECONDS * 1000))
                 continue
             if moved:
                 await self.outbox.schedule_push(customer, now_ms)

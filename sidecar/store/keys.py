@@ -29,8 +29,7 @@ def quota(customer_id: str, limit_name: str, window_start: int) -> str:
 
 
 def usage(customer_id: str) -> str:
-    """Hash of billing usage: field "<window_start>|<meter>|<feature>" → value, until pushed
-    (lib.lua derives calls() from this name)."""
+    """Hash of billing usage: field "<window_start>|<meter>|<feature>" → value, until pushed."""
     return f"{customer_tag(customer_id)}:u"
 
 
@@ -64,14 +63,11 @@ def hold_expiries(customer_id: str) -> str:
     return f"{customer_tag(customer_id)}:hx"
 
 
-def calls(customer_id: str) -> str:
-    """Prefix of the lists "<prefix>:<connection token>" of metering calls that wrote, each with the
-    steps that undo it, kept until the sidecar has read their replies (lib.lua remember_call).
-
-    The metering scripts derive it from the usage key rather than declare it: no key is ever
-    stored under the prefix itself, and a cluster master answers TRYAGAIN to a call during a slot
-    migration when some of its declared keys exist and some do not."""
-    return f"{customer_tag(customer_id)}:calls"
+def call_records(customer_id: str, token: str) -> str:
+    """List of the metering calls of one sidecar process (its batcher's token) that wrote, each
+    with the steps that undo it, kept while their outcome may still be looked up (lib.lua
+    remember_call)."""
+    return f"{customer_tag(customer_id)}:calls:{token}"
 
 
 def journal_marker(customer_id: str, entry_id: str) -> str:
@@ -80,9 +76,10 @@ def journal_marker(customer_id: str, entry_id: str) -> str:
 
 
 def void_hold(customer_id: str) -> str:
-    """Set of the sidecars whose journal holds a void for the customer (a 503 whose metering call
-    may have run), with a short expiry each renews. close.lua leaves the customer's windows open
-    while it exists, so the undo reaches the usage before any replica makes a summary of it."""
+    """Set of the voids ("<token>:<seq>") some journal holds for the customer: 503s whose metering
+    call ran or may still be found to have run. close.lua leaves the customer's windows open while
+    it exists, so the undo reaches the usage before any replica makes a summary of it. hold.lua
+    adds a member (with a short expiry its journal renews), void.lua takes it out with the undo."""
     return f"{customer_tag(customer_id)}:vh"
 
 

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
-from sidecar.errors import OutcomeUnknown, StoreUnavailable
+from sidecar.errors import OutcomeUnknown, StoreUnavailable, UnansweredCall
 from sidecar.store import keys, replies
 from sidecar.store.base import (
     Admission,
@@ -43,7 +43,8 @@ MAX_CONNECTIONS = 64
 # Seconds a merged journal entry is remembered; far longer than any outage a journal outlives.
 JOURNAL_MARKER_TTL = 7 * 86400
 EXPIRED = -2  # a metering script that ran after its deadline, having written nothing
-TOO_EARLY = -1  # replay.lua, void.lua: the unanswered call's deadline has not passed at the store
+JOURNAL_VERSION = 2  # the newest journal entry this sidecar merges (journal.py)
+MAX_DEADLINE_WAIT = 1.0  # seconds a merge waits for the deadline of the call its entry names
 _REPLAYED = {1: Replayed.MERGED, 0: Replayed.REPEATED, 2: Replayed.RAN}
 _VOIDED = {1: Replayed.UNDONE, 0: Replayed.NOT_RUN, 2: Replayed.BILLED}
 _GRANT_OUTCOMES = {1: GrantOutcome.ADDED, 0: GrantOutcome.REPEATED, -1: GrantOutcome.CONFLICT}
@@ -104,8 +105,11 @@ class RedisStore:
     async def _metering(self, script: Script, request: MeterRequest) -> Any:
         """One metering call; an OutcomeUnknown names the call and when it could last have run."""
         deadline = self._deadline()
+        records = keys.call_records(request.customer_id, self.batcher.names.token)
         try:
-            return await self._call(lambda: script(*script_arguments(request, deadline=deadline)))
+            return await self._call(
+                lambda: script(*script_arguments(request, deadline=deadline, records=records))
+            )
         except OutcomeUnknown as error:
             error.call = dataclasses.replace(error.call, deadline_us=int(deadline * 1_000_000))
             raise
@@ -131,24 +135,40 @@ class RedisStore:
         return _GRANT_OUTCOMES[int(reply)]
 
     async def replay(self, entry: Mapping[str, Any]) -> Replayed:
-        """Merge one journal entry (journal.py) once, or undo the call a void entry names. Raises
-        StoreUnavailable, keeping the entry, while the call it names could still run."""
+        """Merge one journal entry (journal.py) once, or undo the call a void entry names; then
+        the call it names (if this process made it) may have its record dropped. An entry whose
+        call could still run waits for that call's deadline, up to MAX_DEADLINE_WAIT."""
+        if int(entry.get("v", 1)) > JOURNAL_VERSION:
+            raise StoreUnavailable(f"journal entry version {entry['v']} is newer than this sidecar; kept")
+        named = entry.get("void") or entry.get("call")
+        outcome = await self._replay_once(entry)
+        if outcome is None and named is not None:
+            await asyncio.sleep(min(MAX_DEADLINE_WAIT, max(0.0, named[2] / 1_000_000 - self.time())))
+            outcome = await self._replay_once(entry)
+        if outcome is None:
+            raise StoreUnavailable("a call the journal names may still run in the store; merged later")
+        if named is not None:
+            self.batcher.release(UnansweredCall(named[0], named[1]))
+        return outcome
+
+    async def _replay_once(self, entry: Mapping[str, Any]) -> Replayed | None:
+        """What merging the entry did; None while the call it names could still run."""
         customer = str(entry["customer"])
         if "void" in entry:
             token, seq, deadline_us = entry["void"]
-            reply = await self._call(
-                lambda: self._void(keys=[keys.calls(customer)], args=[token, seq, deadline_us])
-            )
-            outcome = _VOIDED.get(int(reply))
-        else:
-            marker = keys.journal_marker(customer, str(entry["id"]))
-            token, seq, deadline_us = entry.get("call") or ("", 0, 0)
-            args = [int(entry["at"]), JOURNAL_MARKER_TTL, token, seq, deadline_us, *entry["args"]]
-            reply = await self._call(lambda: self._replay(keys=[marker, *entry["keys"]], args=args))
-            outcome = _REPLAYED.get(int(reply))
-        if outcome is None:  # TOO_EARLY
-            raise StoreUnavailable("a call the journal names may still run in the store; merged later")
-        return outcome
+            key_list = [keys.call_records(customer, token), keys.void_hold(customer)]
+            args = [seq, deadline_us, hold_member(UnansweredCall(token, seq))]
+            return _VOIDED.get(int(await self._call(lambda: self._void(keys=key_list, args=args))))
+        marker = keys.journal_marker(customer, str(entry["id"]))
+        token, seq, deadline_us = entry.get("call") or ("", 0, 0)
+        records = [keys.call_records(customer, token)] if token else []
+        key_list = [marker, *records, *entry["keys"]]
+        args = [int(entry["at"]), JOURNAL_MARKER_TTL, token, seq, deadline_us, *entry["args"]]
+        return _REPLAYED.get(int(await self._call(lambda: self._replay(keys=key_list, args=args))))
+
+    def release(self, call: UnansweredCall) -> None:
+        """Nothing will look up this unanswered call (no journal keeps it): its record may go."""
+        self.batcher.release(call)
 
     async def ping(self) -> None:
         await self._call(lambda: self.client.ping())
@@ -209,11 +229,17 @@ async def bounded(operation: Awaitable[T], timeout: float) -> T:
         raise StoreUnavailable(f"store did not answer: {type(error).__name__}") from error
 
 
+def hold_member(call: UnansweredCall) -> str:
+    """The member a void puts in its customer's void hold (store/keys.py, void_hold)."""
+    return f"{call.token}:{call.seq}"
+
+
 def script_arguments(
-    request: MeterRequest, *, usage: bool = True, deadline: float = 0.0
+    request: MeterRequest, *, usage: bool = True, deadline: float = 0.0, records: str | None = None
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of the metering scripts, in the layout lib.lua's parse_request reads;
-    ``deadline`` (store clock, 0 for none) is when the script must no longer write."""
+    ``deadline`` (store clock, 0 for none) is when the script must no longer write, ``records``
+    the list the call keeps its record in (store/keys.py, call_records)."""
     customer = request.customer_id
     hold = request.hold
     key_list: list[str] = []
@@ -248,6 +274,8 @@ def script_arguments(
         )
     if usage:
         key_list.append(keys.usage(customer))
+        if records is not None:
+            key_list.append(records)
         for entry in request.usage:
             suffix = f"{entry.meter}|{entry.feature}"
             if entry.op == "uniq":

@@ -1,7 +1,8 @@
 """Billing windows stay open while a journal holds a void for the customer (a 503 whose metering
 call may have run), so that the undo reaches the usage before a summary of it is made: in this
 process (the pusher skips the customer), in every replica (a hold in the store that close.lua
-obeys), and for a few seconds after any store outage. Against a real redis-server."""
+obeys, set while the void may have something to undo), and for a few seconds after any store
+outage. Against a real redis-server."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from sidecar.errors import StoreUnavailable, UnansweredCall
 from sidecar.journal import Journal
 from sidecar.metrics import Metrics
 from sidecar.policy.holder import PolicyHolder
-from sidecar.server import _hold_closes
+from sidecar.server import _hold_voids
 from sidecar.store import keys
-from sidecar.store.redis import RedisStore, script_arguments
+from sidecar.store.redis import RedisStore, hold_member, script_arguments
 from tests.billing.test_outbox import AGGREGATIONS, record
 from tests.conftest import key_hash, write_policy
 
@@ -88,40 +89,56 @@ async def test_this_process_closes_a_customer_only_once_its_void_has_merged(
     assert await summaries(store) == 0, "held back while the void waits"
     assert await journal.replay(store.replay) == 1
     await pusher.cycle()
+    assert await summaries(store) == 0, "due again a cycle later"
+    pusher.clock = lambda: store.time() + 121
+    await pusher.cycle()
     assert await summaries(store) == 1, "closed once the void merged"
 
 
 async def test_a_void_hold_in_the_store_keeps_every_replica_from_closing(store: RedisStore) -> None:
     outbox = Outbox(store.client)
     window = await record(store, "acme", ("requests", "search", 1))
-    await outbox.hold_closes(["acme"], "replica-a", 30)
+    await store.client.sadd(keys.void_hold("acme"), hold_member(CALL))
     assert await outbox.close("acme", "p", 60, window + 60, AGGREGATIONS) == (HELD, None)
-    await outbox.end_holds(["acme"], "replica-a")
+    await store.client.srem(keys.void_hold("acme"), hold_member(CALL))
     assert (await outbox.close("acme", "p", 60, window + 60, AGGREGATIONS))[0] == 1
 
 
-async def test_a_hold_stays_while_another_replica_still_holds_it(store: RedisStore) -> None:
+async def test_a_void_is_held_while_its_call_may_still_run_or_has_a_record(store: RedisStore) -> None:
     outbox = Outbox(store.client)
-    window = await record(store, "acme", ("requests", "search", 1))
-    await outbox.hold_closes(["acme"], "replica-a", 30)
-    await outbox.hold_closes(["acme"], "replica-b", 30)
-    await outbox.end_holds(["acme"], "replica-a")
-    assert await outbox.close("acme", "p", 60, window + 60, AGGREGATIONS) == (HELD, None)
-    assert 0 < await store.client.ttl(keys.void_hold("acme")) <= 30, "a dead holder's hold expires"
+    running = UnansweredCall(CALL.token, 1, int((store.time() + 30) * 1_000_000))
+    assert await outbox.hold("acme", running, 30), "its deadline has not passed: it may still run"
+    ran = UnansweredCall(CALL.token, 2)
+    await store.client.rpush(keys.call_records("acme", CALL.token), "2 {}")
+    assert await outbox.hold("acme", ran, 30), "its record says it ran: the undo is to come"
+    assert await store.client.smembers(keys.void_hold("acme")) == {
+        b"c0ffee0123456789:1",
+        b"c0ffee0123456789:2",
+    }
+    assert 0 < await store.client.ttl(keys.void_hold("acme")) <= 30
 
 
-async def test_the_merge_loop_holds_the_customers_of_its_voids_and_ends_the_holds_once_merged(
+async def test_a_void_with_nothing_to_undo_holds_nothing_and_is_settled(
     store: RedisStore, tmp_path: Path
 ) -> None:
     outbox = Outbox(store.client)
     journal = Journal(tmp_path / "journal", script_arguments)
-    journal.void("acme", CALL, store.time())
-    held = await _hold_closes(outbox, journal, "me", frozenset())
-    assert held == {"acme"}
-    assert await store.client.smembers(keys.void_hold("acme")) == {b"me"}
-    await journal.replay(store.replay)
-    assert await _hold_closes(outbox, journal, "me", held) == set()
+    journal.void("acme", CALL, store.time())  # deadline 0: passed; and no record: it never ran
+    await _hold_voids(outbox, journal)
+    assert journal.voids == set()
     assert not await store.client.exists(keys.void_hold("acme"))
+
+
+async def test_the_journals_voids_are_held_until_they_merge(store: RedisStore, tmp_path: Path) -> None:
+    outbox = Outbox(store.client)
+    journal = Journal(tmp_path / "journal", script_arguments)
+    await store.client.rpush(keys.call_records("acme", CALL.token), "1 {}")  # the call ran
+    journal.void("acme", CALL, store.time())
+    await _hold_voids(outbox, journal)
+    assert await store.client.smembers(keys.void_hold("acme")) == {hold_member(CALL).encode()}
+    assert await journal.replay(store.replay) == 1
+    assert journal.voids == set()
+    assert not await store.client.exists(keys.void_hold("acme")), "void.lua took the hold with it"
 
 
 async def test_closes_wait_a_few_seconds_after_the_store_was_down(

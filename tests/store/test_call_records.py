@@ -1,8 +1,8 @@
 """What the store remembers of a metering call whose reply may be lost, against a real redis-server.
 
-A metering call that writes leaves a record (lib.lua remember_call) under its name: the token of
-the connection it came on and its sequence number there. The record holds the steps that undo the
-call, and is dropped once a later call on that connection says the reply was read. The journal
+A metering call that writes leaves a record (lib.lua remember_call) in the list of its customer's
+calls of its sidecar (the batcher's token), under its number. The record holds the steps that
+undo the call, and is dropped once a later call's third number passes it (its outcome settled). The journal
 looks a record up: usage kept for a call that ran is not merged again (replay.lua), and a call
 whose request was answered 503 is undone if it ran (void.lua).
 
@@ -27,6 +27,7 @@ from tests.store.test_check_and_meter import month_charge, rate_charge, request_
 from tests.store.test_prepaid_credit import balance, credit, draw
 
 TOKEN = "c0ffee0123456789"
+RECORDS = keys.call_records("acme", TOKEN)
 
 
 async def send_named(
@@ -40,7 +41,7 @@ async def send_named(
 ) -> Any:
     """Run a metering script as the batcher would send call `seq` on connection TOKEN, after
     reading the replies up to `answered`; the sidecar is then taken not to have read its reply."""
-    key_list, args = script_arguments(request, deadline=deadline)
+    key_list, args = script_arguments(request, deadline=deadline, records=RECORDS)
     source = load_script(script)
     return await store.client.eval(source, len(key_list), *key_list, *args, TOKEN, seq, answered)
 
@@ -58,7 +59,7 @@ def journaled(request: MeterRequest, at: float, seq: int) -> dict[str, Any]:
 
 
 async def records(store: RedisStore) -> list[bytes]:
-    return list(await store.client.lrange(f"{keys.calls('acme')}:{TOKEN}", 0, -1))
+    return list(await store.client.lrange(RECORDS, 0, -1))
 
 
 async def usage(store: RedisStore) -> dict[str, int]:
@@ -107,9 +108,9 @@ async def test_records_of_calls_in_flight_are_all_kept(store: RedisStore) -> Non
     assert len(await records(store)) == 10
 
 
-async def test_records_expire_a_day_after_they_are_made(store: RedisStore) -> None:
+async def test_records_expire_a_day_after_the_last_call(store: RedisStore) -> None:
     await send_named(store, request_for(month_charge(10, now=store.time())), 1)
-    ttl = await store.client.ttl(f"{keys.calls('acme')}:{TOKEN}")
+    ttl = await store.client.ttl(RECORDS)
     assert 86400 - 60 < ttl <= 86400
 
 
@@ -151,6 +152,21 @@ async def test_a_void_waits_until_the_call_can_no_longer_run(store: RedisStore) 
         await store.replay(void(1, int(deadline * 1_000_000)))
     assert (await store.read_limits(request)).limits[0].used == 1, "kept in the journal for later"
     assert len(await records(store)) == 1
+
+
+async def test_a_void_whose_call_is_just_short_of_its_deadline_waits_for_it(store: RedisStore) -> None:
+    request = request_for(month_charge(10, now=store.time()), usage=searches())
+    deadline = store.time() + 0.2
+    await send_named(store, request, 1, deadline=deadline)
+    assert await store.replay(void(1, int(deadline * 1_000_000))) is Replayed.UNDONE
+    assert (await store.read_limits(request)).limits[0].used == 0
+
+
+async def test_a_void_takes_its_hold_on_billing_with_it(store: RedisStore) -> None:
+    await send_named(store, request_for(usage=searches()), 1)
+    await store.client.sadd(keys.void_hold("acme"), f"{TOKEN}:1", "another:7")
+    assert await store.replay(void(1)) is Replayed.UNDONE
+    assert await store.client.smembers(keys.void_hold("acme")) == {b"another:7"}
 
 
 async def test_a_void_gives_back_prepaid_credit_drawn(store: RedisStore) -> None:
@@ -244,5 +260,5 @@ async def test_the_stores_own_calls_leave_records_only_while_their_replies_are_u
     request = request_for(month_charge(1000, now=store.time()), usage=searches())
     for _ in range(20):
         assert (await store.check_and_meter(request)).outcome is Outcome.ADMITTED
-    (key,) = await store.client.keys(f"{keys.calls('acme')}:*")
+    (key,) = await store.client.keys(keys.call_records("acme", "*"))
     assert await store.client.llen(key) == 1, "each call dropped the records of the replies read before it"

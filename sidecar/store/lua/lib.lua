@@ -118,8 +118,8 @@ end
 --         the allowances' indexes (1-based) among the limits,
 --       then usage triples (field suffix "<meter>|<feature>", op, amount) up to ARGV[last].
 -- KEYS: holds, hold expiries (when has_hold_keys); per limit rate: <log>, <total>, calendar: <counter>;
---       per credit: <grants left>, <grant expiries>, <overdraft>; then the usage hash (if any), from
---       which the prefix of the customer's call records is derived (store/keys.py, calls).
+--       per credit: <grants left>, <grant expiries>, <overdraft>; then the usage hash and the list of
+--       the customer's call records of this sidecar (store/keys.py, call_records), if any.
 local function parse_request(k, a, last)
   k, a = k or 1, a or 1
   local req = {interval = tonumber(ARGV[a]), hold = ARGV[a + 1], ttl = tonumber(ARGV[a + 2]), limits = {}, credits = {}}
@@ -157,8 +157,7 @@ local function parse_request(k, a, last)
     a = a + 3 + n_allowances
     k = k + 3
   end
-  req.usage_key, req.usage_from, req.usage_to = KEYS[k], a, last or #ARGV
-  if req.usage_key then req.calls_key = string.gsub(req.usage_key, ':u$', ':calls') end
+  req.usage_key, req.calls_key, req.usage_from, req.usage_to = KEYS[k], KEYS[k + 1], a, last or #ARGV
   return req
 end
 
@@ -343,50 +342,53 @@ local function keep_hold(req, undo_steps, now_ms)
   return true
 end
 
--- A metering call's name, which the batcher appends to its ARGV as it writes the call to a
--- connection (store/batching.py): the connection's token, the call's sequence number on it, and
--- the sequence number of the last reply the sidecar had read on it by then.
+-- A metering call's name, which the batcher appends to its ARGV as it writes the call
+-- (store/batching.py, CallNames): its sidecar's token, its number, and a number below every call
+-- of that sidecar whose outcome is still open.
 local function call_name()
   local n = #ARGV
   return ARGV[n - 2], tonumber(ARGV[n - 1]), tonumber(ARGV[n])
 end
 
--- Seconds a list of call records lives from when it is made. A lost reply is looked up when the
+-- Seconds a list of call records lives after its last push. A lost reply is looked up when the
 -- journal merges, about a second after the store answers again (or when a sidecar that died
--- restarts), so a day covers any outage worth riding out, while a list per idle customer and
--- connection costs about 400 bytes (BENCHMARKS.md). A list in use for a day expires too: only
--- the calls in flight at that instant lose their records, and the next call makes a new list.
+-- restarts), so a day covers any outage worth riding out; the list of an idle customer costs
+-- about 400 bytes meanwhile (BENCHMARKS.md).
 local CALL_RECORD_TTL = 86400
 
--- Records that this call wrote, with the steps that undo it, in a list per (customer, connection),
--- and drops the records of earlier calls whose replies the sidecar has read: their outcome is
--- known. What stays is the record of a call whose reply was lost with its connection (or came
--- too late), which the journal finds later: it skips the usage it kept for that call
--- (store_failure: open), or undoes the call (void.lua, closed). So a list holds the calls in
--- flight on one connection, and keeps one after its last reply. The new record is pushed before
--- the old ones are dropped, so the list is never emptied (which would delete it, and its expiry).
+-- Records that this call wrote, with the steps that undo it, in the list of the customer's calls
+-- of this sidecar, and drops the records of earlier calls whose outcome is settled: what stays
+-- is the calls in flight, the last one, and a call whose reply was lost with its connection (or
+-- came too late) until the journal has looked it up: it skips the usage it kept for that call
+-- (store_failure: open), or undoes the call (void.lua, closed). The new record is pushed before
+-- the old ones are dropped, so the list is never emptied.
 local function remember_call(req, steps)
-  local token, seq, answered = call_name()
-  local key = req.calls_key .. ':' .. token
-  local length = redis.call('RPUSH', key, string.format('%d ', seq) .. cjson.encode(steps))
-  if length == 1 then redis.call('EXPIRE', key, CALL_RECORD_TTL) end
+  local _, seq, answered = call_name()
+  local key = req.calls_key
+  redis.call('RPUSH', key, string.format('%d ', seq) .. cjson.encode(steps))
+  redis.call('EXPIRE', key, CALL_RECORD_TTL)
   while true do
     local oldest = redis.call('LINDEX', key, 0)
-    if tonumber(string.match(oldest, '^%d+')) > answered then break end
+    if not oldest or tonumber(string.match(oldest, '^%d+')) > answered then break end
     redis.call('LPOP', key)
   end
 end
 
--- Takes the record of call `seq` of connection `token` out of the store: the steps that undo the
--- call, or nil when the call wrote nothing (it was refused, came after its deadline, or never ran).
-local function take_call(calls_key, token, seq)
-  local key = calls_key .. ':' .. token
+-- The record of call `seq` in a list of call records, and its text; nil when that call wrote
+-- nothing (it was refused, came after its deadline, or never ran).
+local function find_call(key, seq)
   local prefix = string.format('%d ', seq)
   for _, record in ipairs(redis.call('LRANGE', key, 0, -1)) do
-    if string.sub(record, 1, #prefix) == prefix then
-      redis.call('LREM', key, 1, record)
-      return cjson.decode(string.sub(record, #prefix + 1))
-    end
+    if string.sub(record, 1, #prefix) == prefix then return record end
   end
   return nil
+end
+
+-- Takes the record of call `seq` out of a list of call records: the steps that undo the call, or
+-- nil when that call wrote nothing.
+local function take_call(key, seq)
+  local record = find_call(key, seq)
+  if not record then return nil end
+  redis.call('LREM', key, 1, record)
+  return cjson.decode(string.sub(record, #string.format('%d ', seq) + 1))
 end

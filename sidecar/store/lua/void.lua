@@ -4,23 +4,24 @@
 -- steps that undo it, and taking the record makes a second void of the same call do nothing.
 -- All or nothing: when the billing usage it added has already moved to the outbox (close.lua
 -- closed its window first), billing has the request, so its limits and credit keep it too:
--- billed and counted stay equal.
+-- billed and counted stay equal. Either way the void's hold on the customer's billing windows
+-- (store/keys.py, void_hold) ends here.
 --
--- KEYS[1]: the prefix of the customer's call records.
--- ARGV: the call's connection token, sequence number, and deadline (store microseconds).
+-- KEYS[1]: that sidecar's list of the customer's call records, KEYS[2]: the customer's void hold.
+-- ARGV: the call's number, its deadline (store microseconds), its hold member ("<token>:<seq>").
 -- Returns 1 undone, 0 the call wrote nothing, 2 left as it is: its usage was billed already,
 -- -1 too early: the call's deadline has not passed, so it may still run; nothing written, try
 -- again later.
 local _, _, _, now_us = store_clock()
-if now_us <= tonumber(ARGV[3]) then return -1 end
-local steps = take_call(KEYS[1], ARGV[1], tonumber(ARGV[2]))
+if now_us <= tonumber(ARGV[2]) then return -1 end
+redis.call('SREM', KEYS[2], ARGV[3])
+local steps = take_call(KEYS[1], tonumber(ARGV[1]))
 if not steps then return 0 end
 for _, step in ipairs(steps) do
   local kind = step[1]
-  if kind == 'u' or kind == 'x' then
-    local left = tonumber(redis.call('HGET', step[2], step[3]) or '0')
-    if left < tonumber(step[4] or '1') then return 2 end
-  end
+  local value = (kind == 'u' or kind == 'x' or kind == 'm') and redis.call('HGET', step[2], step[3])
+  if kind == 'm' and not value then return 2 end
+  if (kind == 'u' or kind == 'x') and tonumber(value or '0') < tonumber(step[4] or '1') then return 2 end
 end
 undo(steps)
 return 1
