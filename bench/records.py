@@ -2,8 +2,8 @@
 
 Every admitted metering call keeps a record of what undoes it until a later call on its
 connection says its reply was read, so a reply lost with its connection can be resolved by the
-journal. This compares check_and_meter as it runs, against the same script with the one line
-that keeps the record taken out, on a redis-server of its own:
+journal. This compares check_and_meter as it runs, against the same script with the two lines
+that find the list and keep the record taken out, on a redis-server of its own:
 
 * Redis CPU per call: the redis-server process's CPU time over the run (INFO cpu, user + sys),
   divided by the calls: unlike the wall-clock `usec_per_call` of INFO commandstats, it does not
@@ -41,15 +41,19 @@ TOKEN = "c0ffee0123456789"
 HEADER = """| customers | check_and_meter | Redis µs per call | calls/s | record keys left | their bytes |
 |---:|---|---:|---:|---:|---:|"""
 KEEPS_RECORD = "if #steps > 0 then remember_call(req, steps) end"
+FINDS_RECORDS = "open_call_records(req)\n"
 
 
 def scripts() -> dict[str, str]:
-    """check_and_meter as it is, and without the line that keeps the call's record."""
+    """check_and_meter as it is, and without the lines that find the list of call records and
+    keep the call's record in it."""
     lib = load_script("lib", shared=False)
     body = load_script("check_and_meter", shared=False)
-    if KEEPS_RECORD not in body:
-        raise SystemExit(f"check_and_meter.lua no longer has {KEEPS_RECORD!r}: update this benchmark")
-    return {"with records": f"{lib}\n{body}", "without": f"{lib}\n{body.replace(KEEPS_RECORD, '')}"}
+    for line in (KEEPS_RECORD, FINDS_RECORDS):
+        if line not in body:
+            raise SystemExit(f"check_and_meter.lua no longer has {line!r}: update this benchmark")
+    without = body.replace(KEEPS_RECORD, "").replace(FINDS_RECORDS, "")
+    return {"with records": f"{lib}\n{body}", "without": f"{lib}\n{without}"}
 
 
 def request(customer: str, now: float) -> MeterRequest:
@@ -75,10 +79,7 @@ async def run(url: str, source: str, customers: int, calls: int) -> dict[str, fl
     await client.flushall()
     sha = await client.script_load(source)
     now = time.time()
-    arguments = [
-        script_arguments(request(f"c{n}", now), records=keys.call_records(f"c{n}", TOKEN))
-        for n in range(customers)
-    ]
+    arguments = [script_arguments(request(f"c{n}", now)) for n in range(customers)]
     seq = answered = 0
     cpu_before = await redis_cpu(client)
     started = time.perf_counter()

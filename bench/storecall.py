@@ -28,7 +28,6 @@ from sidecar import gate
 from sidecar.charges import meter_request
 from sidecar.errors import StoreUnavailable
 from sidecar.policy.loader import load_policy
-from sidecar.store import keys
 from sidecar.store.base import Admission, MeterRequest
 from sidecar.store.redis import RedisStore, bounded, script_arguments
 
@@ -100,8 +99,7 @@ async def run(url: str, policy_path: str, calls: int, only_sidecar: bool, repeat
             variants.append({**entry, "warmup_failed": warmup_failed, "failed": failed})
 
         request = meter_request(policy, customer, "hello", spec, store.time())
-        records = keys.call_records(customer.id, NAME_TOKEN)
-        key_list, args = script_arguments(request, records=records)
+        key_list, args = script_arguments(request)
         script = store._check  # the sidecar's own script, called through its batcher
         legacy = store.client.register_script(script.source)  # the same, as redis-py's Script
         await plain.script_load(script.source)
@@ -117,7 +115,7 @@ async def run(url: str, policy_path: str, calls: int, only_sidecar: bool, repeat
 
         async def unbatched(request: MeterRequest) -> Admission:
             """check_and_meter as it was before the batcher: one EVALSHA per call through redis-py."""
-            call_keys, call_args = script_arguments(request, records=records)
+            call_keys, call_args = script_arguments(request)
             reply = await bounded(legacy(call_keys, named(call_args)), STORE_TIMEOUT)
             return store._admission(reply, request)
 

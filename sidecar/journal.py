@@ -86,7 +86,7 @@ class Journal:
     def _entry(customer_id: str, at: float, unanswered: UnansweredCall | None, name: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"v": 1, "id": uuid.uuid4().hex, "customer": customer_id, "at": at}
         if unanswered is not None:
-            entry["v"] = 2  # names a call: a sidecar older than that would merge it unchecked
+            entry["v"] = 2  # names a call (or is a void): merged by what the store has of that call
             entry[name] = [unanswered.token, unanswered.seq, unanswered.deadline_us]
         return entry
 

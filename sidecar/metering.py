@@ -108,8 +108,6 @@ def keep_in_journal(
     (unless ``unanswered``, the call sent for it, turns out to have run)."""
     if components.journal is None:
         log.warning("no journal: %s usage of %s is lost", source, request.customer_id)
-        if unanswered is not None:
-            components.store.release(unanswered)
         return
     components.journal.record(request, components.store.time(), unanswered)
     components.metrics.journal_recorded.labels(source).inc()
@@ -119,7 +117,6 @@ def void_in_journal(components: Components, customer_id: str, unanswered: Unansw
     """Keep the unanswered metering call of a request answered 503, to be undone if it ran."""
     if components.journal is None:
         log.warning("no journal: a call that may have metered a refused request of %s stays", customer_id)
-        components.store.release(unanswered)
         return
     components.journal.void(customer_id, unanswered, components.store.time())
     components.metrics.journal_recorded.labels("void").inc()

@@ -39,7 +39,8 @@ log = logging.getLogger("sidecar")
 
 BILLING_CONNECTIONS = 8
 MERGE_INTERVAL = 1.0  # seconds between attempts to merge the journal into the store
-VOID_HOLD_SECONDS = 30  # a void's hold, renewed every FLUSH_INTERVAL while its journal keeps it
+VOID_HOLD_SECONDS = 30  # a void's hold, renewed every HOLD_INTERVAL while its journal keeps it
+HOLD_INTERVAL = 0.5  # seconds between renewals of the holds, beside the merges
 # What the store had of a call whose reply was lost (sidecar_lost_replies_total{found}).
 _FOUND = {
     Replayed.MERGED: "not_run",
@@ -161,9 +162,8 @@ async def _merge_journal(components: Components, journal: Journal) -> None:
 
     async def keep_holding() -> None:
         while True:
-            await asyncio.sleep(FLUSH_INTERVAL)
-            with contextlib.suppress(StoreUnavailable):
-                await _hold_voids(components.outbox, journal)
+            await asyncio.sleep(HOLD_INTERVAL)
+            await _hold_voids(components.outbox, journal)
 
     writing = asyncio.create_task(keep_writing())
     holding = asyncio.create_task(keep_holding())
@@ -188,8 +188,11 @@ async def _hold_voids(outbox: Outbox, journal: Journal) -> None:
     replica's close.lua leaves them open) while a void may have something to undo; a void that
     has nothing is settled here, and one that merges takes its hold with it (void.lua)."""
     for customer, void in journal.voids:
-        if not await outbox.hold(customer, void, VOID_HOLD_SECONDS):
-            journal.settled(customer, void)
+        try:
+            if not await outbox.hold(customer, void, VOID_HOLD_SECONDS):
+                journal.settled(customer, void)
+        except StoreUnavailable:
+            continue  # that customer's master is down: the others are still held
 
 
 async def _close_sites(sites: list[web.AppRunner]) -> None:

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sidecar.errors import UnansweredCall
 from sidecar.policy.model import Limit
 from sidecar.policy.windows import Window
 
@@ -187,9 +186,6 @@ class Store(Protocol):
 
     async def replay(self, entry: Mapping[str, Any]) -> Replayed:
         """Merge one journal entry once (or undo the call a void entry names); one round trip."""
-
-    def release(self, call: UnansweredCall) -> None:
-        """Nothing will look up this unanswered call: its record in the store may be dropped."""
 
     @property
     def circuit_open(self) -> bool:

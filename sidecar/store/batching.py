@@ -12,12 +12,10 @@ What does not change:
   pipeline one after another, exactly as it would run them from separate connections, so every
   guarantee of a script (all-or-nothing, exact counts) holds call by call.
 * A call of a script registered ``named`` carries its name as its last three ARGV, stamped when it
-  is written to a connection (CallNames): the batcher's random token, the call's number in the
-  order calls are written, and a number below every call whose outcome is still open. The
-  metering scripts keep a record of each call that wrote until a later call's third number
-  passes it (lib.lua remember_call). A named call whose reply never comes raises OutcomeUnknown
-  with its name, and its outcome stays open until ``release`` (the journal merged what it kept for
-  it), so its record stays in the store for the journal to find.
+  is written to a connection: the connection's random token, the call's sequence number on it,
+  and the number of the last reply read on it. The metering scripts keep a record of each call
+  that wrote until a later call says its reply was read (lib.lua remember_call); a named call
+  whose reply never comes raises OutcomeUnknown with its name, so the journal can look it up.
 * Nothing is retried, except a call whose reply is NOSCRIPT: that reply says the script did not
   run, so the script is loaded (SCRIPT LOAD, on the same connection, ahead of the resend) and
   only that call is sent again, once. Any other error reply fails that call alone.
@@ -48,7 +46,6 @@ import collections
 import hashlib
 import logging
 import secrets
-import time
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -65,10 +62,7 @@ log = logging.getLogger("sidecar.store")
 # attempt is not cancelled when a batch's deadline passes, only by this.
 CONNECT_TIMEOUT = 2.0
 CLIENT_NAME = "sidecar-batch"
-NAME_ARGS = 3  # a named call's name: the batcher's token, the call's number, every outcome below settled
-# How long a named call whose reply never came may hold back the trimming of call records when
-# nothing releases it: a journal that has not merged it by then cannot be waited for any longer.
-UNRESOLVED_LIMIT = 3600.0
+NAME_ARGS = 3  # a named call's name: connection token, sequence number, last reply read
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +104,6 @@ class ScriptBatcher:
         self._learning: asyncio.Task[None] | None = None
         self._waiting: set[asyncio.Task[None]] = set()
         self._closed = False
-        self.names = CallNames()
 
     @classmethod
     def of_url(cls, url: str, *, timeout: float) -> ScriptBatcher:
@@ -123,12 +116,6 @@ class ScriptBatcher:
         if script.named != named:
             raise ValueError("a script is registered either named or not, never both")
         return script
-
-    def release(self, call: UnansweredCall) -> None:
-        """The outcome of a call that raised OutcomeUnknown is settled (the journal merged what it
-        kept for it, or nothing will): its record may be dropped from the store."""
-        if call.token == self.names.token:
-            self.names.release(call.seq)
 
     def call(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any]:
         """Queue one EVALSHA for this loop turn's pipeline; the future holds its reply."""
@@ -258,7 +245,10 @@ class ScriptBatcher:
         if call.future.done():  # its batch expired meanwhile: it was answered "did not run"
             call.finish()
             return
-        link.redirected(call, asking)
+        try:
+            link.redirected(call, asking)
+        except StoreUnavailable as error:  # the connection closed while this task waited
+            call.fail(str(error))
 
     # -- the connections ------------------------------------------------------------------------
 
@@ -320,61 +310,22 @@ class ScriptBatcher:
             self.locator.forget()
 
 
-class CallNames:
-    """The names a batcher gives its named calls: a random token of its own (one per process, so
-    the store keeps one list of call records per customer and process, however often connections
-    are replaced), and numbers in the order the calls are written.
-
-    ``answered()`` is the highest number below every call whose outcome is still open: written
-    and not answered yet, or unanswered and not released. A call's record may be dropped once a
-    later call carries a number at or above its own.
-    """
-
-    def __init__(self) -> None:
-        self.token = secrets.token_hex(8)
-        self.token_arg = _bulk(self.token)
-        self.last = 0
-        self._open: collections.deque[int] = collections.deque()  # written, in order, maybe settled
-        self._settled: set[int] = set()  # of those, settled since; dropped from the front lazily
-        self._unanswered: dict[int, float] = {}  # number → when it failed (time.monotonic)
-
-    def next(self) -> tuple[int, int]:
-        """A number for a call about to be written, and answered() as it is before it."""
-        answered = self.answered()
-        self.last += 1
-        self._open.append(self.last)
-        return self.last, answered
-
-    def answered(self) -> int:
-        opened, settled, unanswered = self._open, self._settled, self._unanswered
-        while opened:
-            first = opened[0]
-            if first in settled:
-                settled.discard(first)
-            elif first in unanswered and time.monotonic() - unanswered[first] > UNRESOLVED_LIMIT:
-                del unanswered[first]
-            else:
-                return first - 1
-            opened.popleft()
-        return self.last
-
-    def settle(self, seq: int) -> None:
-        """The call's reply was read, or it will never be known."""
-        self._settled.add(seq)
-
-    def unanswered(self, seq: int) -> None:
-        self._unanswered[seq] = time.monotonic()
-
-    def release(self, seq: int) -> None:
-        if self._unanswered.pop(seq, None) is not None:
-            self._settled.add(seq)
-
-
 class _Call:
-    """One script call; ``command`` is its EVALSHA without its name. ``seq`` is the number of a
-    named call once written (0: not written, or answered that it did not run)."""
+    """One script call; ``command`` is its EVALSHA without its name, which ``token`` and ``seq``
+    hold once a named call has been written (seq 0: not written, or answered that it did not run)."""
 
-    __slots__ = ("batch", "command", "finished", "future", "redirected", "resent", "script", "seq", "slot")
+    __slots__ = (
+        "batch",
+        "command",
+        "finished",
+        "future",
+        "redirected",
+        "resent",
+        "script",
+        "seq",
+        "slot",
+        "token",
+    )
 
     def __init__(self, future: asyncio.Future[Any], script: Script, command: bytes, slot: int) -> None:
         self.future = future
@@ -385,11 +336,10 @@ class _Call:
         self.redirected = False
         self.finished = False
         self.batch: _Batch | None = None
+        self.token = ""
         self.seq = 0
 
     def settle(self, reply: Any, link: _Link) -> None:
-        if self.seq:
-            self.script.batcher.names.settle(self.seq)
         future = self.future
         if not future.done():  # else its batch expired, or its caller went away
             if isinstance(reply, hiredis.ReplyError):
@@ -404,7 +354,7 @@ class _Call:
         """Send the call once more if the reply says its script did not run and where to go."""
         if error.startswith("NOSCRIPT") and not self.resent:
             self.resent = True  # load the script and send this call again
-            self.seq = 0  # this attempt did not run (settled as it was read); the resend is named anew
+            self.seq = 0  # this attempt did not run; the resend is named anew
             link.resend(self)
             return True
         if error.startswith(("MOVED ", "ASK ")) and not self.redirected:
@@ -424,14 +374,12 @@ class _Call:
     def fail(self, reason: str) -> None:
         if self.finished:  # answered already (a batch fails all of its calls that are not)
             return
-        names = self.script.batcher.names
-        if self.seq and self.future.done():
-            names.settle(self.seq)  # its caller went away: nobody will look it up
-        elif self.seq:  # written, and no reply read: the script may have run
-            names.unanswered(self.seq)
-            self.future.set_exception(OutcomeUnknown(reason, UnansweredCall(names.token, self.seq)))
-        elif not self.future.done():
-            self.future.set_exception(StoreUnavailable(reason))
+        if not self.future.done():
+            if self.seq:  # written, and no reply read: the script may have run
+                error: StoreUnavailable = OutcomeUnknown(reason, UnansweredCall(self.token, self.seq))
+            else:
+                error = StoreUnavailable(reason)
+            self.future.set_exception(error)
         self.finish()
 
     def finish(self) -> None:
@@ -505,6 +453,12 @@ class _Link(asyncio.Protocol):
         self.pending: collections.deque[_Call | _Control] = collections.deque()
         self.loading: set[str] = set()  # SCRIPT LOADs sent whose reply has not come yet
         self.open = False
+        # The names of the named calls written here: a token no other connection has, the last
+        # sequence number given, and the last one whose reply was read.
+        self.token = secrets.token_hex(8)
+        self._token_arg = _bulk(self.token)
+        self.seq = 0
+        self.answered = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.WriteTransport, transport)  # uvloop's is no asyncio.Transport
@@ -531,12 +485,12 @@ class _Link(asyncio.Protocol):
         """The call's command as written here: a named call gets its name appended."""
         if not call.script.named:
             return call.command
-        names = self.owner.names
-        call.seq, answered = names.next()
-        seq_digits, answered_digits = b"%d" % call.seq, b"%d" % answered
+        self.seq = seq = self.seq + 1
+        call.token, call.seq = self.token, seq
+        seq_digits, answered_digits = b"%d" % seq, b"%d" % self.answered
         return b"%s%s$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
             call.command,
-            names.token_arg,
+            self._token_arg,
             len(seq_digits),
             seq_digits,
             len(answered_digits),
@@ -580,7 +534,10 @@ class _Link(asyncio.Protocol):
                 if not self.pending:
                     self.close("a reply came that nothing waited for")
                     return
-                self.pending.popleft().settle(reply, self)
+                entry = self.pending.popleft()
+                if type(entry) is _Call and entry.seq:
+                    self.answered = entry.seq  # replies come in the order the calls were written
+                entry.settle(reply, self)
         except hiredis.ProtocolError:
             self.close("the store's reply could not be parsed")
 

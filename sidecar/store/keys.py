@@ -64,9 +64,9 @@ def hold_expiries(customer_id: str) -> str:
 
 
 def call_records(customer_id: str, token: str) -> str:
-    """List of the metering calls of one sidecar process (its batcher's token) that wrote, each
-    with the steps that undo it, kept while their outcome may still be looked up (lib.lua
-    remember_call)."""
+    """List of the metering calls of one connection (its batcher token) that wrote, each with the
+    steps that undo it, kept until their replies have been read or the journal has looked them up
+    (lib.lua remember_call, which builds this name from the usage key's)."""
     return f"{customer_tag(customer_id)}:calls:{token}"
 
 

@@ -43,8 +43,7 @@ MAX_CONNECTIONS = 64
 # Seconds a merged journal entry is remembered; far longer than any outage a journal outlives.
 JOURNAL_MARKER_TTL = 7 * 86400
 EXPIRED = -2  # a metering script that ran after its deadline, having written nothing
-JOURNAL_VERSION = 2  # the newest journal entry this sidecar merges (journal.py)
-MAX_DEADLINE_WAIT = 1.0  # seconds a merge waits for the deadline of the call its entry names
+MAX_DEADLINE_WAIT = 0.25  # seconds a merge waits for the deadline of the call its entry names
 _REPLAYED = {1: Replayed.MERGED, 0: Replayed.REPEATED, 2: Replayed.RAN}
 _VOIDED = {1: Replayed.UNDONE, 0: Replayed.NOT_RUN, 2: Replayed.BILLED}
 _GRANT_OUTCOMES = {1: GrantOutcome.ADDED, 0: GrantOutcome.REPEATED, -1: GrantOutcome.CONFLICT}
@@ -105,11 +104,8 @@ class RedisStore:
     async def _metering(self, script: Script, request: MeterRequest) -> Any:
         """One metering call; an OutcomeUnknown names the call and when it could last have run."""
         deadline = self._deadline()
-        records = keys.call_records(request.customer_id, self.batcher.names.token)
         try:
-            return await self._call(
-                lambda: script(*script_arguments(request, deadline=deadline, records=records))
-            )
+            return await self._call(lambda: script(*script_arguments(request, deadline=deadline)))
         except OutcomeUnknown as error:
             error.call = dataclasses.replace(error.call, deadline_us=int(deadline * 1_000_000))
             raise
@@ -135,11 +131,8 @@ class RedisStore:
         return _GRANT_OUTCOMES[int(reply)]
 
     async def replay(self, entry: Mapping[str, Any]) -> Replayed:
-        """Merge one journal entry (journal.py) once, or undo the call a void entry names; then
-        the call it names (if this process made it) may have its record dropped. An entry whose
-        call could still run waits for that call's deadline, up to MAX_DEADLINE_WAIT."""
-        if int(entry.get("v", 1)) > JOURNAL_VERSION:
-            raise StoreUnavailable(f"journal entry version {entry['v']} is newer than this sidecar; kept")
+        """Merge one journal entry (journal.py) once, or undo the call a void entry names. An entry
+        whose call could still run waits for that call's deadline, up to MAX_DEADLINE_WAIT."""
         named = entry.get("void") or entry.get("call")
         outcome = await self._replay_once(entry)
         if outcome is None and named is not None:
@@ -147,8 +140,6 @@ class RedisStore:
             outcome = await self._replay_once(entry)
         if outcome is None:
             raise StoreUnavailable("a call the journal names may still run in the store; merged later")
-        if named is not None:
-            self.batcher.release(UnansweredCall(named[0], named[1]))
         return outcome
 
     async def _replay_once(self, entry: Mapping[str, Any]) -> Replayed | None:
@@ -165,10 +156,6 @@ class RedisStore:
         key_list = [marker, *records, *entry["keys"]]
         args = [int(entry["at"]), JOURNAL_MARKER_TTL, token, seq, deadline_us, *entry["args"]]
         return _REPLAYED.get(int(await self._call(lambda: self._replay(keys=key_list, args=args))))
-
-    def release(self, call: UnansweredCall) -> None:
-        """Nothing will look up this unanswered call (no journal keeps it): its record may go."""
-        self.batcher.release(call)
 
     async def ping(self) -> None:
         await self._call(lambda: self.client.ping())
@@ -235,11 +222,10 @@ def hold_member(call: UnansweredCall) -> str:
 
 
 def script_arguments(
-    request: MeterRequest, *, usage: bool = True, deadline: float = 0.0, records: str | None = None
+    request: MeterRequest, *, usage: bool = True, deadline: float = 0.0
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of the metering scripts, in the layout lib.lua's parse_request reads;
-    ``deadline`` (store clock, 0 for none) is when the script must no longer write, ``records``
-    the list the call keeps its record in (store/keys.py, call_records)."""
+    ``deadline`` (store clock, 0 for none) is when the script must no longer write."""
     customer = request.customer_id
     hold = request.hold
     key_list: list[str] = []
@@ -274,8 +260,6 @@ def script_arguments(
         )
     if usage:
         key_list.append(keys.usage(customer))
-        if records is not None:
-            key_list.append(records)
         for entry in request.usage:
             suffix = f"{entry.meter}|{entry.feature}"
             if entry.op == "uniq":

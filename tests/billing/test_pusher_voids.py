@@ -156,3 +156,23 @@ async def test_closes_wait_a_few_seconds_after_the_store_was_down(
     await asyncio.sleep(0.35)
     await pusher.cycle()
     assert await summaries(store) == 1
+
+
+class OutboxWithOneMasterDown(Outbox):
+    """An outbox whose store calls for the customer "down" fail, as when its master is down."""
+
+    async def hold(self, customer: str, void: UnansweredCall, seconds: int) -> bool:
+        if customer == "down":
+            raise StoreUnavailable("that master is down")
+        return await super().hold(customer, void, seconds)
+
+
+async def test_a_void_whose_master_is_down_does_not_stop_the_holds_of_the_others(
+    store: RedisStore, tmp_path: Path
+) -> None:
+    journal = Journal(tmp_path / "journal", script_arguments)
+    for customer in ("down", "acme"):
+        journal.void(customer, UnansweredCall(CALL.token, 1, int((store.time() + 30) * 1_000_000)), 0)
+    await _hold_voids(OutboxWithOneMasterDown(store.client), journal)
+    assert await store.client.exists(keys.void_hold("acme"))
+    assert journal.voiding == {"down", "acme"}, "kept, to be held once that master answers"

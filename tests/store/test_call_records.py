@@ -1,8 +1,9 @@
 """What the store remembers of a metering call whose reply may be lost, against a real redis-server.
 
 A metering call that writes leaves a record (lib.lua remember_call) in the list of its customer's
-calls of its sidecar (the batcher's token), under its number. The record holds the steps that
-undo the call, and is dropped once a later call's third number passes it (its outcome settled). The journal
+calls of its connection (the token the batcher gave it), under its number there. The record
+holds the steps that undo the call, and is dropped once a later call on that connection says
+its reply was read. The journal
 looks a record up: usage kept for a call that ran is not merged again (replay.lua), and a call
 whose request was answered 503 is undone if it ran (void.lua).
 
@@ -41,7 +42,7 @@ async def send_named(
 ) -> Any:
     """Run a metering script as the batcher would send call `seq` on connection TOKEN, after
     reading the replies up to `answered`; the sidecar is then taken not to have read its reply."""
-    key_list, args = script_arguments(request, deadline=deadline, records=RECORDS)
+    key_list, args = script_arguments(request, deadline=deadline)
     source = load_script(script)
     return await store.client.eval(source, len(key_list), *key_list, *args, TOKEN, seq, answered)
 
@@ -108,10 +109,10 @@ async def test_records_of_calls_in_flight_are_all_kept(store: RedisStore) -> Non
     assert len(await records(store)) == 10
 
 
-async def test_records_expire_a_day_after_the_last_call(store: RedisStore) -> None:
+async def test_records_expire_an_hour_after_the_last_call(store: RedisStore) -> None:
     await send_named(store, request_for(month_charge(10, now=store.time())), 1)
     ttl = await store.client.ttl(RECORDS)
-    assert 86400 - 60 < ttl <= 86400
+    assert 3600 - 60 < ttl <= 3600
 
 
 async def test_a_void_undoes_every_write_of_a_call_that_ran(store: RedisStore) -> None:

@@ -15,6 +15,7 @@ local t, now_s, frac_us, now_us = store_clock()
 local req = parse_request(1, 1, #ARGV - 3)
 local early = cannot_run(req, t, now_s, now_us)
 if early then return early end
+open_call_records(req)
 if req.holds and req.hold ~= '' then release_hold(req.holds, req.hold_expiries, req.hold) end
 release_expired_holds(req, math.floor(now_us / 1000))
 

@@ -16,6 +16,7 @@ local t, now_s, frac_us, now_us = store_clock()
 local req = parse_request(1, 1, #ARGV - 3)
 local early = cannot_run(req, t, now_s, now_us)
 if early then return early end
+open_call_records(req)
 release_expired_holds(req, math.floor(now_us / 1000))
 
 local refused = false

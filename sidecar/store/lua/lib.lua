@@ -118,8 +118,7 @@ end
 --         the allowances' indexes (1-based) among the limits,
 --       then usage triples (field suffix "<meter>|<feature>", op, amount) up to ARGV[last].
 -- KEYS: holds, hold expiries (when has_hold_keys); per limit rate: <log>, <total>, calendar: <counter>;
---       per credit: <grants left>, <grant expiries>, <overdraft>; then the usage hash and the list of
---       the customer's call records of this sidecar (store/keys.py, call_records), if any.
+--       per credit: <grants left>, <grant expiries>, <overdraft>; then the usage hash (if any).
 local function parse_request(k, a, last)
   k, a = k or 1, a or 1
   local req = {interval = tonumber(ARGV[a]), hold = ARGV[a + 1], ttl = tonumber(ARGV[a + 2]), limits = {}, credits = {}}
@@ -157,7 +156,7 @@ local function parse_request(k, a, last)
     a = a + 3 + n_allowances
     k = k + 3
   end
-  req.usage_key, req.calls_key, req.usage_from, req.usage_to = KEYS[k], KEYS[k + 1], a, last or #ARGV
+  req.usage_key, req.usage_from, req.usage_to = KEYS[k], a, last or #ARGV
   return req
 end
 
@@ -342,26 +341,38 @@ local function keep_hold(req, undo_steps, now_ms)
   return true
 end
 
--- A metering call's name, which the batcher appends to its ARGV as it writes the call
--- (store/batching.py, CallNames): its sidecar's token, its number, and a number below every call
--- of that sidecar whose outcome is still open.
+-- A metering call's name, which the batcher appends to its ARGV as it writes the call to a
+-- connection (store/batching.py): the connection's token, the call's sequence number on it, and
+-- the sequence number of the last reply the sidecar had read on it by then.
 local function call_name()
   local n = #ARGV
   return ARGV[n - 2], tonumber(ARGV[n - 1]), tonumber(ARGV[n])
 end
 
+-- Finds the list of the customer's call records of this call's connection (store/keys.py,
+-- call_records: "<tag>:calls:<token>", next to the usage hash "<tag>:u") and reads it before the
+-- script writes anything: the name is known only as the call is written, so the key cannot be
+-- declared, and in a cluster slot that is migrating a list already moved must fail the call
+-- before its first write, not after.
+local function open_call_records(req)
+  local token = call_name()
+  req.calls_key = string.sub(req.usage_key, 1, -2) .. 'calls:' .. token
+  redis.call('EXISTS', req.calls_key)
+end
+
 -- Seconds a list of call records lives after its last push. A lost reply is looked up when the
 -- journal merges, about a second after the store answers again (or when a sidecar that died
--- restarts), so a day covers any outage worth riding out; the list of an idle customer costs
--- about 400 bytes meanwhile (BENCHMARKS.md).
-local CALL_RECORD_TTL = 86400
+-- restarts), so an hour covers the outages worth riding out, while the list of a connection
+-- that was replaced (after a lost connection or a late reply) costs about 400 bytes per customer
+-- it served for that long (BENCHMARKS.md).
+local CALL_RECORD_TTL = 3600
 
 -- Records that this call wrote, with the steps that undo it, in the list of the customer's calls
--- of this sidecar, and drops the records of earlier calls whose outcome is settled: what stays
--- is the calls in flight, the last one, and a call whose reply was lost with its connection (or
--- came too late) until the journal has looked it up: it skips the usage it kept for that call
--- (store_failure: open), or undoes the call (void.lua, closed). The new record is pushed before
--- the old ones are dropped, so the list is never emptied.
+-- of this connection, and drops the records of earlier calls whose replies the sidecar has read:
+-- their outcome is known. What stays is the calls in flight, the last one, and a call whose reply
+-- was lost with its connection (or came too late), which the journal finds later: it skips the
+-- usage it kept for that call (store_failure: open), or undoes the call (void.lua, closed). The
+-- new record is pushed before the old ones are dropped, so the list is never emptied.
 local function remember_call(req, steps)
   local _, seq, answered = call_name()
   local key = req.calls_key
