@@ -58,6 +58,15 @@ class UnansweredCall:
     seq: int
     deadline_us: int = 0
 
+    def fields(self) -> list[str | int]:
+        """The call as a journal entry keeps it (journal.py, the "call" or "void" field)."""
+        return [self.token, self.seq, self.deadline_us]
+
+    @classmethod
+    def from_fields(cls, fields: list[str | int]) -> UnansweredCall:
+        token, seq, deadline_us = fields
+        return cls(str(token), int(seq), int(deadline_us))
+
 
 class StoreUnavailable(SidecarError):
     """The store did not answer in time or refused the connection."""

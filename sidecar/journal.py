@@ -87,7 +87,7 @@ class Journal:
         entry: dict[str, Any] = {"v": 1, "id": uuid.uuid4().hex, "customer": customer_id, "at": at}
         if unanswered is not None:
             entry["v"] = 2  # names a call (or is a void): merged by what the store has of that call
-            entry[name] = [unanswered.token, unanswered.seq, unanswered.deadline_us]
+            entry[name] = unanswered.fields()
         return entry
 
     @property
@@ -130,8 +130,7 @@ class Journal:
         async def merge_and_count(entry: dict[str, Any]) -> None:
             await merge(entry)
             if "void" in entry:  # recorded by this process or another; by identity, so once
-                token, seq, deadline_us = entry["void"]
-                self.settled(entry["customer"], UnansweredCall(token, seq, deadline_us))
+                self.settled(entry["customer"], UnansweredCall.from_fields(entry["void"]))
 
         merged = kept = 0
         for path in sorted(self._directory.glob(f"*{SEGMENT_SUFFIX}")):

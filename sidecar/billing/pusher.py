@@ -47,8 +47,8 @@ PUSH_TIMEOUT = aiohttp.ClientTimeout(total=10)
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 300.0
 _CUSTOMERS_PER_CYCLE = 500
-# After the store failed: long enough for every journal's merge loop (once a second) to hold the
-# windows of customers it has voids for.
+# After the store failed: long enough for every journal (server.py renews its holds every 0.5 s)
+# to hold the windows of the customers it has voids for.
 CLOSE_SETTLE_SECONDS = 3.0
 
 

@@ -5,9 +5,9 @@ ran, and running it again could charge twice. A metering call whose reply was lo
 OutcomeUnknown with the call's name and deadline; the journal entry kept for it (journal.py) is
 merged, or undone, by what the store recorded of that call (lib.lua remember_call).
 
-Every redis error and every timeout becomes
-StoreUnavailable here, the one translation point (and in batching.py, for the scripts of the hot
-path, which are pipelined: the calls of one event-loop turn share one round trip).
+Every redis error and every timeout becomes StoreUnavailable here, the one translation point (and
+in batching.py, for the scripts of the hot path, which are pipelined: the calls of one event-loop
+turn share one round trip).
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ class RedisStore:
         named = entry.get("void") or entry.get("call")
         outcome = await self._replay_once(entry)
         if outcome is None and named is not None:
-            await asyncio.sleep(min(MAX_DEADLINE_WAIT, max(0.0, named[2] / 1_000_000 - self.time())))
+            deadline = UnansweredCall.from_fields(named).deadline_us / 1_000_000
+            await asyncio.sleep(min(MAX_DEADLINE_WAIT, max(0.0, deadline - self.time())))
             outcome = await self._replay_once(entry)
         if outcome is None:
             raise StoreUnavailable("a call the journal names may still run in the store; merged later")
@@ -146,15 +147,14 @@ class RedisStore:
         """What merging the entry did; None while the call it names could still run."""
         customer = str(entry["customer"])
         if "void" in entry:
-            token, seq, deadline_us = entry["void"]
-            key_list = [keys.call_records(customer, token), keys.void_hold(customer)]
-            args = [seq, deadline_us, hold_member(UnansweredCall(token, seq))]
+            void = UnansweredCall.from_fields(entry["void"])
+            key_list = [keys.call_records(customer, void.token), keys.void_hold(customer)]
+            args: list[Any] = [void.seq, void.deadline_us, hold_member(void)]
             return _VOIDED.get(int(await self._call(lambda: self._void(keys=key_list, args=args))))
-        marker = keys.journal_marker(customer, str(entry["id"]))
-        token, seq, deadline_us = entry.get("call") or ("", 0, 0)
-        records = [keys.call_records(customer, token)] if token else []
-        key_list = [marker, *records, *entry["keys"]]
-        args = [int(entry["at"]), JOURNAL_MARKER_TTL, token, seq, deadline_us, *entry["args"]]
+        call = UnansweredCall.from_fields(entry["call"]) if "call" in entry else UnansweredCall("", 0)
+        records = [keys.call_records(customer, call.token)] if call.token else []
+        key_list = [keys.journal_marker(customer, str(entry["id"])), *records, *entry["keys"]]
+        args = [int(entry["at"]), JOURNAL_MARKER_TTL, *call.fields(), *entry["args"]]
         return _REPLAYED.get(int(await self._call(lambda: self._replay(keys=key_list, args=args))))
 
     async def ping(self) -> None:
