@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from sidecar import admin, intake, proxy, selfservice
+from sidecar import admin, intake, proxy, selfservice, tasks
 from sidecar.components import COMPONENTS, SESSION, Components
 from sidecar.errors import StoreUnavailable
 
@@ -44,9 +44,7 @@ async def _stored_customers(app: web.Application) -> AsyncIterator[None]:
         await directory.refresh()
     task = asyncio.create_task(directory.watch())
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await tasks.stop(task)
 
 
 def upstream_client(timeout: float) -> aiohttp.ClientSession:

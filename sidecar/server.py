@@ -7,7 +7,6 @@ timeout), close the admin port, close the store client, stop the embedded redis-
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -18,6 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from sidecar import tasks
 from sidecar.app import build_admin_app, build_proxy_app
 from sidecar.billing.outbox import BILLING_STORE_TIMEOUT, Outbox
 from sidecar.billing.pusher import Pusher
@@ -81,7 +81,7 @@ async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True)
             journal=journal,
         )
         await _pusher(stack, components)
-        await _background(stack, _merge_journal(components, journal))
+        await _run_journal(stack, components, journal)
         await _background(stack, watch(components, stopping))
         loop.add_signal_handler(signal.SIGHUP, _start_reload, components, reloads)
         # The proxy port opens first (/readyz answering 200 must mean requests can be served) and
@@ -125,23 +125,39 @@ async def _pusher(stack: AsyncExitStack, components: Components) -> None:
 
 
 async def _background(stack: AsyncExitStack, work: Coroutine[object, object, None]) -> None:
-    """Run `work` until shutdown, then cancel it (it holds nothing that needs flushing)."""
+    """Run `work` until shutdown, then stop it (tasks.stop: it may be cancelled more than once, so
+    what must happen at the end is a callback of its own)."""
     task = asyncio.create_task(work)
-
-    async def cancel() -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    stack.push_async_callback(cancel)
+    stack.push_async_callback(tasks.stop, task)
 
 
-async def _merge_journal(components: Components, journal: Journal) -> None:
+async def _run_journal(stack: AsyncExitStack, components: Components, journal: Journal) -> None:
     """Write the journal to disk every FLUSH_INTERVAL, and merge it into the store once a second
     (a no-op while it is empty). The writing never waits for a merge: under load a merge takes
     seconds, and what is recorded meanwhile must reach the disk as promptly (a crash loses at
     most FLUSH_INTERVAL). Nor do the holds of the journal's voids, set as soon as the store
-    answers. On shutdown the last entries are written, to merge after restart."""
+    answers. On shutdown, once the three have stopped, the last entries are written, to merge
+    after restart."""
+    stack.push_async_callback(_close_journal, journal)
+    await _background(stack, _keep_writing(components.metrics, journal))
+    await _background(stack, _keep_holding(components.outbox, journal))
+    await _background(stack, _keep_merging(components, journal))
+
+
+async def _keep_writing(metrics: Metrics, journal: Journal) -> None:
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL)
+        await journal.flush()
+        metrics.journal_pending.set(journal.pending)
+
+
+async def _keep_holding(outbox: Outbox, journal: Journal) -> None:
+    while True:
+        await asyncio.sleep(HOLD_INTERVAL)
+        await _hold_voids(outbox, journal)
+
+
+async def _keep_merging(components: Components, journal: Journal) -> None:
     metrics = components.metrics
 
     async def merge(entry: dict[str, Any]) -> None:
@@ -154,33 +170,17 @@ async def _merge_journal(components: Components, journal: Journal) -> None:
         if billing is not None:
             components.marks.note(entry["customer"], entry["at"], billing)
 
-    async def keep_writing() -> None:
-        while True:
-            await asyncio.sleep(FLUSH_INTERVAL)
-            await journal.flush()
-            metrics.journal_pending.set(journal.pending)
+    while True:
+        await asyncio.sleep(MERGE_INTERVAL)
+        merged = await journal.replay(merge)
+        if merged:
+            log.info("merged %d journal entries into the store", merged)
+        metrics.journal_pending.set(journal.pending)
 
-    async def keep_holding() -> None:
-        while True:
-            await asyncio.sleep(HOLD_INTERVAL)
-            await _hold_voids(components.outbox, journal)
 
-    writing = asyncio.create_task(keep_writing())
-    holding = asyncio.create_task(keep_holding())
-    try:
-        while True:
-            await asyncio.sleep(MERGE_INTERVAL)
-            merged = await journal.replay(merge)
-            if merged:
-                log.info("merged %d journal entries into the store", merged)
-            metrics.journal_pending.set(journal.pending)
-    finally:
-        for task in (writing, holding):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await journal.flush()
-        journal.close()
+async def _close_journal(journal: Journal) -> None:
+    await journal.flush()
+    journal.close()
 
 
 async def _hold_voids(outbox: Outbox, journal: Journal) -> None:

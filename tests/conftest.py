@@ -28,6 +28,10 @@ from sidecar.settings import Settings
 from sidecar.store.embedded import EmbeddedRedis
 from sidecar.store.redis import RedisStore
 from tests.topologies import Cluster, SentinelGroup
+from tests.watchdog import pytest_runtest_call, pytest_runtest_setup, pytest_runtest_teardown
+
+# Hooks, registered by being here: a test that hangs fails instead (tests/watchdog.py).
+__all__ = ["pytest_runtest_call", "pytest_runtest_setup", "pytest_runtest_teardown"]
 
 # Generous for a loaded 2-core CI machine; outage tests set their own.
 TEST_STORE_TIMEOUT = 2.0

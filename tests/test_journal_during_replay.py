@@ -6,20 +6,22 @@ through the journal (they were answered 200, and never billed). The merge loop i
 flushes only between merges, and a merge runs one store round trip per entry; under load (where
 store timeouts keep the journal in use outside outages too) a merge takes seconds, and everything
 recorded meanwhile stays in memory. Here a store that takes 2 s per entry makes that
-deterministic. Fixed: the writing runs in a task of its own beside the merges.
+deterministic. Fixed: the writing runs in a task of its own beside the merges (server.py,
+_run_journal).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 from sidecar.journal import FLUSH_INTERVAL, SEGMENT_SUFFIX, Journal
 from sidecar.policy.model import Limit, Period
 from sidecar.policy.windows import calendar_window
-from sidecar.server import MERGE_INTERVAL, _merge_journal
+from sidecar.server import MERGE_INTERVAL, _run_journal
 from sidecar.store.base import LimitCharge, MeterRequest, Replayed, UsageCharge
 from sidecar.store.redis import script_arguments
 from tests.conftest import make_components, write_policy
@@ -59,13 +61,10 @@ async def test_an_entry_recorded_during_a_slow_merge_is_on_disk_within_a_few_flu
     components = dataclasses.replace(make_components(policy, "http://127.0.0.1:9", redis_url), store=store)
     journal = Journal(tmp_path / "journal", script_arguments)
     journal.record(request_at("first", 0.0), 0.0)
-    loop = asyncio.create_task(_merge_journal(components, journal))  # type: ignore[arg-type]
-    try:
+    async with AsyncExitStack() as stack:
+        await _run_journal(stack, components, journal)  # type: ignore[arg-type]
         await asyncio.wait_for(store.merging.wait(), MERGE_INTERVAL + 1)
         journal.record(request_at("second", 0.0), 0.0)
         await asyncio.sleep(5 * FLUSH_INTERVAL)
         assert '"customer": "second"' in on_disk(tmp_path / "journal")
         await asyncio.wait_for(store.merged.wait(), SLOW_MERGE_SECONDS)  # stop between merges
-    finally:
-        loop.cancel()
-        await asyncio.gather(loop, return_exceptions=True)

@@ -21,6 +21,14 @@ from redis.crc import key_slot
 from sidecar.store.embedded import redis_server_binary
 
 READY_TIMEOUT = 20.0
+NODE_TIMEOUT = 10.0  # a test's own command to a node: a node that stops answering fails the test
+
+
+def node_client(port: int) -> redis.Redis:
+    """A plain client for one loopback server, every wait bounded by NODE_TIMEOUT."""
+    return redis.Redis(
+        host="127.0.0.1", port=port, socket_timeout=NODE_TIMEOUT, socket_connect_timeout=NODE_TIMEOUT
+    )
 
 
 def redis_cli_binary() -> str:
@@ -79,7 +87,7 @@ class Processes:
 
 
 def _answers(port: int) -> bool:
-    with redis.Redis(port=port) as server:
+    with node_client(port) as server:
         return bool(server.ping())
 
 
@@ -133,19 +141,19 @@ class Cluster:
 
     @staticmethod
     def _ok(port: int) -> bool:
-        with redis.Redis(port=port) as client:
+        with node_client(port) as client:
             info = client.execute_command("CLUSTER INFO")  # redis-py parses it into a dict
         return bool(info.get("cluster_state") == "ok")
 
     def flush(self) -> None:
         for port in self.ports:
-            with redis.Redis(port=port) as client:
+            with node_client(port) as client:
                 client.flushall()
 
     def master_of(self, key: str) -> int:
         """The port of the master that serves ``key``'s slot now."""
         slot = key_slot(key.encode())
-        with redis.Redis(port=self.ports[0]) as client:
+        with node_client(self.ports[0]) as client:
             for first, last, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
                 if first <= slot <= last:
                     return int(master[1])
@@ -194,23 +202,23 @@ class SentinelGroup:
         return self
 
     def current_master(self) -> int:
-        with redis.Redis(port=self.sentinel_port) as sentinel:
+        with node_client(self.sentinel_port) as sentinel:
             _, port = sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
         return int(port)
 
     def _replica_synced(self) -> bool:
-        with redis.Redis(port=self.replica_port) as replica:
+        with node_client(self.replica_port) as replica:
             return bool(replica.info("replication").get("master_link_status") == "up")
 
     def _sentinel_knows_replica(self) -> bool:
-        with redis.Redis(port=self.sentinel_port) as sentinel:
+        with node_client(self.sentinel_port) as sentinel:
             return bool(sentinel.execute_command("SENTINEL", "REPLICAS", self.service))
 
     def fail_over(self) -> int:
         """Promote the replica (after it has every write) and wait until it is the master the
         sentinel names and accepts writes; returns its port."""
         old = self.current_master()
-        with redis.Redis(port=old) as master:
+        with node_client(old) as master:
             master.execute_command("WAIT", 1, 5000)
         wait_until(self._failover_started, "the sentinel to accept the failover")
         wait_until(lambda: self.current_master() != old, "the failover", timeout=30)
@@ -221,12 +229,12 @@ class SentinelGroup:
 
     @staticmethod
     def _role(port: int) -> str:
-        with redis.Redis(port=port) as server:
+        with node_client(port) as server:
             return str(server.info("replication")["role"])
 
     def _failover_started(self) -> bool:
         """SENTINEL FAILOVER refuses (NOGOODSLAVE) until the sentinel has news of the replica."""
-        with redis.Redis(port=self.sentinel_port) as sentinel:
+        with node_client(self.sentinel_port) as sentinel:
             try:
                 return bool(sentinel.execute_command("SENTINEL", "FAILOVER", self.service))
             except redis.exceptions.ResponseError:

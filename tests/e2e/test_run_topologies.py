@@ -9,12 +9,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-import redis
 from aiohttp.test_utils import TestServer
 
 from tests.e2e.conftest import Launcher, get
 from tests.e2e.test_run import policy, upstream, upstream_url
-from tests.topologies import Cluster, SentinelGroup
+from tests.topologies import Cluster, SentinelGroup, node_client
 
 pytestmark = pytest.mark.slow
 __all__ = ["policy", "upstream"]  # fixtures of test_run.py: a month quota of 10, and /v1/search
@@ -59,7 +58,7 @@ async def test_two_replicas_behind_sentinel_admit_exactly_the_quota(
     tmp_path: Path,
     sentinel_group: SentinelGroup,
 ) -> None:
-    with redis.Redis(port=sentinel_group.current_master()) as master:
+    with node_client(sentinel_group.current_master()) as master:
         master.flushall()
     await two_replicas_share_the_quota(
         launch, policy, upstream, session, tmp_path, "--redis", sentinel_group.url

@@ -7,7 +7,6 @@ import asyncio
 from collections import Counter
 
 import pytest
-import redis
 from redis.crc import key_slot
 
 from sidecar.store.base import LimitCharge, MeterRequest, Outcome, UsageCharge
@@ -35,7 +34,7 @@ from tests.store.test_check_and_meter import (
     test_weighted_cost_is_all_or_nothing,
 )
 from tests.store.test_prepaid_credit import test_concurrent_reservations_never_overdraw
-from tests.topologies import Cluster
+from tests.topologies import Cluster, node_client
 
 # Run here against the cluster, through the redis_url fixture below (imported names are collected).
 __all__ = [
@@ -92,7 +91,7 @@ async def test_customers_on_every_master_each_get_exactly_their_quota_under_conc
     admitted = Counter(customer for customer, outcome in outcomes if outcome is Outcome.ADMITTED)
     assert admitted == dict.fromkeys(customers, 25)
     for port, ids in spread.items():  # each customer's counter is on the master of its slot
-        with redis.Redis(port=port) as node:
+        with node_client(port) as node:
             for customer in ids:
                 assert int(node.get(_quota_key(customer, month_charge(25, now=now))) or 0) == 25
 
@@ -129,7 +128,7 @@ async def test_calls_follow_a_slot_that_moves_to_another_master_exactly(
     target = next(port for port in cluster.ports if port != source)
     slot = key_slot(key.encode())
     ids = {port: _node_id(port) for port in cluster.ports}
-    with redis.Redis(port=source) as origin, redis.Redis(port=target) as destination:
+    with node_client(source) as origin, node_client(target) as destination:
         destination.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
         origin.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
         for moving in origin.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
@@ -137,7 +136,7 @@ async def test_calls_follow_a_slot_that_moves_to_another_master_exactly(
         asked = await asyncio.gather(*(store.check_and_meter(_request(customer, charge)) for _ in range(10)))
         assert {admission.outcome for admission in asked} == {Outcome.ADMITTED}
         for port in cluster.ports:
-            with redis.Redis(port=port) as node:
+            with node_client(port) as node:
                 node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
         moved = await asyncio.gather(*(store.check_and_meter(_request(customer, charge)) for _ in range(10)))
         assert {admission.outcome for admission in moved} == {Outcome.ADMITTED}
@@ -146,15 +145,15 @@ async def test_calls_follow_a_slot_that_moves_to_another_master_exactly(
     try:
         assert store.batcher.locator.endpoint(slot).port == target  # type: ignore[union-attr]
     finally:
-        with redis.Redis(port=target) as destination:  # give the slot back, as the cluster was created
+        with node_client(target) as destination:  # give the slot back, as the cluster was created
             destination.delete(*destination.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000))
         for port in cluster.ports:
-            with redis.Redis(port=port) as node:
+            with node_client(port) as node:
                 node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[source])
 
 
 def _node_id(port: int) -> str:
-    with redis.Redis(port=port) as node:
+    with node_client(port) as node:
         return str(node.execute_command("CLUSTER", "MYID").decode())
 
 

@@ -7,7 +7,6 @@ import asyncio
 import time
 
 import pytest
-import redis
 
 from sidecar.errors import StoreUnavailable
 from sidecar.store.base import Outcome
@@ -19,7 +18,7 @@ from tests.store.test_check_and_meter import (
     request_for,
     test_concurrent_calls_admit_exactly_the_quota,
 )
-from tests.topologies import SentinelGroup, wait_until
+from tests.topologies import SentinelGroup, node_client, wait_until
 
 # Run here against the Sentinel-named master, through the redis_url fixture below.
 __all__ = [
@@ -32,7 +31,7 @@ FAILOVER_SERVICE_TIMEOUT = 30.0  # seconds a loaded CI machine may take to serve
 
 @pytest.fixture
 def redis_url(sentinel_group: SentinelGroup) -> str:
-    with redis.Redis(port=sentinel_group.current_master()) as master:
+    with node_client(sentinel_group.current_master()) as master:
         master.flushall()
     return sentinel_group.url
 
@@ -64,13 +63,13 @@ async def test_after_a_failover_calls_reach_the_new_master_and_stay_exact(
     assert after.count(Outcome.ADMITTED) == 19  # 10 + 1 + 19 = the quota of 30, not one more
     assert after.count(Outcome.REFUSED) == 21
     assert store.batcher.locator.endpoint(0).port == new  # type: ignore[union-attr]
-    with redis.Redis(port=new) as master:
+    with node_client(new) as master:
         counters = [int(master.get(key) or 0) for key in master.keys("*:q:*")]
     assert counters == [30]
 
 
 def batch_connections(port: int) -> list[dict[str, str]]:
-    with redis.Redis(port=port) as server:
+    with node_client(port) as server:
         return [client for client in server.client_list() if client["name"] == CLIENT_NAME]
 
 
