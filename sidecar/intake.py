@@ -78,9 +78,15 @@ async def screen_requests(request: web.Request, handler: Handler) -> web.StreamR
     refusal = guard.screen(head, key_headers, settings.max_header_size, settings.max_body_size)
     if refusal is None:
         return await handler(request)
-    components.metrics.refused_input.labels(refusal.fault.value).inc()
-    log.debug("refused a request from %s: %s", request.remote, refusal.detail)
+    _count(components.metrics, refusal, request.remote)
     return problems.refused_input(refusal)
+
+
+def _count(metrics: Metrics, refusal: Refusal, peer: object) -> None:
+    """Every refused input is counted by its fault and logged at DEBUG only: it is the client's
+    mistake, and a louder line would let any client fill the operator's log."""
+    metrics.refused_input.labels(refusal.fault.value).inc()
+    log.debug("refused a request from %s: %s", peer, refusal.detail)
 
 
 class HeadWatch:
@@ -181,8 +187,7 @@ class GuardedConnection(web.RequestHandler):
             return super().handle_error(request, status, exc, message)
         settings = self._settings
         refusal = guard.parser_refusal(exc, settings.max_header_size, settings.max_headers)
-        self._metrics.refused_input.labels(refusal.fault.value).inc()
-        log.debug("refused a request from %s: %s", request.remote, refusal.detail)
+        _count(self._metrics, refusal, request.remote)
         return problems.refused_input(refusal)
 
     def _awaiting_request(self) -> bool:
@@ -213,9 +218,8 @@ class GuardedConnection(web.RequestHandler):
     def _refuse(self, refusal: Refusal) -> None:
         """Answer on the wire and close: no request is in progress while a head is being watched."""
         self._end_watch()
-        self._metrics.refused_input.labels(refusal.fault.value).inc()
         peer = self.peername[0] if isinstance(self.peername, tuple) else self.peername
-        log.debug("refused a request head from %s: %s", peer, refusal.detail)
+        _count(self._metrics, refusal, peer)
         if self.transport is not None:
             self.transport.write(problems.raw_refused_input(refusal))
         self.force_close()
