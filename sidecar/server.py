@@ -7,10 +7,11 @@ timeout), close the admin port, close the store client, stop the embedded redis-
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -138,44 +139,49 @@ async def _run_journal(stack: AsyncExitStack, components: Components, journal: J
     most FLUSH_INTERVAL). Nor do the holds of the journal's voids, set as soon as the store
     answers. On shutdown, once the three have stopped, the last entries are written, to merge
     after restart."""
-    stack.push_async_callback(_close_journal, journal)
-    await _background(stack, _keep_writing(components.metrics, journal))
-    await _background(stack, _keep_holding(components.outbox, journal))
-    await _background(stack, _keep_merging(components, journal))
+    metrics = components.metrics
 
-
-async def _keep_writing(metrics: Metrics, journal: Journal) -> None:
-    while True:
-        await asyncio.sleep(FLUSH_INTERVAL)
+    async def write() -> None:
         await journal.flush()
         metrics.journal_pending.set(journal.pending)
 
+    async def hold() -> None:
+        await _hold_voids(components.outbox, journal)
 
-async def _keep_holding(outbox: Outbox, journal: Journal) -> None:
-    while True:
-        await asyncio.sleep(HOLD_INTERVAL)
-        await _hold_voids(outbox, journal)
-
-
-async def _keep_merging(components: Components, journal: Journal) -> None:
-    metrics = components.metrics
-
-    async def merge(entry: dict[str, Any]) -> None:
-        replayed = await components.store.replay(entry)
-        if replayed is Replayed.MERGED:
-            metrics.journal_merged.inc()
-        if "call" in entry or "void" in entry:
-            metrics.lost_replies.labels(_FOUND[replayed]).inc()
-        billing = components.holder.current.billing
-        if billing is not None:
-            components.marks.note(entry["customer"], entry["at"], billing)
-
-    while True:
-        await asyncio.sleep(MERGE_INTERVAL)
-        merged = await journal.replay(merge)
+    async def merge() -> None:
+        merged = await journal.replay(functools.partial(_merge_entry, components))
         if merged:
             log.info("merged %d journal entries into the store", merged)
         metrics.journal_pending.set(journal.pending)
+
+    stack.push_async_callback(_close_journal, journal)
+    await _background(stack, _every(FLUSH_INTERVAL, write, "writing the journal"))
+    await _background(stack, _every(HOLD_INTERVAL, hold, "holding the journal's voids"))
+    await _background(stack, _every(MERGE_INTERVAL, merge, "merging the journal"))
+
+
+async def _every(seconds: float, work: Callable[[], Awaitable[None]], what: str) -> None:
+    """Run `work` every `seconds` for the life of the process: an unexpected error is logged, and
+    the next round runs (store outages are handled inside `work`; this is for bugs, which must
+    not silently stop the journal for good)."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await work()
+        except Exception:
+            log.exception("%s failed; trying again in %g s", what, seconds)
+
+
+async def _merge_entry(components: Components, entry: dict[str, Any]) -> None:
+    replayed = await components.store.replay(entry)
+    metrics = components.metrics
+    if replayed is Replayed.MERGED:
+        metrics.journal_merged.inc()
+    if "call" in entry or "void" in entry:
+        metrics.lost_replies.labels(_FOUND[replayed]).inc()
+    billing = components.holder.current.billing
+    if billing is not None:
+        components.marks.note(entry["customer"], entry["at"], billing)
 
 
 async def _close_journal(journal: Journal) -> None:

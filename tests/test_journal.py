@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sidecar import tasks
 from sidecar.errors import StoreUnavailable, UnansweredCall
-from sidecar.journal import SEGMENT_SUFFIX, Journal
+from sidecar.journal import MERGE_LANES, SEGMENT_SUFFIX, Journal
 from sidecar.policy.model import Limit, Period
 from sidecar.policy.windows import calendar_window
 from sidecar.store.base import LimitCharge, MeterRequest, Replayed, UsageCharge
+from sidecar.store.embedded import free_port
 from sidecar.store.redis import RedisStore, script_arguments
 
 
-def request_at(now: float) -> MeterRequest:
+def request_at(now: float, customer: str = "acme") -> MeterRequest:
     limit = Limit(meter="requests", limit=100, period=Period.MONTH)
     charge = LimitCharge(limit, 1, calendar_window(Period.MONTH, now), True)
-    return MeterRequest("acme", (charge,), (UsageCharge("requests", "search", 1, "+"),), 60)
+    return MeterRequest(customer, (charge,), (UsageCharge("requests", "search", 1, "+"),), 60)
 
 
 async def used(store: RedisStore, now: float) -> int:
@@ -132,3 +136,91 @@ async def test_a_void_is_voiding_its_customer_until_it_has_merged(store: RedisSt
     assert journal.voiding == {"acme"}
     assert await journal.replay(store.replay) == 1
     assert journal.voiding == set()
+
+
+async def test_each_customer_s_entries_merge_in_the_order_they_were_written(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, script_arguments)
+    for n in range(60):
+        journal.record(request_at(1_000.0, f"c{n % 3}"), 1_000.0 + n)
+    chance = random.Random(3)
+    seen: dict[str, list[float]] = {}
+
+    async def merge(entry: dict[str, Any]) -> None:
+        await asyncio.sleep(chance.random() / 1000)
+        seen.setdefault(entry["customer"], []).append(entry["at"])
+
+    assert await journal.replay(merge) == 60
+    assert seen == {f"c{c}": [1_000.0 + n for n in range(c, 60, 3)] for c in range(3)}
+
+
+async def test_customers_merge_side_by_side_up_to_the_lane_count(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, script_arguments)
+    for n in range(MERGE_LANES * 3):
+        journal.record(request_at(1_000.0, f"c{n}"), 1_000.0)
+    in_flight = most = 0
+
+    async def merge(entry: dict[str, Any]) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+
+    assert await journal.replay(merge) == MERGE_LANES * 3
+    assert most == MERGE_LANES
+
+
+async def test_a_failure_stops_every_lane_and_a_later_merge_counts_each_entry_once(
+    store: RedisStore, tmp_path: Path
+) -> None:
+    now = store.time()
+    journal = Journal(tmp_path, script_arguments)
+    for n in range(200):
+        journal.record(request_at(now, f"c{n % 40}"), now)
+    calls = 0
+
+    async def fails_on_the_50th(entry: dict[str, Any]) -> Replayed:
+        nonlocal calls
+        calls += 1
+        if calls == 50:
+            raise StoreUnavailable("down")
+        return await store.replay(entry)
+
+    first = await journal.replay(fails_on_the_50th)
+    assert 49 <= first < 50 + MERGE_LANES  # lanes already waiting on the store finish their entry
+    assert await journal.replay(store.replay) == 200  # the segment again, whole: its markers skip `first`
+    for customer in (f"c{c}" for c in range(40)):
+        assert (await store.read_limits(request_at(now, customer))).limits[0].used == 5
+
+
+async def test_no_entry_merges_after_a_merge_was_cancelled(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, script_arguments)
+    for n in range(MERGE_LANES * 4):
+        journal.record(request_at(1_000.0, f"c{n}"), 1_000.0)
+    started = 0
+
+    async def merge(entry: dict[str, Any]) -> None:
+        nonlocal started
+        started += 1
+        await asyncio.sleep(0.01)
+
+    merging = asyncio.create_task(journal.replay(merge))
+    await asyncio.sleep(0.015)
+    await tasks.stop(merging)
+    begun = started
+    await asyncio.sleep(0.05)
+    assert started == begun < MERGE_LANES * 4
+    assert len(list(tmp_path.glob(f"*{SEGMENT_SUFFIX}"))) == 1  # kept, to merge again
+
+
+async def test_merges_failing_together_leave_the_circuit_breaker_closed(tmp_path: Path) -> None:
+    """They fail on their own; opening the breaker would refuse every request, on every master."""
+    nobody = RedisStore.open(f"redis://127.0.0.1:{free_port()}/0", 0.2)
+    journal = Journal(tmp_path, script_arguments)
+    for n in range(MERGE_LANES):
+        journal.record(request_at(1_000.0, f"c{n}"), 1_000.0)
+    try:
+        assert await journal.replay(nobody.replay) == 0
+        assert not nobody.circuit_open
+    finally:
+        await nobody.close()

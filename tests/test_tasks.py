@@ -62,7 +62,7 @@ async def test_a_loop_calling_redis_is_stopped_whenever_its_cancellation_lands(r
 
     try:
         chance = random.Random(7)
-        for _ in range(100):
+        for _ in range(40):
             task = asyncio.create_task(polls())
             await asyncio.sleep(chance.random() * 0.002)
             async with asyncio.timeout(STOP_BOUND_SECONDS):
@@ -70,3 +70,31 @@ async def test_a_loop_calling_redis_is_stopped_whenever_its_cancellation_lands(r
             assert task.cancelled()
     finally:
         await client.aclose()
+
+
+async def test_stop_all_lets_no_task_run_on_when_the_caller_is_cancelled_meanwhile() -> None:
+    ticks: list[int] = []
+    group = [asyncio.create_task(_swallows_one_cancellation(ticks)) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    stopping = asyncio.create_task(tasks.stop_all(group))
+    await asyncio.sleep(0)
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert all(task.done() for task in group)
+
+
+async def test_finish_waits_for_the_work_to_end_when_the_caller_is_cancelled_meanwhile() -> None:
+    ended = asyncio.Event()
+
+    async def write() -> str:
+        await asyncio.sleep(0.05)
+        ended.set()
+        return "written"
+
+    waiting = asyncio.create_task(tasks.finish(asyncio.ensure_future(write())))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert ended.is_set()

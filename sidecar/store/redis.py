@@ -150,12 +150,14 @@ class RedisStore:
             void = UnansweredCall.from_fields(entry["void"])
             key_list = [keys.call_records(customer, void.token), keys.void_hold(customer)]
             args: list[Any] = [void.seq, void.deadline_us, hold_member(void)]
-            return _VOIDED.get(int(await self._call(lambda: self._void(keys=key_list, args=args))))
+            voided = await self._call(lambda: self._void(keys=key_list, args=args), counted=False)
+            return _VOIDED.get(int(voided))
         call = UnansweredCall.from_fields(entry["call"]) if "call" in entry else UnansweredCall("", 0)
         records = [keys.call_records(customer, call.token)] if call.token else []
         key_list = [keys.journal_marker(customer, str(entry["id"])), *records, *entry["keys"]]
         args = [int(entry["at"]), JOURNAL_MARKER_TTL, *call.fields(), *entry["args"]]
-        return _REPLAYED.get(int(await self._call(lambda: self._replay(keys=key_list, args=args))))
+        replayed = await self._call(lambda: self._replay(keys=key_list, args=args), counted=False)
+        return _REPLAYED.get(int(replayed))
 
     async def ping(self) -> None:
         await self._call(lambda: self.client.ping())
@@ -180,9 +182,12 @@ class RedisStore:
     def circuit_open(self) -> bool:
         return self.breaker.is_open
 
-    async def _call(self, start: Callable[[], Awaitable[T]]) -> T:
-        """Run one store operation, unless the circuit breaker says the store is down."""
-        if not self.breaker.allow():
+    async def _call(self, start: Callable[[], Awaitable[T]], *, counted: bool = True) -> T:
+        """Run one store operation, unless the circuit breaker says the store is down. A call not
+        ``counted`` (a journal merge, up to journal.MERGE_LANES at once) neither probes nor moves
+        the breaker: merges failing together, for one cluster master that is down, would open it
+        for the requests of every master."""
+        if not (self.breaker.allow() if counted else not self.breaker.is_open):
             raise StoreUnavailable("the store failed repeatedly; the circuit breaker is open")
         operation = start()
         try:
@@ -191,9 +196,11 @@ class RedisStore:
             else:
                 reply = await bounded(operation, self._timeout)
         except StoreUnavailable:
-            self.breaker.failed()
+            if counted:
+                self.breaker.failed()
             raise
-        self.breaker.succeeded()
+        if counted:
+            self.breaker.succeeded()
         return reply
 
     def _admission(
