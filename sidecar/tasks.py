@@ -35,30 +35,32 @@ async def stop(task: asyncio.Task[Any]) -> None:
 async def stop_all(group: Collection[asyncio.Task[Any]]) -> None:
     """Cancel every task of ``group`` and wait until all have ended. What they ended with is not
     raised (the caller has its own exception, or had them gathered)."""
-    interrupted = False
-    while not all(task.done() for task in group):
+    try:
+        await _wait_out(group, cancel=True)
+    finally:
         for task in group:
-            task.cancel()
-        try:
-            await asyncio.wait(group, timeout=RECANCEL_SECONDS)
-        except asyncio.CancelledError:
-            interrupted = True
-    for task in group:
-        if not task.cancelled():
-            task.exception()  # retrieved: asyncio would log one nobody looked at
-    if interrupted:
-        raise asyncio.CancelledError
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: asyncio would log one nobody looked at
 
 
 async def finish(work: asyncio.Future[T]) -> T:
     """The result of ``work``, waited for to the end even if the caller is cancelled meanwhile
     (a thread's write cannot be stopped half-way); the cancellation is raised once it has ended."""
+    await _wait_out((work,), cancel=False)
+    return work.result()
+
+
+async def _wait_out(group: Collection[asyncio.Future[Any]], *, cancel: bool) -> None:
+    """Wait until every future of ``group`` is done (cancelling each again every RECANCEL_SECONDS
+    when ``cancel``); a cancellation of the caller meanwhile is raised only then."""
     interrupted = False
-    while not work.done():
+    while not all(future.done() for future in group):
+        if cancel:
+            for future in group:
+                future.cancel()
         try:
-            await asyncio.wait((work,))
+            await asyncio.wait(group, timeout=RECANCEL_SECONDS)
         except asyncio.CancelledError:
             interrupted = True
     if interrupted:
         raise asyncio.CancelledError
-    return work.result()

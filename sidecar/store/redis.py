@@ -187,7 +187,8 @@ class RedisStore:
         ``counted`` (a journal merge, up to journal.MERGE_LANES at once) neither probes nor moves
         the breaker: merges failing together, for one cluster master that is down, would open it
         for the requests of every master."""
-        if not (self.breaker.allow() if counted else not self.breaker.is_open):
+        allowed = self.breaker.allow() if counted else not self.breaker.is_open
+        if not allowed:
             raise StoreUnavailable("the store failed repeatedly; the circuit breaker is open")
         operation = start()
         try:
