@@ -3,7 +3,7 @@
 It does what any correct reverse proxy does and nothing more: forward method, path, query and
 headers (hop-by-hop headers dropped, X-Forwarded-For/-Proto appended), stream both bodies in
 64 KiB chunks. Its server and its upstream ClientSession are configured exactly as the sidecar's
-(sidecar/app.py and sidecar/server.py): the same connector limit, timeouts, no cookie jar, no
+(sidecar/http/app.py and sidecar/runtime/server.py): the same connector limit, timeouts, no cookie jar, no
 decompression, no environment proxies, the same max_field_size, no access log. So the gap between
 the two is what metering costs: routing, identity, the Redis round trip, metrics and the
 RateLimit headers.
@@ -23,8 +23,8 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from sidecar.app import upstream_client
-from sidecar.proxy import CHUNK_SIZE, HOP_BY_HOP, SKIP_AUTO_HEADERS, connection_listed
+from sidecar.http.app import upstream_client
+from sidecar.http.proxy import CHUNK_SIZE, HOP_BY_HOP, SKIP_AUTO_HEADERS, connection_listed
 
 UPSTREAM_TIMEOUT = 30.0  # the sidecar's --upstream-timeout default
 FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto"})
@@ -91,7 +91,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_app(upstream: str) -> web.Application:
-    app = web.Application(handler_args={"max_field_size": 16384})  # as sidecar/app.py
+    app = web.Application(handler_args={"max_field_size": 16384})  # as sidecar/http/app.py
     app[UPSTREAM] = upstream.rstrip("/")
     app.cleanup_ctx.append(_upstream_session)
     app.router.add_route("*", "/{tail:.*}", handle)

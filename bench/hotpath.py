@@ -24,17 +24,18 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from bench.policy import api_key, write_policy
-from sidecar import problems, proxy
-from sidecar.charges import meter_request
-from sidecar.gate import Decision, Verdict, admit
-from sidecar.identity import identify
+from sidecar.admission.gate import admit
+from sidecar.admission.identity import identify
+from sidecar.admission.plan import meter_request
+from sidecar.admission.verdict import Decision, Verdict
+from sidecar.config.policy.loader import load_policy
+from sidecar.config.policy.model import Customer, Policy
+from sidecar.config.policy.routes import has_dot_segments
+from sidecar.http import problems, proxy
 from sidecar.metrics import Metrics
-from sidecar.policy.loader import load_policy
-from sidecar.policy.model import Customer, Policy
-from sidecar.policy.routes import has_dot_segments
-from sidecar.store import replies
-from sidecar.store.base import Admission, MeterRequest, Store
-from sidecar.store.redis import script_arguments
+from sidecar.store.port import Admission, MeterRequest, Store
+from sidecar.store.redis import codec as replies
+from sidecar.store.redis.store import script_arguments
 
 CALLS, REPEATS = 5_000, 9
 NOW = 1_795_000_000.0  # a fixed store time: the calendar windows are those of one month
@@ -128,7 +129,7 @@ def pieces(policy: Policy) -> dict[str, Callable[[], object]]:
         "admit, no I/O (all of the above, the Verdict)": lambda: run_once(
             admit(policy, directory, store, "GET", "/hello", headers)
         ),
-        "Metrics.record_verdict": lambda: metrics.record_verdict(verdict),
+        "record_verdict": lambda: proxy.record_verdict(metrics, verdict),
         "overhead histogram observe": lambda: metrics.overhead.observe(0.001),
         "upstream_request_headers, wrk's 2 headers": lambda: proxy.upstream_request_headers(
             from_wrk, verdict

@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 from unittest import mock
 
-from sidecar import journal
-from sidecar.journal import Journal
-from sidecar.policy.model import Limit, Period
-from sidecar.policy.windows import calendar_window
-from sidecar.store.base import LimitCharge, MeterRequest, UsageCharge
-from sidecar.store.embedded import EmbeddedRedis, free_port
-from sidecar.store.redis import RedisStore, script_arguments
+from sidecar.config.policy.model import Limit
+from sidecar.config.policy.windows import Period, calendar_window
+from sidecar.ledger import journal
+from sidecar.ledger.journal import Journal
+from sidecar.store.port import LimitCharge, MeterRequest, UsageCharge
+from sidecar.store.redis.embedded import EmbeddedRedis, free_port
+from sidecar.store.redis.store import RedisStore, script_arguments
 
 STORE_TIMEOUT = 2.0  # generous: the bench measures the merge, not the timeout
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sidecar.identity import hash_key
+from sidecar.admission.identity import hash_key
 
 MONTH_LIMIT = 10**12
 SECOND_LIMIT = 10**9

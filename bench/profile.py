@@ -166,32 +166,32 @@ def summarise(raw: str) -> Summary:
 # The hot path's frames, for the inclusive table (those absent from a profile are left out).
 HOT_PATH = (
     "Application._handle (aiohttp/web_app.py)",
-    "handle (sidecar/proxy.py)",
-    "admit (sidecar/gate.py)",
-    "identify (sidecar/identity.py)",
-    "meter_request (sidecar/charges.py)",
-    "RedisStore.check_and_meter (sidecar/store/redis.py)",
-    "script_arguments (sidecar/store/redis.py)",
-    "ScriptBatcher.call (sidecar/store/batching.py)",
-    "_evalsha (sidecar/store/batching.py)",
-    "RedisStore._admission (sidecar/store/redis.py)",
-    "ScriptBatcher._flush (sidecar/store/batching.py)",
-    "_Link.data_received (sidecar/store/batching.py)",
-    "Metrics.record_verdict (sidecar/metrics.py)",
-    "forward (sidecar/proxy.py)",
-    "upstream_request_headers (sidecar/proxy.py)",
+    "handle (sidecar/http/proxy.py)",
+    "admit (sidecar/admission/gate.py)",
+    "identify (sidecar/admission/identity.py)",
+    "meter_request (sidecar/admission/plan.py)",
+    "RedisStore.check_and_meter (sidecar/store/redis/store.py)",
+    "script_arguments (sidecar/store/redis/store.py)",
+    "ScriptBatcher.call (sidecar/store/redis/pipeline.py)",
+    "_evalsha (sidecar/store/redis/pipeline.py)",
+    "RedisStore._admission (sidecar/store/redis/store.py)",
+    "ScriptBatcher._flush (sidecar/store/redis/pipeline.py)",
+    "_Link.data_received (sidecar/store/redis/pipeline.py)",
+    "record_verdict (sidecar/http/proxy.py)",
+    "forward (sidecar/http/proxy.py)",
+    "upstream_request_headers (sidecar/http/proxy.py)",
     "ClientSession._request (aiohttp/client.py)",
-    "_stream_back (sidecar/proxy.py)",
-    "ratelimit_headers (sidecar/problems.py)",
+    "_stream_back (sidecar/http/proxy.py)",
+    "ratelimit_headers (sidecar/http/problems.py)",
     "StreamResponse.prepare (aiohttp/web_response.py)",
-    "_relay_body (sidecar/proxy.py)",
+    "_relay_body (sidecar/http/proxy.py)",
 )
 
 
 # The store batcher's work runs in loop callbacks, outside any request handler's stack.
 BATCHER_FRAMES = (
-    "ScriptBatcher._flush (sidecar/store/batching.py)",
-    "_Link.data_received (sidecar/store/batching.py)",
+    "ScriptBatcher._flush (sidecar/store/redis/pipeline.py)",
+    "_Link.data_received (sidecar/store/redis/pipeline.py)",
 )
 
 
@@ -215,22 +215,26 @@ PARTS = (
         BATCHER_FRAMES,
         (),
     ),
-    Part("the request handler, in all", ("handle (sidecar/proxy.py)",), ("handle (bench/bare_proxy.py)",)),
     Part(
-        "· admission: route, identity, calendar windows, the EVALSHA call", ("admit (sidecar/gate.py)",), ()
+        "the request handler, in all", ("handle (sidecar/http/proxy.py)",), ("handle (bench/bare_proxy.py)",)
+    ),
+    Part(
+        "· admission: route, identity, calendar windows, the EVALSHA call",
+        ("admit (sidecar/admission/gate.py)",),
+        (),
     ),
     Part(
         "  · of which the store call in the handler (arguments, RESP, queueing, the reply parsed)",
-        ("RedisStore.check_and_meter (sidecar/store/redis.py)",),
+        ("RedisStore.check_and_meter (sidecar/store/redis/store.py)",),
         (),
     ),
     Part(
         "· metrics, RateLimit headers, identity headers",
         (
-            "Metrics.record_verdict (sidecar/metrics.py)",
+            "record_verdict (sidecar/http/proxy.py)",
             "Histogram.observe (prometheus_client/metrics.py)",
-            "ratelimit_headers (sidecar/problems.py)",
-            "upstream_request_headers (sidecar/proxy.py)",
+            "ratelimit_headers (sidecar/http/problems.py)",
+            "upstream_request_headers (sidecar/http/proxy.py)",
         ),
         (),
     ),
@@ -247,7 +251,7 @@ PARTS = (
     ),
     Part(
         "· the response to the client (prepare, body, eof)",
-        ("StreamResponse.prepare (aiohttp/web_response.py)", "_relay_body (sidecar/proxy.py)"),
+        ("StreamResponse.prepare (aiohttp/web_response.py)", "_relay_body (sidecar/http/proxy.py)"),
         (
             "StreamResponse.prepare (aiohttp/web_response.py)",
             "StreamResponse.write (aiohttp/web_response.py)",
@@ -262,7 +266,7 @@ def part_samples(summary: Summary, part: Part, kind: str) -> int | None:
     if not names:
         return None
     if names == ("",):  # everything outside the handler (and outside the batcher's callbacks)
-        handler = "handle (sidecar/proxy.py)" if kind == "sidecar" else "handle (bench/bare_proxy.py)"
+        handler = "handle (sidecar/http/proxy.py)" if kind == "sidecar" else "handle (bench/bare_proxy.py)"
         return summary.busy - summary.within_any([handler, *BATCHER_FRAMES])
     if part.leaf is not None:
         return sum(summary.within(name, leaf=part.leaf) for name in names)

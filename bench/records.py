@@ -29,12 +29,12 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from sidecar.policy.model import Limit, Period
-from sidecar.policy.windows import calendar_window
-from sidecar.store import keys
-from sidecar.store.base import LimitCharge, MeterRequest, UsageCharge
-from sidecar.store.embedded import EmbeddedRedis
-from sidecar.store.redis import load_script, script_arguments
+from sidecar.config.policy.model import Limit
+from sidecar.config.policy.windows import Period, calendar_window
+from sidecar.store.port import LimitCharge, MeterRequest, UsageCharge
+from sidecar.store.redis import keys
+from sidecar.store.redis.embedded import EmbeddedRedis
+from sidecar.store.redis.store import load_script, script_arguments
 
 PIPELINE = 50  # calls per round trip, as 50 requests in flight make
 TOKEN = "c0ffee0123456789"

@@ -59,7 +59,7 @@ from bench.procs import (
     run_bounded,
     stop_all,
 )
-from sidecar.store.embedded import EmbeddedRedis, redis_server_binary
+from sidecar.store.redis.embedded import EmbeddedRedis, redis_server_binary
 
 # The first two CPUs this process may use: the load generator's and the servers'.
 LOAD_CORE, SERVER_CORE = allowed_cores()[:2] if pinning_available() else (None, None)
@@ -1011,7 +1011,7 @@ def core_layout() -> str:
     return (
         f"pinned with {how}. Core {LOAD_CORE}: the load generator (one thread), redis-server, py-spy "
         f"and the bench script. Core {SERVER_CORE}: the proxy under test and the upstream "
-        "(sidecar.demo's aiohttp app, `GET /hello` answers a small JSON body), so the proxy and the "
+        "(sidecar.runtime.demo's aiohttp app, `GET /hello` answers a small JSON body), so the proxy and the "
         "upstream share one core and their CPU per request adds up"
     )
 

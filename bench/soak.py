@@ -49,8 +49,8 @@ from aiohttp import web
 
 from bench.procs import Proc, free_port, stop_all
 from bench.soakreport import Outcomes, Report, problems, render
-from sidecar.identity import hash_key
-from sidecar.store.embedded import EmbeddedRedis
+from sidecar.admission.identity import hash_key
+from sidecar.store.redis.embedded import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 20.0

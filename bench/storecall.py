@@ -24,12 +24,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from sidecar import gate
-from sidecar.charges import meter_request
+from sidecar.admission import gate
+from sidecar.admission.plan import meter_request
+from sidecar.config.policy.loader import load_policy
 from sidecar.errors import StoreUnavailable
-from sidecar.policy.loader import load_policy
-from sidecar.store.base import Admission, MeterRequest
-from sidecar.store.redis import RedisStore, bounded, script_arguments
+from sidecar.store.port import Admission, MeterRequest
+from sidecar.store.redis.store import RedisStore, bounded, script_arguments
 
 CALLERS = 50
 NAME_TOKEN = "bench-storecall"  # the token of the calls made here without the batcher

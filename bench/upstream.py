@@ -1,4 +1,4 @@
-"""The benchmark's upstream: sidecar.demo's app (GET /hello answers a small JSON body), served in
+"""The benchmark's upstream: sidecar.runtime.demo's app (GET /hello answers a small JSON body), served in
 its own process until SIGTERM or SIGINT.
 
     python -m bench.upstream --listen 127.0.0.1:PORT
@@ -12,7 +12,7 @@ import signal
 
 from aiohttp import web
 
-from sidecar.demo import demo_upstream_app
+from sidecar.runtime.demo import demo_upstream_app
 
 
 async def serve(host: str, port: int) -> None:

@@ -12,10 +12,11 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from sidecar import __version__, loops
+from sidecar import __version__
+from sidecar.admission.identity import hash_key
+from sidecar.config.policy.loader import load_policy
 from sidecar.errors import EmbeddedStoreFailed, PolicyInvalid, SettingsInvalid
-from sidecar.identity import hash_key
-from sidecar.policy.loader import load_policy
+from sidecar.runtime import loops
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -85,12 +86,12 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from sidecar.demo import serve_demo
-    from sidecar.intake import require_c_parser
-    from sidecar.policy.holder import PolicyHolder
-    from sidecar.server import serve
-    from sidecar.settings import build_settings
-    from sidecar.workers import run_workers
+    from sidecar.config.policy.holder import PolicyHolder
+    from sidecar.config.settings import build_settings
+    from sidecar.http.intake import require_c_parser
+    from sidecar.runtime.demo import serve_demo
+    from sidecar.runtime.server import serve
+    from sidecar.runtime.workers import run_workers
 
     try:
         settings = build_settings(vars(args), os.environ)

@@ -11,8 +11,6 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from sidecar.gate import Decision, Verdict
-
 # Sidecar overhead: from the request's arrival to the moment it is handed to the upstream.
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -150,15 +148,6 @@ class Metrics:
             "Summaries billing refused for good (4xx), kept as dead letters for re-driving.",
             registry=self.registry,
         )
-
-    def record_verdict(self, verdict: Verdict) -> None:
-        feature = verdict.feature.name if verdict.feature else ""
-        plan = verdict.plan.name if verdict.plan else ""
-        self.requests.labels(verdict.decision.value, feature, plan).inc()
-        for state in verdict.shadow_refusals:
-            self.shadow_refusals.labels(plan, state.charge.limit.name).inc()
-        if verdict.decision in (Decision.UNAVAILABLE, Decision.ADMITTED_UNMETERED):
-            self.store_errors.labels("check_and_meter").inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,16 +17,16 @@ import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.app import build_admin_app, build_proxy_app
-from sidecar.billing.outbox import Outbox
-from sidecar.components import Components
-from sidecar.customers import CustomerDirectory
-from sidecar.identity import hash_key
+from sidecar.admission.customers import CustomerDirectory
+from sidecar.admission.identity import hash_key
+from sidecar.config.policy.holder import PolicyHolder
+from sidecar.config.settings import Settings
+from sidecar.http.app import build_admin_app, build_proxy_app
+from sidecar.http.components import Components
 from sidecar.metrics import Metrics
-from sidecar.policy.holder import PolicyHolder
-from sidecar.settings import Settings
-from sidecar.store.embedded import EmbeddedRedis
-from sidecar.store.redis import RedisStore
+from sidecar.store.redis.embedded import EmbeddedRedis
+from sidecar.store.redis.outbox import Outbox
+from sidecar.store.redis.store import RedisStore
 from tests.topologies import Cluster, SentinelGroup
 from tests.watchdog import pytest_runtest_call, pytest_runtest_setup, pytest_runtest_teardown
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.charges import meter_request
-from sidecar.policy.loader import load_policy
-from sidecar.policy.model import Customer, Policy
-from sidecar.store.base import LimitCharge
+from sidecar.admission.plan import meter_request
+from sidecar.config.policy.loader import load_policy
+from sidecar.config.policy.model import Customer, Policy
+from sidecar.store.port import LimitCharge
 from tests.conftest import write_policy
 
 JAN_10 = datetime(2026, 1, 10, tzinfo=UTC).timestamp()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from sidecar.cli import main, usage_table
-from sidecar.policy.loader import load_policy
-from sidecar.store.embedded import free_port
+from sidecar.config.policy.loader import load_policy
+from sidecar.store.redis.embedded import free_port
 from tests.conftest import write_policy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,13 +13,14 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from sidecar.app import build_admin_app, build_proxy_app
-from sidecar.components import Components
-from sidecar.denials import VOLATILE_SECONDS, DenyCache, hold_seconds
-from sidecar.gate import Decision, Verdict
-from sidecar.policy.loader import load_policy
-from sidecar.policy.model import Customer, Feature, Limit, Period, Policy
-from sidecar.store.base import CreditCharge, CreditState, LimitCharge, LimitState
+from sidecar.admission.deny_cache import VOLATILE_SECONDS, DenyCache, hold_seconds
+from sidecar.admission.verdict import Decision, Verdict
+from sidecar.config.policy.loader import load_policy
+from sidecar.config.policy.model import Customer, Feature, Limit, Policy
+from sidecar.config.policy.windows import Period
+from sidecar.http.app import build_admin_app, build_proxy_app
+from sidecar.http.components import Components
+from sidecar.store.port import CreditCharge, CreditState, LimitCharge, LimitState
 from tests.conftest import Upstream, key_hash, make_components, write_policy
 
 Client = TestClient[web.Request, web.Application]

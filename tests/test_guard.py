@@ -9,8 +9,8 @@ from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, InvalidHeader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.errors import BodyTooLarge
-from sidecar.guard import Fault, Head, body_refusal, capped, parser_refusal, screen, spoofable
-from sidecar.intake import HeadWatch
+from sidecar.http.guard import Fault, Head, body_refusal, capped, parser_refusal, screen, spoofable
+from sidecar.http.intake import HeadWatch
 
 KEY_HEADERS = ("X-API-Key", "Authorization")
 

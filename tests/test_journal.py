@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 
 from sidecar import tasks
+from sidecar.config.policy.model import Limit
+from sidecar.config.policy.windows import Period, calendar_window
 from sidecar.errors import StoreUnavailable, UnansweredCall
-from sidecar.journal import MERGE_LANES, SEGMENT_SUFFIX, Journal
-from sidecar.policy.model import Limit, Period
-from sidecar.policy.windows import calendar_window
-from sidecar.store.base import LimitCharge, MeterRequest, Replayed, UsageCharge
-from sidecar.store.embedded import free_port
-from sidecar.store.redis import RedisStore, script_arguments
+from sidecar.ledger.journal import MERGE_LANES, SEGMENT_SUFFIX, Journal
+from sidecar.store.port import LimitCharge, MeterRequest, Replayed, UsageCharge
+from sidecar.store.redis.embedded import free_port
+from sidecar.store.redis.store import RedisStore, script_arguments
 
 
 def request_at(now: float, customer: str = "acme") -> MeterRequest:

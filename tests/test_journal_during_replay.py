@@ -18,12 +18,12 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from sidecar.journal import FLUSH_INTERVAL, SEGMENT_SUFFIX, Journal
-from sidecar.policy.model import Limit, Period
-from sidecar.policy.windows import calendar_window
-from sidecar.server import MERGE_INTERVAL, _run_journal
-from sidecar.store.base import LimitCharge, MeterRequest, Replayed, UsageCharge
-from sidecar.store.redis import script_arguments
+from sidecar.config.policy.model import Limit
+from sidecar.config.policy.windows import Period, calendar_window
+from sidecar.ledger.journal import FLUSH_INTERVAL, SEGMENT_SUFFIX, Journal
+from sidecar.runtime.server import MERGE_INTERVAL, _run_journal
+from sidecar.store.port import LimitCharge, MeterRequest, Replayed, UsageCharge
+from sidecar.store.redis.store import script_arguments
 from tests.conftest import make_components, write_policy
 
 SLOW_MERGE_SECONDS = 2.0

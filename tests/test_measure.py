@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.measure import Exchange, measure, measure_text
-from sidecar.policy.model import Source, SourceKind
+from sidecar.admission.sources import Exchange, measure, measure_text
+from sidecar.config.policy.model import Source, SourceKind
 
 
 def exchange(**overrides: object) -> Exchange:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.config.policy.loader import load_policy
 from sidecar.errors import PolicyInvalid
-from sidecar.policy.loader import load_policy
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

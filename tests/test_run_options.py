@@ -6,9 +6,9 @@ import importlib.util
 
 import pytest
 
-from sidecar import loops
+from sidecar.config.settings import build_settings
 from sidecar.errors import SettingsInvalid
-from sidecar.settings import build_settings
+from sidecar.runtime import loops
 
 HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
 

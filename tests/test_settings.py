@@ -8,8 +8,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from sidecar.config.settings import Address, Settings, build_settings
 from sidecar.errors import SettingsInvalid
-from sidecar.settings import Address, Settings, build_settings
 
 
 class Source(NamedTuple):

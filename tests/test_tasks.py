@@ -10,8 +10,8 @@ import pytest
 
 from sidecar import tasks
 from sidecar.errors import StoreUnavailable
-from sidecar.store.redis import bounded
-from sidecar.store.topology import Topology
+from sidecar.store.redis.store import bounded
+from sidecar.store.redis.topology import Topology
 
 STOP_BOUND_SECONDS = 5.0
 

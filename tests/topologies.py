@@ -18,7 +18,7 @@ from pathlib import Path
 import redis
 from redis.crc import key_slot
 
-from sidecar.store.embedded import redis_server_binary
+from sidecar.store.redis.embedded import redis_server_binary
 
 READY_TIMEOUT = 20.0
 NODE_TIMEOUT = 10.0  # a test's own command to a node: a node that stops answering fails the test

@@ -29,9 +29,9 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlencode
 
-from sidecar.billing.summaries import Summary
-from sidecar.policy.model import Billing, BillingFormat, Customer
-from sidecar.policy.windows import rfc3339
+from sidecar.config.policy.model import Billing, BillingFormat, Customer
+from sidecar.config.policy.windows import rfc3339
+from sidecar.store.summaries import Summary
 
 SOURCE = "quota-sidecar"  # the CloudEvents `source`; OpenMeter dedupes on (id, source)
 JSON = "application/json"

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sidecar.policy.model import Billing
-from sidecar.policy.windows import billing_window
+from sidecar.config.policy.model import Billing
+from sidecar.config.policy.windows import billing_window
 
 
 @dataclass(slots=True)

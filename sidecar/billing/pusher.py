@@ -25,18 +25,18 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import aiohttp
 
+from sidecar.admission.customers import CustomerDirectory
 from sidecar.billing.formats import Delivery, PushRequest, classify, encode, lago_duplicates
 from sidecar.billing.marks import DirtyMarks
-from sidecar.billing.outbox import HELD, Outbox
 from sidecar.billing.signing import HEADER as SIGNATURE_HEADER
 from sidecar.billing.signing import signature
-from sidecar.billing.summaries import Summary
-from sidecar.customers import CustomerDirectory
+from sidecar.config.policy.holder import PolicyHolder
+from sidecar.config.policy.model import Billing, BillingFormat, Customer, Policy
 from sidecar.errors import StoreUnavailable
 from sidecar.metrics import Metrics
-from sidecar.policy.holder import PolicyHolder
-from sidecar.policy.model import Billing, BillingFormat, Customer, Policy
-from sidecar.store import keys
+from sidecar.store.redis import keys
+from sidecar.store.redis.outbox import HELD, Outbox
+from sidecar.store.summaries import Summary
 
 log = logging.getLogger("sidecar.billing")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sidecar.errors import StoreUnavailable
-from sidecar.store.base import (
+from sidecar.store.port import (
     Admission,
     LimitCharge,
     LimitState,

@@ -23,8 +23,8 @@ from sidecar.billing.formats import (
     idempotency_key,
     lago_duplicates,
 )
-from sidecar.billing.summaries import Summary, summary_id
-from sidecar.policy.model import Billing, BillingFormat, Customer
+from sidecar.config.policy.model import Billing, BillingFormat, Customer
+from sidecar.store.summaries import Summary, summary_id
 
 JSON, STRIPE, LAGO, OPENMETER = (
     BillingFormat.JSON,

@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from sidecar.billing.outbox import Outbox
-from sidecar.billing.summaries import summary_id
-from sidecar.store import keys
-from sidecar.store.base import MeterRequest, UsageCharge
-from sidecar.store.redis import RedisStore
+from sidecar.store.port import MeterRequest, UsageCharge
+from sidecar.store.redis import keys
+from sidecar.store.redis.outbox import Outbox
+from sidecar.store.redis.store import RedisStore
+from sidecar.store.summaries import summary_id
 
 AGGREGATIONS = {"requests": "count", "tokens": "sum"}
 

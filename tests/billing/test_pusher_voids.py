@@ -13,18 +13,18 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sidecar.admission.customers import CustomerDirectory
 from sidecar.billing import pusher as pusher_module
 from sidecar.billing.marks import DirtyMarks
-from sidecar.billing.outbox import HELD, Outbox
 from sidecar.billing.pusher import Pusher
-from sidecar.customers import CustomerDirectory
+from sidecar.config.policy.holder import PolicyHolder
 from sidecar.errors import StoreUnavailable, UnansweredCall
-from sidecar.journal import Journal
+from sidecar.ledger.journal import Journal
 from sidecar.metrics import Metrics
-from sidecar.policy.holder import PolicyHolder
-from sidecar.server import _hold_voids
-from sidecar.store import keys
-from sidecar.store.redis import RedisStore, hold_member, script_arguments
+from sidecar.runtime.server import _hold_voids
+from sidecar.store.redis import keys
+from sidecar.store.redis.outbox import HELD, Outbox
+from sidecar.store.redis.store import RedisStore, hold_member, script_arguments
 from tests.billing.test_outbox import AGGREGATIONS, record
 from tests.conftest import key_hash, write_policy
 

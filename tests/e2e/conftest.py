@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.store.embedded import EmbeddedRedis, free_port
+from sidecar.store.redis.embedded import EmbeddedRedis, free_port
 
 ACME = "acme-key-1"
 READY_TIMEOUT = 15.0

@@ -13,11 +13,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.app import build_admin_app, build_proxy_app
-from sidecar.policy.loader import load_policy
-from sidecar.policy.model import Period
-from sidecar.policy.windows import calendar_window, rfc3339
-from sidecar.store.embedded import free_port
+from sidecar.config.policy.loader import load_policy
+from sidecar.config.policy.windows import Period, calendar_window, rfc3339
+from sidecar.http.app import build_admin_app, build_proxy_app
+from sidecar.store.redis.embedded import free_port
 from tests.conftest import SidecarFactory, Upstream, key_hash, make_components, write_policy
 
 ACME, BOB = "acme-key-1", "bob-key-1"

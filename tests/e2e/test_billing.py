@@ -13,10 +13,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.app import build_admin_app, build_proxy_app
 from sidecar.billing.pusher import Pusher
 from sidecar.billing.signing import verify
-from sidecar.components import Components
+from sidecar.http.app import build_admin_app, build_proxy_app
+from sidecar.http.components import Components
 from tests.conftest import Upstream, key_hash, make_components, write_policy
 
 KEYS = {"acme": "acme-key-1", "bob": "bob-key-1"}

@@ -17,8 +17,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.app import build_proxy_app
-from sidecar.store.embedded import free_port
+from sidecar.http.app import build_proxy_app
+from sidecar.store.redis.embedded import free_port
 from tests.conftest import key_hash, make_components, write_policy
 
 ACME = "acme-key-1"
@@ -87,7 +87,7 @@ async def get(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
 async def test_a_client_gone_before_the_answer_is_logged_at_debug_only(
     proxy_port: int, slow: SlowUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="sidecar.proxy")
+    caplog.set_level(logging.DEBUG, logger="sidecar.http.proxy")
     _, writer = await get(proxy_port)
     await asyncio.wait_for(slow.arrived.wait(), SETTLE_TIMEOUT)
     writer.close()

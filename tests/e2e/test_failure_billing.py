@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from sidecar.billing import pusher
-from sidecar.store.embedded import free_port
+from sidecar.store.redis.embedded import free_port
 from tests.e2e import test_billing as billing
 from tests.e2e.test_billing import Receiver, Replica, drain, send
 

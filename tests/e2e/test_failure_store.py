@@ -33,7 +33,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.store.embedded import EmbeddedRedis
+from sidecar.store.redis.embedded import EmbeddedRedis
 from tests.conftest import Upstream, key_hash, write_policy
 from tests.e2e.conftest import ACME, PROBE_TIMEOUT, READY_TIMEOUT, Launcher, Sidecar
 

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.store.embedded import free_port
+from sidecar.store.redis.embedded import free_port
 from tests.conftest import SidecarFactory, key_hash, write_policy
 from tests.e2e.test_proxy_fidelity import Served, served_like_sidecar_run
 

@@ -19,9 +19,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.app import build_proxy_app
-from sidecar.components import Components
-from sidecar.intake import GuardedSite
+from sidecar.http.app import build_proxy_app
+from sidecar.http.components import Components
+from sidecar.http.intake import GuardedSite
 from tests.conftest import key_hash, make_components, write_policy
 
 KEY = "acme-key-1"

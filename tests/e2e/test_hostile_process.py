@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.store.embedded import free_port
+from sidecar.store.redis.embedded import free_port
 from tests.conftest import key_hash, write_policy
 from tests.e2e.conftest import Launcher, child_environment
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.store.embedded import EmbeddedRedis
+from sidecar.store.redis.embedded import EmbeddedRedis
 from tests.conftest import Upstream, key_hash, write_policy
 from tests.e2e.conftest import ACME, PROBE_TIMEOUT, READY_TIMEOUT, Launcher, Sidecar, get
 

@@ -24,10 +24,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from sidecar.app import build_proxy_app
-from sidecar.components import COMPONENTS, Components
-from sidecar.journal import Journal
-from sidecar.store.redis import script_arguments
+from sidecar.http.app import build_proxy_app
+from sidecar.http.components import COMPONENTS, Components
+from sidecar.ledger.journal import Journal
+from sidecar.store.redis.store import script_arguments
 from tests.conftest import Upstream, key_hash, make_components, write_policy
 from tests.relays import ReplyDropper, reply_dropper
 

@@ -27,8 +27,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from sidecar.app import build_proxy_app
-from sidecar.components import COMPONENTS, Components
+from sidecar.http.app import build_proxy_app
+from sidecar.http.components import COMPONENTS, Components
 from sidecar.metrics import Metrics
 from tests.conftest import SidecarFactory, key_hash, make_components, raw_exchange, write_policy
 

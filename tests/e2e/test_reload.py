@@ -9,8 +9,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from sidecar.app import build_admin_app, build_proxy_app
-from sidecar.components import COMPONENTS
+from sidecar.http.app import build_admin_app, build_proxy_app
+from sidecar.http.components import COMPONENTS
 from tests.conftest import Upstream, key_hash, make_components, write_policy
 
 KEY = "acme-key-1"

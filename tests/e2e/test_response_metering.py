@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.components import COMPONENTS
+from sidecar.http.components import COMPONENTS
 from tests.conftest import SidecarFactory, key_hash, write_policy
 
 KEY = "acme-key-1"

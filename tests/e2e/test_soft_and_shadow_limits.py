@@ -9,7 +9,7 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
-from sidecar.components import COMPONENTS
+from sidecar.http.components import COMPONENTS
 from tests.conftest import SidecarFactory, Upstream, key_hash, write_policy
 
 KEY = "acme-key-1"
@@ -70,7 +70,7 @@ async def test_shadow_reports_would_be_refusals_in_header_metric_and_log(
     limit_extra: str,
 ) -> None:
     client = await sidecar(policy(tmp_path, plan_extra, limit_extra), upstream.url)
-    with caplog.at_level(logging.INFO, logger="sidecar.proxy"):
+    with caplog.at_level(logging.INFO, logger="sidecar.http.proxy"):
         statuses, last = await statuses_and_last(client, 4)
     assert statuses == [200] * 4
     assert last.headers["Sidecar-Shadow-Refusal"] == "requests-day"

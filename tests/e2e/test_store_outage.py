@@ -14,9 +14,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from sidecar.app import build_proxy_app
-from sidecar.components import COMPONENTS
-from sidecar.store.embedded import EmbeddedRedis
+from sidecar.http.app import build_proxy_app
+from sidecar.http.components import COMPONENTS
+from sidecar.store.redis.embedded import EmbeddedRedis
 from tests.conftest import Upstream, key_hash, make_components, write_policy
 
 KEY = "acme-key-1"

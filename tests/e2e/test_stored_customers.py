@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from sidecar.app import build_admin_app, build_proxy_app
+from sidecar.http.app import build_admin_app, build_proxy_app
 from tests.conftest import Upstream, key_hash, make_components, write_policy
 
 Client = TestClient[web.Request, web.Application]

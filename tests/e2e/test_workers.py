@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.store.batching import CLIENT_NAME
+from sidecar.store.redis.pipeline import CLIENT_NAME
 from tests.conftest import key_hash, write_policy
 from tests.e2e.conftest import ACME, Launcher, live_group_members, timing
 

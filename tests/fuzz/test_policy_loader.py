@@ -18,8 +18,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sidecar.config.policy.loader import load_policy
 from sidecar.errors import PolicyInvalid
-from sidecar.policy.loader import load_policy
 
 EXAMPLE = Path(__file__).parents[2] / "policies" / "example.yaml"
 EXAMPLE_TEXT = EXAMPLE.read_text()

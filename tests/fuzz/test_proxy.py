@@ -27,9 +27,9 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.app import build_proxy_app
-from sidecar.intake import GuardedSite
-from sidecar.store.embedded import EmbeddedRedis
+from sidecar.http.app import build_proxy_app
+from sidecar.http.intake import GuardedSite
+from sidecar.store.redis.embedded import EmbeddedRedis
 from tests.conftest import key_hash, make_components, write_policy
 
 KEY = "fuzz-key-1"

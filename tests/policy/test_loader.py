@@ -7,21 +7,21 @@ from types import MappingProxyType
 
 import pytest
 
-from sidecar.errors import PolicyError, PolicyInvalid
-from sidecar.policy.loader import load_policy
-from sidecar.policy.model import (
+from sidecar.config.policy.loader import load_policy
+from sidecar.config.policy.model import (
     Aggregation,
     Billing,
     BillingFormat,
     Feature,
     Identity,
     OnExceed,
-    Period,
     Policy,
     Source,
     SourceKind,
     StoreFailure,
 )
+from sidecar.config.policy.windows import Period
+from sidecar.errors import PolicyError, PolicyInvalid
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "policies"

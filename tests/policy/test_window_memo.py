@@ -8,8 +8,8 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from sidecar.policy import windows
-from sidecar.policy.model import Period
+from sidecar.config.policy import windows
+from sidecar.config.policy.windows import Period
 
 JAN_31 = date(2026, 1, 31)
 

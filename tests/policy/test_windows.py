@@ -6,8 +6,7 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from sidecar.policy.model import Period
-from sidecar.policy.windows import billing_window, calendar_window, rfc3339
+from sidecar.config.policy.windows import Period, billing_window, calendar_window, rfc3339
 
 
 def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> int:

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from sidecar import loops
 from sidecar.errors import OutcomeUnknown, StoreUnavailable
 from sidecar.metrics import Metrics
-from sidecar.store.base import MeterRequest, Outcome
-from sidecar.store.batching import CLIENT_NAME, ScriptBatcher
-from sidecar.store.redis import RedisStore
+from sidecar.runtime import loops
+from sidecar.store.port import MeterRequest, Outcome
+from sidecar.store.redis.pipeline import CLIENT_NAME, ScriptBatcher
+from sidecar.store.redis.store import RedisStore
 from tests.relays import reply_dropper
 from tests.store.test_check_and_meter import month_charge, rate_charge
 

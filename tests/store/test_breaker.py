@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sidecar.store.breaker import CircuitBreaker
+from sidecar.store.redis.breaker import CircuitBreaker
 
 
 class Clock:

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
+from sidecar.config.policy.windows import Period
 from sidecar.errors import StoreUnavailable
-from sidecar.policy.model import Period
-from sidecar.store import keys
-from sidecar.store.base import CreditCharge, Grant, Hold, MeterRequest, Outcome, Replayed, UsageCharge
-from sidecar.store.redis import RedisStore, load_script, script_arguments
+from sidecar.store.port import CreditCharge, Grant, Hold, MeterRequest, Outcome, Replayed, UsageCharge
+from sidecar.store.redis import keys
+from sidecar.store.redis.store import RedisStore, load_script, script_arguments
 from tests.store.test_check_and_meter import month_charge, rate_charge, request_for
 from tests.store.test_prepaid_credit import balance, credit, draw
 

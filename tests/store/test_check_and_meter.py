@@ -7,10 +7,10 @@ import asyncio
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from sidecar.policy.model import Limit, OnExceed, Period
-from sidecar.policy.windows import calendar_window
-from sidecar.store.base import LimitCharge, MeterRequest, Outcome, UsageCharge
-from sidecar.store.redis import RedisStore
+from sidecar.config.policy.model import Limit, OnExceed
+from sidecar.config.policy.windows import Period, calendar_window
+from sidecar.store.port import LimitCharge, MeterRequest, Outcome, UsageCharge
+from sidecar.store.redis.store import RedisStore
 
 
 def month_charge(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sidecar.store.clock import SAMPLE_SECONDS, StoreClock
+from sidecar.store.redis.clock import SAMPLE_SECONDS, StoreClock
 
 
 class Clocks:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 
-from sidecar.policy.model import Limit, Period
-from sidecar.policy.windows import calendar_window
-from sidecar.store.base import (
+from sidecar.config.policy.model import Limit
+from sidecar.config.policy.windows import Period, calendar_window
+from sidecar.store.port import (
     CreditCharge,
     Grant,
     GrantOutcome,
@@ -19,7 +19,7 @@ from sidecar.store.base import (
     MeterRequest,
     Outcome,
 )
-from sidecar.store.redis import RedisStore
+from sidecar.store.redis.store import RedisStore
 
 CUSTOMER = "acme"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.policy.model import Limit, Period
-from sidecar.store import replies
-from sidecar.store.base import (
+from sidecar.config.policy.model import Limit
+from sidecar.config.policy.windows import Period
+from sidecar.store.port import (
     Admission,
     CreditCharge,
     CreditState,
@@ -15,6 +15,7 @@ from sidecar.store.base import (
     MeterRequest,
     Outcome,
 )
+from sidecar.store.redis import codec as replies
 
 MONTH = LimitCharge(Limit(meter="requests", limit=100, period=Period.MONTH), 1, (1_000, 2_000), True)
 SECOND = LimitCharge(Limit(meter="requests", limit=5, period=Period.SECOND), 1, None, True)

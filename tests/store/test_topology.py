@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.store.topology import ClusterSlots, Endpoint, OneServer, SentinelMaster, Topology
+from sidecar.store.redis.topology import ClusterSlots, Endpoint, OneServer, SentinelMaster, Topology
 
 
 def test_a_plain_url_is_one_server_with_its_own_settings() -> None:

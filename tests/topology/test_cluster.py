@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 from redis.crc import key_slot
 
-from sidecar.store.base import LimitCharge, MeterRequest, Outcome, UsageCharge
-from sidecar.store.redis import RedisStore, script_arguments
+from sidecar.store.port import LimitCharge, MeterRequest, Outcome, UsageCharge
+from sidecar.store.redis.store import RedisStore, script_arguments
 from tests.e2e.test_admission import test_quota_of_n_admits_exactly_n_across_two_replicas_under_concurrency
 from tests.e2e.test_billing import (
     policy,

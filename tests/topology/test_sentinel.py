@@ -9,9 +9,9 @@ import time
 import pytest
 
 from sidecar.errors import StoreUnavailable
-from sidecar.store.base import Outcome
-from sidecar.store.batching import CLIENT_NAME, ScriptBatcher
-from sidecar.store.redis import RedisStore
+from sidecar.store.port import Outcome
+from sidecar.store.redis.pipeline import CLIENT_NAME, ScriptBatcher
+from sidecar.store.redis.store import RedisStore
 from tests.e2e.test_admission import test_quota_of_n_admits_exactly_n_across_two_replicas_under_concurrency
 from tests.store.test_check_and_meter import (
     month_charge,

@@ -1,0 +1,194 @@
+"""The admin port: health, readiness, Prometheus metrics and the bearer-protected /admin/ API."""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from sidecar.admission.customers import parse_customer
+from sidecar.admission.grants import parse_grant
+from sidecar.admission.usage import usage_document
+from sidecar.config.policy.model import Customer, Policy
+from sidecar.config.policy.windows import rfc3339
+from sidecar.errors import StoreUnavailable
+from sidecar.http import problems
+from sidecar.http.components import COMPONENTS, Components
+from sidecar.http.reloading import reload_policy
+from sidecar.store.port import GrantOutcome
+
+
+async def reload(request: web.Request) -> web.Response:
+    """200 once the new policy is in force; 422 with every located error when it is refused."""
+    components = request.app[COMPONENTS]
+    refused = await reload_policy(components)
+    if refused is not None:
+        return problems.problem(
+            422,
+            "Policy refused",
+            "the policy files are invalid; the policy in force is unchanged",
+            errors=[str(error) for error in refused.errors],
+        )
+    return web.json_response({"status": "applied", "policy": components.holder.current.summary()})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready (200) when a policy is loaded (always, once started) and the store answers; 503 while
+    it does not. Either way the body says whether the circuit breaker is open and how much usage
+    waits in the local journal, so a probe shows a degraded sidecar and its recovery."""
+    components = request.app[COMPONENTS]
+    try:
+        await components.store.ping()
+    except StoreUnavailable as error:
+        components.metrics.store_errors.labels("ping").inc()
+        answer = {"status": "unavailable", "store": str(error), **_degradation(components)}
+        return web.json_response(answer, status=503)
+    policy = components.holder.current.summary()
+    return web.json_response({"status": "ready", "policy": policy, **_degradation(components)})
+
+
+def _degradation(components: Components) -> dict[str, object]:
+    journal = components.journal
+    return {
+        "circuit": "open" if components.store.circuit_open else "closed",
+        "journal_pending": journal.pending if journal is not None else 0,
+    }
+
+
+async def metrics(request: web.Request) -> web.Response:
+    components = request.app[COMPONENTS]
+    components.metrics.store_circuit_open.set(1 if components.store.circuit_open else 0)
+    if components.journal is not None:
+        components.metrics.journal_pending.set(components.journal.pending)
+    body = components.metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def customer_usage(request: web.Request) -> web.Response:
+    components = request.app[COMPONENTS]
+    policy = components.holder.current
+    customer = components.directory.all(policy).get(request.match_info["customer"])
+    if customer is None:
+        return problems.problem(404, "Not Found", f"no customer '{request.match_info['customer']}'")
+    return await usage_answer(components, policy, customer)
+
+
+async def usage_answer(components: Components, policy: Policy, customer: Customer) -> web.Response:
+    """The usage document of SPEC §7, or 503 when the store cannot be read."""
+    try:
+        document = await usage_document(policy, components.store, customer)
+    except StoreUnavailable:
+        components.metrics.store_errors.labels("read_limits").inc()
+        return problems.unavailable(problems.STORE_RETRY_AFTER)
+    return web.json_response(document)
+
+
+async def put_customer(request: web.Request) -> web.Response:
+    """Create or change a customer in Redis; every replica serves it within about a second."""
+    components = request.app[COMPONENTS]
+    policy = components.holder.current
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    parsed = parse_customer(request.match_info["customer"], body, policy, components.directory)
+    if isinstance(parsed, list):
+        return problems.problem(422, "Invalid customer", "the customer was not stored", errors=parsed)
+    try:
+        await components.directory.put(parsed)
+    except StoreUnavailable:
+        return problems.unavailable(problems.STORE_RETRY_AFTER)
+    return web.json_response({"customer": parsed.id, "plan": parsed.plan, "stored": True})
+
+
+async def post_grant(request: web.Request) -> web.Response:
+    """Add prepaid credit: 201 added, 200 when this grant id was added before, 409 when the id
+    names a different grant, 422 for a bad body."""
+    components = request.app[COMPONENTS]
+    policy = components.holder.current
+    customer_id = request.match_info["customer"]
+    if customer_id not in components.directory.all(policy):
+        return problems.problem(404, "Not Found", f"no customer '{customer_id}'")
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    grant = parse_grant(body, policy, components.store.time())
+    if isinstance(grant, list):
+        return problems.problem(422, "Invalid grant", "the grant was not added", errors=grant)
+    try:
+        outcome = await components.store.grant(customer_id, grant)
+    except StoreUnavailable:
+        components.metrics.store_errors.labels("grant").inc()
+        return problems.unavailable(problems.STORE_RETRY_AFTER)
+    components.denials.forget(customer_id)  # this replica at once; others within VOLATILE_SECONDS
+    if outcome is GrantOutcome.CONFLICT:
+        return problems.problem(
+            409, "Conflict", f"grant id '{grant.id}' was used before for a different grant; use a new id"
+        )
+    answer = {"customer": customer_id, "id": grant.id, "meter": grant.meter, "amount": grant.amount}
+    answer["expires_at"] = rfc3339(grant.expires_at) if grant.expires_at is not None else None
+    answer["status"] = outcome.value
+    return web.json_response(answer, status=201 if outcome is GrantOutcome.ADDED else 200)
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    """Summaries billing refused for good, with the answer it gave."""
+    components = request.app[COMPONENTS]
+    try:
+        letters = await components.outbox.dead_letters()
+    except StoreUnavailable:
+        return problems.unavailable(problems.STORE_RETRY_AFTER)
+    return web.json_response({"dead_letters": letters})
+
+
+async def redrive(request: web.Request) -> web.Response:
+    """Put every dead letter back in its outbox, unchanged, to be pushed again (after a fix)."""
+    components = request.app[COMPONENTS]
+    try:
+        moved = await components.outbox.redrive(int(components.store.time() * 1000))
+    except StoreUnavailable:
+        return problems.unavailable(problems.STORE_RETRY_AFTER)
+    return web.json_response({"redriven": moved})
+
+
+@web.middleware
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Under /admin/, a configured SIDECAR_ADMIN_TOKEN must be presented as a Bearer token."""
+    token = request.app[COMPONENTS].settings.admin_token
+    if token and request.path.startswith("/admin/"):
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not _same_token(presented, token):
+            return problems.problem(
+                401,
+                "Unauthorized",
+                "the admin API needs Authorization: Bearer <SIDECAR_ADMIN_TOKEN>",
+                headers={"WWW-Authenticate": 'Bearer realm="sidecar-admin"'},
+            )
+    return await handler(request)
+
+
+def _same_token(presented: str, token: str) -> bool:
+    """In constant time, and for any bytes a client sends (aiohttp decodes them with surrogateescape)."""
+    return hmac.compare_digest(_raw(presented), _raw(token))
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/customers/{customer}/usage", customer_usage)
+    app.router.add_put("/admin/customers/{customer}", put_customer)
+    app.router.add_post("/admin/customers/{customer}/grants", post_grant)
+    app.router.add_post("/admin/reload", reload)
+    app.router.add_get("/admin/billing/dead-letters", dead_letters)
+    app.router.add_post("/admin/billing/dead-letters/redrive", redrive)

@@ -1,0 +1,293 @@
+"""The single catch-all handler: admit, then forward with the shared ClientSession and stream back.
+
+Bodies are streamed both ways in chunks, never buffered whole. Hop-by-hop headers (RFC 9110
+§7.6.1, including every name listed in Connection) are dropped in both directions. Identity
+headers a client sends are removed; the upstream receives the real X-Customer-Id / -Plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar.admission.gate import admit
+from sidecar.admission.verdict import Decision, Verdict
+from sidecar.config.policy.routes import has_dot_segments
+from sidecar.errors import BodyStalled
+from sidecar.http import problems
+from sidecar.http.bodies import RequestBody
+from sidecar.http.components import COMPONENTS, SESSION, Components
+from sidecar.http.guard import Refusal, body_refusal, capped, spoofable, stalled
+from sidecar.http.metering import Tally, charge_response, keep_in_journal, reads_json, void_in_journal
+from sidecar.metrics import Metrics
+
+log = logging.getLogger("sidecar.http.proxy")
+
+CHUNK_SIZE = 64 * 1024
+# Hop-by-hop per RFC 9110 §7.6.1 and the ones proxies have always dropped; plus Expect, which
+# aiohttp answers itself, and Host is kept (the upstream sees the name the client used).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+    }
+)
+_HOP_BY_HOP_NAMES = tuple(HOP_BY_HOP)
+IDENTITY_HEADERS = frozenset({"x-customer-id", "x-customer-plan"})
+# Never passed on as the client sent them: the forwarding headers are appended to instead.
+_NOT_FORWARDED = HOP_BY_HOP | IDENTITY_HEADERS | {"x-forwarded-for", "x-forwarded-proto"}
+# Headers the client library would otherwise invent: the upstream sees only what the client sent.
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    components = request.app[COMPONENTS]
+    tally = Tally()
+    if has_dot_segments(request.path):
+        return problems.bad_request("a path with . or .. segments is not accepted; send the normalised path")
+    policy = components.holder.current
+    body = RequestBody(request.content, CHUNK_SIZE, components.settings.body_timeout)
+    try:
+        verdict = await admit(
+            policy,
+            components.directory,
+            components.store,
+            request.method,
+            request.path,
+            request.headers,
+            body.read_head,
+            denials=components.denials,
+        )
+    except BodyStalled as error:  # a body read ahead for a reserve stalled: before admission, free
+        return _refused(components, stalled(error))
+    record_verdict(components.metrics, verdict)
+    if not verdict.forwards:
+        if verdict.unanswered is not None and verdict.customer is not None:
+            void_in_journal(components, verdict.customer.id, verdict.unanswered)
+        return problems.refusal(verdict, policy, request.method, request.path)
+    components.metrics.overhead.observe(time.perf_counter() - tally.started)
+    if verdict.unrecorded is not None:
+        keep_in_journal(components, verdict.unrecorded, "admission", verdict.unanswered)
+    if policy.billing and verdict.recorded_usage and verdict.customer:
+        components.marks.note(verdict.customer.id, verdict.store_time, policy.billing)
+    shadowed = _shadow_names(verdict)
+    if shadowed and verdict.customer is not None:
+        customer_id = verdict.customer.id
+        log.info("shadow: %s on %s would have been refused by %s", customer_id, request.path, shadowed)
+    if reads_json(verdict.spec):
+        tally.capture = bytearray()
+    try:
+        response, upstream_headers = await forward(request, components, verdict, tally, body, shadowed)
+    except asyncio.CancelledError:
+        # The server cancels handlers of clients that left when run with handler_cancellation
+        # (aiohttp's test server does): a reservation must still be released, not left to expire.
+        if verdict.hold_id:
+            await asyncio.shield(charge_response(components, policy, verdict, None))
+        raise
+    if verdict.spec is None or not verdict.spec.measured:
+        return response  # nothing is measured from the exchange: charge_response would do nothing
+    exchange = None
+    if upstream_headers is not None:
+        exchange = tally.exchange(request.headers, upstream_headers, response.status)
+    await charge_response(components, policy, verdict, exchange)
+    return response
+
+
+def record_verdict(metrics: Metrics, verdict: Verdict) -> None:
+    """Count one decision by (decision, feature, plan), its shadow refusals, and a store error."""
+    feature = verdict.feature.name if verdict.feature else ""
+    plan = verdict.plan.name if verdict.plan else ""
+    metrics.requests.labels(verdict.decision.value, feature, plan).inc()
+    for state in verdict.shadow_refusals:
+        metrics.shadow_refusals.labels(plan, state.charge.limit.name).inc()
+    if verdict.decision in (Decision.UNAVAILABLE, Decision.ADMITTED_UNMETERED):
+        metrics.store_errors.labels("check_and_meter").inc()
+
+
+def _shadow_names(verdict: Verdict) -> str:
+    """The shadow limits that would have refused, for the log and Sidecar-Shadow-Refusal ("" for none)."""
+    shadowed = verdict.shadow_refusals
+    return ", ".join([state.charge.limit.name for state in shadowed]) if shadowed else ""
+
+
+async def forward(
+    request: web.Request,
+    components: Components,
+    verdict: Verdict,
+    tally: Tally,
+    body: RequestBody,
+    shadowed: str,
+) -> tuple[web.StreamResponse, CIMultiDictProxy[str] | None]:
+    """The response, and the upstream's headers when it answered (None when it did not)."""
+    # Path and query exactly as sent; rel_url, not raw_path, because raw_path is the whole target of
+    # an absolute-form request line (RFC 9112 §3.2.2), whose scheme and host are not ours to follow.
+    url = URL(components.settings.upstream + request.rel_url.raw_path_qs, encoded=True)
+    limit = components.settings.max_body_size
+    data = tally.count_request(capped(body.chunks(), limit)) if request.body_exists else None
+    try:
+        upstream = await request.app[SESSION].request(
+            request.method,
+            url,
+            headers=upstream_request_headers(request, verdict),
+            data=data,
+            allow_redirects=False,
+            skip_auto_headers=SKIP_AUTO_HEADERS,
+        )
+    except TimeoutError:
+        components.metrics.upstream_errors.labels("timeout").inc()
+        return problems.gateway_timeout("the upstream did not answer in time"), None
+    except aiohttp.ClientError as error:
+        if (refusal := body_refusal(error)) is not None:  # the body outgrew the limit, broke or stalled
+            return _refused(components, refusal), None
+        if _client_gone(request):
+            # The body being relayed broke off because its sender left: not the upstream's failure.
+            log.debug("client left mid-request on %s %s", request.method, request.path)
+            return problems.bad_gateway("the client went away"), None  # nobody is left to read it
+        components.metrics.upstream_errors.labels("refused").inc()
+        return problems.bad_gateway(f"the upstream is unreachable ({type(error).__name__})"), None
+    async with upstream:
+        return await _stream_back(request, upstream, verdict, components, tally, shadowed), upstream.headers
+
+
+def _refused(components: Components, refusal: Refusal) -> web.Response:
+    """The client's input refused: counted, answered, the connection closed."""
+    components.metrics.refused_input.labels(refusal.fault.value).inc()
+    return problems.refused_input(refusal)
+
+
+async def _stream_back(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    verdict: Verdict,
+    components: Components,
+    tally: Tally,
+    shadowed: str,
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    headers = response.headers
+    headers.extend(without_hop_by_hop(upstream.headers))
+    headers.update(problems.ratelimit_headers(verdict.limits, verdict.credits))
+    if shadowed:
+        headers["Sidecar-Shadow-Refusal"] = shadowed
+    try:
+        await response.prepare(request)
+    except ConnectionError:
+        # The client left before the status line could be written (wrk closing its connections
+        # at the end of a run does it): not an error, and there is no one to send the body to.
+        tally.cut = True
+        log.debug("client left before the response on %s %s", request.method, request.path)
+        return response
+    await _relay_body(request, upstream, response, components, tally)
+    return response
+
+
+async def _relay_body(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    components: Components,
+    tally: Tally,
+) -> None:
+    """Copy the body chunk by chunk; reads and writes fail apart so the blame lands on the right side.
+
+    (aiohttp's "client went away" error is a ClientError too, so one except around both would
+    count every client that hangs up as an upstream failure.)
+    """
+    while True:
+        try:
+            chunk = await upstream.content.read(CHUNK_SIZE)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            tally.cut = True
+            _upstream_broke(request, components, error)
+            return
+        tally.saw_response(chunk)
+        if not await _deliver(request, response, chunk):
+            tally.cut = bool(chunk)  # a client gone before the end
+            return
+
+
+def _upstream_broke(request: web.Request, components: Components, error: BaseException) -> None:
+    """The status line is gone already: the only honest signal left is a cut connection."""
+    components.metrics.upstream_errors.labels("broken").inc()
+    log.warning(
+        "upstream broke mid-response on %s %s: %s", request.method, request.path, type(error).__name__
+    )
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def _deliver(request: web.Request, response: web.StreamResponse, chunk: bytes) -> bool:
+    """Write one chunk (b"" ends the body); False once the body is done or the client has gone.
+
+    A client that leaves is not the upstream's failure, so nothing is counted; leaving
+    `async with upstream` then drops the upstream connection, which stops the upstream too.
+    """
+    try:
+        if chunk:
+            await response.write(chunk)
+        else:
+            await response.write_eof()
+    except ConnectionError:
+        log.debug("client left mid-response on %s %s", request.method, request.path)
+        return False
+    return bool(chunk)
+
+
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
+def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Names a Connection header declares hop-by-hop, lower-cased."""
+    return frozenset(
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+        if token.strip()
+    )
+
+
+def without_hop_by_hop(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str] | list[tuple[str, str]]:
+    """The headers themselves when none is hop-by-hop (the common answer), else the others."""
+    if not any(name in headers for name in _HOP_BY_HOP_NAMES):  # case-insensitive lookups, in C
+        return headers
+    dropped = HOP_BY_HOP | connection_listed(headers)
+    return [(name, value) for name, value in headers.items() if name.lower() not in dropped]
+
+
+def upstream_request_headers(request: web.Request, verdict: Verdict) -> CIMultiDict[str]:
+    incoming = request.headers
+    dropped = _NOT_FORWARDED | connection_listed(incoming) if "Connection" in incoming else _NOT_FORWARDED
+    # Repeats of a name take its first spelling: aiohttp's ClientSession keeps only the last of
+    # names that differ in case (X-Tag, x-tag) and would silently drop the others' values.
+    spelling: dict[str, str] = {}
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lowered = name.lower()
+        if lowered not in dropped and not spoofable(name):
+            headers.add(spelling.setdefault(lowered, name), value)
+    headers["X-Forwarded-For"] = _appended(incoming, "X-Forwarded-For", request.remote or "unknown")
+    headers["X-Forwarded-Proto"] = _appended(incoming, "X-Forwarded-Proto", request.scheme)
+    if verdict.customer is not None and verdict.decision is not Decision.PUBLIC:
+        headers["X-Customer-Id"] = verdict.customer.id
+        headers["X-Customer-Plan"] = verdict.customer.plan
+    return headers
+
+
+def _appended(headers: CIMultiDictProxy[str], name: str, value: str) -> str:
+    previous = ", ".join(headers.getall(name, ()))
+    return f"{previous}, {value}" if previous else value

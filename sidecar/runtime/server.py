@@ -1,0 +1,235 @@
+"""`sidecar run`: own the store (embedded or external), serve both ports, drain on SIGTERM.
+
+Shutdown order: stop accepting on the proxy port, let in-flight requests finish (up to the drain
+timeout), close the admin port, close the store client, stop the embedded redis-server last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from sidecar import tasks
+from sidecar.admission.customers import CustomerDirectory
+from sidecar.billing.pusher import Pusher
+from sidecar.config.policy.holder import PolicyHolder, freeze_heap
+from sidecar.config.settings import Settings
+from sidecar.errors import StoreUnavailable
+from sidecar.http.app import build_admin_app, build_proxy_app
+from sidecar.http.components import COMPONENTS, Components
+from sidecar.http.intake import GuardedSite
+from sidecar.http.reloading import reload_policy, watch
+from sidecar.ledger.journal import FLUSH_INTERVAL, Journal
+from sidecar.metrics import Metrics
+from sidecar.store.port import Replayed
+from sidecar.store.redis.embedded import EmbeddedRedis
+from sidecar.store.redis.outbox import BILLING_STORE_TIMEOUT, Outbox
+from sidecar.store.redis.store import RedisStore, connect, script_arguments
+from sidecar.store.redis.topology import close_client
+
+log = logging.getLogger("sidecar")
+
+BILLING_CONNECTIONS = 8
+MERGE_INTERVAL = 1.0  # seconds between attempts to merge the journal into the store
+VOID_HOLD_SECONDS = 30  # a void's hold, renewed every HOLD_INTERVAL while its journal keeps it
+HOLD_INTERVAL = 0.5  # seconds between renewals of the holds, beside the merges
+# What the store had of a call whose reply was lost (sidecar_lost_replies_total{found}).
+_FOUND = {
+    Replayed.MERGED: "not_run",
+    Replayed.NOT_RUN: "not_run",
+    Replayed.RAN: "ran",
+    Replayed.UNDONE: "ran",
+    Replayed.BILLED: "ran_and_billed",
+    Replayed.REPEATED: "repeated",
+}
+
+
+async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return. SIGHUP reloads the policy. `admin`
+    False: the proxy port only (a worker other than the first, see workers.py)."""
+    freeze_heap()  # the policy just loaded: full collections need not scan it again
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    reloads: set[asyncio.Task[object]] = set()
+    async with AsyncExitStack() as stack:
+        url = settings.redis_url or await _embedded_store(stack, settings)
+        store = RedisStore.open(url, settings.store_timeout)
+        stack.push_async_callback(store.close)
+        await store.connect()  # open now: the first burst of requests must not wait for it
+        metrics = Metrics()
+        metrics.policy_loaded.set(time.time())
+        outbox = Outbox(connect(url, BILLING_STORE_TIMEOUT, max_connections=BILLING_CONNECTIONS))
+        stack.push_async_callback(close_client, outbox.client)
+        journal = Journal(settings.data_dir / "journal", script_arguments)
+        components = Components(
+            settings=settings,
+            holder=holder,
+            store=store,
+            metrics=metrics,
+            outbox=outbox,
+            directory=CustomerDirectory(outbox.client),
+            journal=journal,
+        )
+        await _pusher(stack, components)
+        await _run_journal(stack, components, journal)
+        await _background(stack, watch(components, stopping))
+        loop.add_signal_handler(signal.SIGHUP, _start_reload, components, reloads)
+        # The proxy port opens first (/readyz answering 200 must mean requests can be served) and
+        # closes first (it drains while the admin port still answers).
+        sites: list[web.AppRunner] = []
+        stack.push_async_callback(_close_sites, sites)
+        await _site(sites, build_proxy_app(components), settings, admin=False)
+        if admin:
+            await _site(sites, build_admin_app(components), settings, admin=True)
+        log.info("serving %s → %s; admin on %s", settings.listen, settings.upstream, settings.admin)
+        await stopping.wait()
+        log.info("stopping: draining in-flight requests (up to %ss)", settings.drain_timeout)
+
+
+async def _pusher(stack: AsyncExitStack, components: Components) -> None:
+    """Run the billing pusher beside the servers; on shutdown (after the proxy drained, so every
+    charge is in) it stops, and one last cycle pushes whatever windows have closed."""
+    session = aiohttp.ClientSession(trust_env=False)
+    stack.push_async_callback(session.close)
+    pusher = Pusher(
+        holder=components.holder,
+        outbox=components.outbox,
+        marks=components.marks,
+        session=session,
+        metrics=components.metrics,
+        clock=components.store.time,
+        directory=components.directory,
+        secret=components.settings.billing_secret,
+        token=components.settings.billing_token,
+        held_back=(lambda: journal.voiding) if (journal := components.journal) else frozenset,
+    )
+    stopping = asyncio.Event()
+    task = asyncio.create_task(pusher.run(stopping))
+
+    async def stop() -> None:
+        stopping.set()
+        await task
+        await pusher.cycle()
+
+    stack.push_async_callback(stop)
+
+
+async def _background(stack: AsyncExitStack, work: Coroutine[object, object, None]) -> None:
+    """Run `work` until shutdown, then stop it (tasks.stop: it may be cancelled more than once, so
+    what must happen at the end is a callback of its own)."""
+    task = asyncio.create_task(work)
+    stack.push_async_callback(tasks.stop, task)
+
+
+async def _run_journal(stack: AsyncExitStack, components: Components, journal: Journal) -> None:
+    """Write the journal to disk every FLUSH_INTERVAL, and merge it into the store once a second
+    (a no-op while it is empty). The writing never waits for a merge: under load a merge takes
+    seconds, and what is recorded meanwhile must reach the disk as promptly (a crash loses at
+    most FLUSH_INTERVAL). Nor do the holds of the journal's voids, set as soon as the store
+    answers. On shutdown, once the three have stopped, the last entries are written, to merge
+    after restart."""
+    metrics = components.metrics
+
+    async def write() -> None:
+        await journal.flush()
+        metrics.journal_pending.set(journal.pending)
+
+    async def hold() -> None:
+        await _hold_voids(components.outbox, journal)
+
+    async def merge() -> None:
+        merged = await journal.replay(functools.partial(_merge_entry, components))
+        if merged:
+            log.info("merged %d journal entries into the store", merged)
+        metrics.journal_pending.set(journal.pending)
+
+    stack.push_async_callback(_close_journal, journal)
+    await _background(stack, _every(FLUSH_INTERVAL, write, "writing the journal"))
+    await _background(stack, _every(HOLD_INTERVAL, hold, "holding the journal's voids"))
+    await _background(stack, _every(MERGE_INTERVAL, merge, "merging the journal"))
+
+
+async def _every(seconds: float, work: Callable[[], Awaitable[None]], what: str) -> None:
+    """Run `work` every `seconds` for the life of the process: an unexpected error is logged, and
+    the next round runs (store outages are handled inside `work`; this is for bugs, which must
+    not silently stop the journal for good)."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await work()
+        except Exception:
+            log.exception("%s failed; trying again in %g s", what, seconds)
+
+
+async def _merge_entry(components: Components, entry: dict[str, Any]) -> None:
+    replayed = await components.store.replay(entry)
+    metrics = components.metrics
+    if replayed is Replayed.MERGED:
+        metrics.journal_merged.inc()
+    if "call" in entry or "void" in entry:
+        metrics.lost_replies.labels(_FOUND[replayed]).inc()
+    billing = components.holder.current.billing
+    if billing is not None:
+        components.marks.note(entry["customer"], entry["at"], billing)
+
+
+async def _close_journal(journal: Journal) -> None:
+    await journal.flush()
+    journal.close()
+
+
+async def _hold_voids(outbox: Outbox, journal: Journal) -> None:
+    """Hold, in the store, the billing windows of the customers this journal has voids for (every
+    replica's close.lua leaves them open) while a void may have something to undo; a void that
+    has nothing is settled here, and one that merges takes its hold with it (void.lua)."""
+    for customer, void in journal.voids:
+        try:
+            if not await outbox.hold(customer, void, VOID_HOLD_SECONDS):
+                journal.settled(customer, void)
+        except StoreUnavailable:
+            continue  # that customer's master is down: the others are still held
+
+
+async def _close_sites(sites: list[web.AppRunner]) -> None:
+    """Close the sites in the order they opened: the proxy's drain first, then the admin port."""
+    for runner in sites:
+        await runner.cleanup()
+
+
+def _start_reload(components: Components, running: set[asyncio.Task[object]]) -> None:
+    task: asyncio.Task[object] = asyncio.ensure_future(reload_policy(components))
+    running.add(task)  # held until done: the loop keeps only weak references to tasks
+    task.add_done_callback(running.discard)
+
+
+async def _embedded_store(stack: AsyncExitStack, settings: Settings) -> str:
+    embedded = EmbeddedRedis(settings.data_dir / "redis")
+    url = await asyncio.to_thread(embedded.start)
+    stack.push_async_callback(asyncio.to_thread, embedded.stop)
+    log.info("embedded redis-server on %s, data in %s", url, embedded.data_dir)
+    return url
+
+
+async def _site(sites: list[web.AppRunner], app: web.Application, settings: Settings, *, admin: bool) -> None:
+    address = settings.admin if admin else settings.listen
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=settings.drain_timeout, handle_signals=False
+    )
+    await runner.setup()
+    sites.append(runner)
+    metrics = app[COMPONENTS].metrics
+    shared = not admin and settings.workers > 1  # every worker listens on the proxy port
+    await GuardedSite(
+        runner, address.host, address.port, settings=settings, metrics=metrics, reuse_port=shared
+    ).start()

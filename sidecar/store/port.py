@@ -1,0 +1,197 @@
+"""The store contract: what the gate and the admin API need from Redis, as plain values.
+
+A refusal is a value (``Outcome.REFUSED``), not an exception. ``StoreUnavailable`` is raised
+only when the store could not answer within its timeout; the caller then applies
+``store_failure``. Nothing here imports redis.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sidecar.config.policy.model import Limit
+from sidecar.config.policy.windows import Window
+
+
+@dataclass(frozen=True, slots=True)
+class LimitCharge:
+    """What one request adds to one limit.
+
+    ``window`` is the calendar window (None for rate limits). ``enforced`` is False for soft
+    (on_exceed: allow) and shadow limits, which are charged but never refuse. An ``amount`` of 0
+    is a response-time meter: admitted while its balance is above zero, charged later.
+    ``counts_requests`` says the unit is requests (else the meter's own unit).
+    """
+
+    limit: Limit
+    amount: int
+    window: Window | None
+    enforced: bool
+    counts_requests: bool = True
+    allowance: bool = False  # a period allowance of a prepaid meter: charged through its CreditCharge
+    reserved: bool = False  # the amount is a reservation, undone when the request settles
+
+
+@dataclass(frozen=True, slots=True)
+class CreditCharge:
+    """What one request draws from the prepaid credit of one meter.
+
+    ``allowances`` index the period allowances (in MeterRequest.limits) used before credit. An
+    ``amount`` of 0 is a response-time meter: admitted while allowance and credit are above zero.
+    """
+
+    meter: str
+    amount: int
+    enforced: bool
+    allowances: tuple[int, ...] = ()
+    reserved: bool = False
+    counts_requests: bool = False
+
+    @property
+    def name(self) -> str:
+        """The policy name clients see in RateLimit headers and 429 bodies, e.g. tokens-prepaid."""
+        return f"{self.meter}-prepaid"
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A reservation: charged at admission under ``id``, undone when the request settles, and
+    released by the customer's next admission after ``ttl`` seconds if nobody settled it."""
+
+    id: str
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageCharge:
+    """What one request adds to the billing summary of (meter, feature) in the current window."""
+
+    meter: str
+    feature: str
+    amount: int
+    op: str  # "+" adds (count, sum); "max" / "min" keep the extreme; "uniq" notes `distinct`
+    distinct: str = ""  # the value a unique meter saw; counted once per window at close
+
+
+@dataclass(frozen=True, slots=True)
+class MeterRequest:
+    """One call of a metering script. ``hold`` is the reservation made (check_and_meter) or
+    settled (charge); ``holds`` says the call sweeps the customer's expired reservations."""
+
+    customer_id: str
+    limits: tuple[LimitCharge, ...]
+    usage: tuple[UsageCharge, ...]
+    billing_interval: int
+    credits: tuple[CreditCharge, ...] = ()
+    hold: Hold | None = None
+    holds: bool = False
+
+
+class Outcome(enum.Enum):
+    ADMITTED = "admitted"
+    REFUSED = "refused"
+    STALE = "stale"  # a calendar window did not contain the store's time: recompute, call again
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """One limit after the call: ``used`` includes the request only when it was admitted."""
+
+    charge: LimitCharge
+    used: int
+    reset_seconds: float
+    over: bool
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.charge.limit.ceiling - self.used)
+
+
+@dataclass(frozen=True, slots=True)
+class CreditState:
+    """One prepaid credit after the call: units granted in force and the balance left, which
+    includes the request only when it was admitted and may be below zero by what requests in
+    flight used (SPEC section 5)."""
+
+    charge: CreditCharge
+    granted: int
+    balance: int
+    over: bool = False
+
+    @property
+    def used(self) -> int:
+        return self.granted - self.balance
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    outcome: Outcome
+    store_time: float
+    limits: tuple[LimitState, ...]
+    credits: tuple[CreditState, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Prepaid credit for one meter; ``expires_at`` (unix seconds) None for never."""
+
+    id: str
+    meter: str
+    amount: int
+    expires_at: int | None = None
+
+
+class GrantOutcome(enum.Enum):
+    ADDED = "added"
+    REPEATED = "repeated"  # the same grant id and content were added before: counted once
+    CONFLICT = "conflict"  # the grant id was used before for a different grant
+
+
+class Replayed(enum.Enum):
+    """What merging one journal entry did (Store.replay)."""
+
+    MERGED = "merged"
+    REPEATED = "repeated"  # merged before (a retried replay, or another process's)
+    RAN = "ran"  # not merged: the call the entry stands for had run in the store after all
+    UNDONE = "undone"  # a void: the call it names had run, and is undone
+    NOT_RUN = "not_run"  # a void: the call it names had not run; nothing to undo
+    BILLED = "billed"  # a void: the call had run and its window was closed first; it stands
+
+
+class Store(Protocol):
+    def time(self) -> float:
+        """The store's clock as last observed, advanced by the local clock; no I/O."""
+
+    async def check_and_meter(self, request: MeterRequest) -> Admission:
+        """Atomically check every limit and charge all of them and the usage, or nothing.
+
+        One round trip. On REFUSED nothing in the store changed. On STALE nothing changed and
+        ``store_time`` is the store's clock to recompute the calendar windows with.
+        """
+
+    async def charge(self, request: MeterRequest) -> Admission:
+        """Charge response-time amounts to their limits and usage without checking; one round trip.
+
+        ADMITTED when charged; STALE (nothing written) when a calendar window is not the store's.
+        """
+
+    async def read_limits(self, request: MeterRequest) -> Admission:
+        """What each limit has used and when it resets, and each credit's balance; writes nothing."""
+
+    async def grant(self, customer_id: str, grant: Grant) -> GrantOutcome:
+        """Add prepaid credit once per grant id; one round trip."""
+
+    async def replay(self, entry: Mapping[str, Any]) -> Replayed:
+        """Merge one journal entry once (or undo the call a void entry names); one round trip."""
+
+    @property
+    def circuit_open(self) -> bool:
+        """Calls fail at once because the store kept failing (store/breaker.py)."""
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""The Redis implementation of the store port."""

@@ -1,0 +1,141 @@
+"""The billing side of the store: close finished windows into per-customer outboxes, lease them
+to one pusher at a time, and settle them once billing has answered.
+
+Every per-customer step is one atomic script on that customer's keys (one cluster slot). The
+shared schedules (DIRTY, PENDING, DEAD) are only indexes: a unit is always in a usage hash, an
+outbox or a dead-letter hash, and ``rebuild_schedules`` finds every such key again by scanning,
+so a replica dying between a script and an index update delays a summary, never loses it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, cast
+
+from sidecar.errors import UnansweredCall
+from sidecar.store.redis import keys
+from sidecar.store.redis.store import bounded, hold_member, load_script
+from sidecar.store.redis.topology import StoreClient
+from sidecar.store.summaries import Summary
+
+# Background work may wait longer than a request can.
+BILLING_STORE_TIMEOUT = 2.0
+_SCAN_BATCH = 1000
+HELD = -1  # close() moved nothing: a void hold keeps the customer's windows open
+
+
+class Outbox:
+    def __init__(self, client: StoreClient, *, timeout: float = BILLING_STORE_TIMEOUT) -> None:
+        self.client = client
+        self._timeout = timeout
+        self._close = client.register_script(load_script("close", shared=False))
+        self._settle = client.register_script(load_script("settle_outbox", shared=False))
+        self._redrive = client.register_script(load_script("redrive", shared=False))
+        self._claim = client.register_script(load_script("claim", shared=False))
+        self._release = client.register_script(load_script("release", shared=False))
+        self._hold = client.register_script(load_script("hold"))
+
+    async def mark_dirty(self, dues: Mapping[str, int]) -> None:
+        """Schedule each customer's window closing; an earlier due time wins (ZADD LT)."""
+        if dues:
+            await bounded(self.client.zadd(keys.DIRTY, dict(dues), lt=True), self._timeout)
+
+    async def due_dirty(self, now_ms: int, limit: int) -> list[tuple[str, int]]:
+        due = await bounded(
+            self.client.zrangebyscore(keys.DIRTY, "-inf", now_ms, start=0, num=limit, withscores=True),
+            self._timeout,
+        )
+        pairs = cast(list[tuple[bytes, float]], due)
+        return [(member.decode(), int(score)) for member, score in pairs]
+
+    async def close(
+        self, customer: str, plan: str, interval: int, cutoff: int, aggregations: Mapping[str, str]
+    ) -> tuple[int, int | None]:
+        """Move every window ended by `cutoff` into the outbox: (moved, earliest open window), or
+        (HELD, None) while a void hold is set for the customer (hold)."""
+        key_list = [
+            keys.usage(customer),
+            keys.revisions(customer),
+            keys.outbox(customer),
+            keys.void_hold(customer),
+        ]
+        args: list[Any] = [customer, plan, interval, cutoff]
+        for meter, aggregation in aggregations.items():
+            args += (meter, aggregation)
+        moved, open_window = await bounded(self._close(keys=key_list, args=args), self._timeout)
+        return int(moved), None if int(open_window) < 0 else int(open_window)
+
+    async def hold(self, customer: str, void: UnansweredCall, seconds: int) -> bool:
+        """Keep the customer's windows open in every replica (close.lua) while this void may have
+        something to undo, for `seconds` unless renewed; False when it has nothing (hold.lua)."""
+        key_list = [keys.call_records(customer, void.token), keys.void_hold(customer)]
+        args: list[str | int] = [void.seq, void.deadline_us, hold_member(void), seconds]
+        return bool(await bounded(self._hold(keys=key_list, args=args), self._timeout))
+
+    async def reschedule(self, schedule: str, customer: str, seen: int, new: int | None) -> bool:
+        """Remove (new None) or reschedule a member, only if nobody changed it since it was `seen`."""
+        args: list[str | int] = [customer, seen, "" if new is None else new]
+        return bool(await bounded(self._release(keys=[schedule], args=args), self._timeout))
+
+    async def schedule_push(self, customer: str, at_ms: int) -> None:
+        """Due for pushing at `at_ms`; overrides a lease, so new summaries are never left behind."""
+        await bounded(self.client.zadd(keys.PENDING, {customer: at_ms}), self._timeout)
+
+    async def claim_pending(self, now_ms: int, lease_end_ms: int, limit: int) -> list[str]:
+        args = [now_ms, lease_end_ms, limit]
+        claimed = await bounded(self._claim(keys=[keys.PENDING], args=args), self._timeout)
+        return [bytes(member).decode() for member in claimed]
+
+    async def summaries(self, customer: str) -> list[Summary]:
+        stored = await bounded(self.client.hvals(keys.outbox(customer)), self._timeout)
+        return [Summary(**json.loads(value)) for value in stored]
+
+    async def settle(self, customer: str, ids: tuple[str, ...], *, dead_reason: str | None = None) -> int:
+        """Delete delivered summaries, or dead-letter them with a reason; returns how many remain."""
+        key_list = [keys.outbox(customer), keys.dead_letters(customer)]
+        args = ["ack" if dead_reason is None else "dead", dead_reason or "", *ids]
+        remaining = int(await bounded(self._settle(keys=key_list, args=args), self._timeout))
+        if dead_reason is not None:
+            await bounded(self.client.zadd(keys.DEAD, {customer: 0}), self._timeout)
+        return remaining
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        """Every dead letter: the summary as it would have been sent, and why billing refused it."""
+        letters = []
+        for customer in await self._members(keys.DEAD):
+            stored = await bounded(self.client.hvals(keys.dead_letters(customer)), self._timeout)
+            letters += [json.loads(value) for value in stored]
+        return letters
+
+    async def redrive(self, now_ms: int) -> int:
+        """Move every dead letter back into its outbox (same id, same value) and schedule a push."""
+        moved = 0
+        for customer in await self._members(keys.DEAD):
+            key_list = [keys.dead_letters(customer), keys.outbox(customer)]
+            moved += int(await bounded(self._redrive(keys=key_list), self._timeout))
+            await bounded(self.client.zrem(keys.DEAD, customer), self._timeout)
+            await self.schedule_push(customer, now_ms)
+        return moved
+
+    async def pending_summaries(self, limit: int = 1000) -> int:
+        """Summaries waiting in the outboxes of (at most `limit`) pending customers."""
+        customers = await self._members(keys.PENDING, limit)
+        pipe = self.client.pipeline(transaction=False)
+        for customer in customers:
+            pipe.hlen(keys.outbox(customer))
+        return sum(await bounded(pipe.execute(), self._timeout)) if customers else 0
+
+    async def _members(self, schedule: str, limit: int = 0) -> list[str]:
+        members = await bounded(self.client.zrange(schedule, 0, limit - 1), self._timeout)
+        return [member.decode() for member in cast(list[bytes], members)]
+
+    async def rebuild_schedules(self) -> None:
+        """Find every usage hash and outbox by scanning and make sure each is scheduled (NX)."""
+        for pattern, schedule in ((keys.USAGE_PATTERN, keys.DIRTY), (keys.OUTBOX_PATTERN, keys.PENDING)):
+            found = [
+                keys.customer_of(key.decode())
+                async for key in self.client.scan_iter(match=pattern, count=_SCAN_BATCH)
+            ]
+            if found:
+                await bounded(self.client.zadd(schedule, dict.fromkeys(found, 0), nx=True), self._timeout)

@@ -1,0 +1,277 @@
+"""The Redis store: the Lua scripts of store/lua, called by SHA, one round trip per operation.
+
+The client never retries a script: a reply lost to a timeout does not say whether the script
+ran, and running it again could charge twice. A metering call whose reply was lost raises
+OutcomeUnknown with the call's name and deadline; the journal entry kept for it (journal.py) is
+merged, or undone, by what the store recorded of that call (lib.lua remember_call).
+
+Every redis error and every timeout becomes StoreUnavailable here, the one translation point (and
+in batching.py, for the scripts of the hot path, which are pipelined: the calls of one event-loop
+turn share one round trip).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from importlib import resources
+from typing import Any, TypeVar
+
+from redis.exceptions import RedisError
+
+from sidecar.errors import OutcomeUnknown, StoreUnavailable, UnansweredCall
+from sidecar.store.port import (
+    Admission,
+    Grant,
+    GrantOutcome,
+    MeterRequest,
+    Replayed,
+)
+from sidecar.store.redis import codec as replies
+from sidecar.store.redis import keys
+from sidecar.store.redis.breaker import CircuitBreaker
+from sidecar.store.redis.clock import StoreClock
+from sidecar.store.redis.pipeline import Script, ScriptBatcher
+from sidecar.store.redis.topology import StoreClient, Topology, close_client
+
+T = TypeVar("T")
+log = logging.getLogger("sidecar.store")
+# Connections per sidecar process: enough to keep Redis busy, few enough not to crowd it with replicas.
+MAX_CONNECTIONS = 64
+# Seconds a merged journal entry is remembered; far longer than any outage a journal outlives.
+JOURNAL_MARKER_TTL = 7 * 86400
+EXPIRED = -2  # a metering script that ran after its deadline, having written nothing
+MAX_DEADLINE_WAIT = 0.25  # seconds a merge waits for the deadline of the call its entry names
+_REPLAYED = {1: Replayed.MERGED, 0: Replayed.REPEATED, 2: Replayed.RAN}
+_VOIDED = {1: Replayed.UNDONE, 0: Replayed.NOT_RUN, 2: Replayed.BILLED}
+_GRANT_OUTCOMES = {1: GrantOutcome.ADDED, 0: GrantOutcome.REPEATED, -1: GrantOutcome.CONFLICT}
+
+
+def load_script(name: str, *, shared: bool = True) -> str:
+    """A script's source, with the shared lib.lua in front of it unless ``shared`` is False."""
+    lua = resources.files("sidecar.store.redis").joinpath("lua")
+    source = lua.joinpath(f"{name}.lua").read_text()
+    return lua.joinpath("lib.lua").read_text() + "\n" + source if shared else source
+
+
+def connect(url: str, timeout: float, *, max_connections: int = MAX_CONNECTIONS) -> StoreClient:
+    """A client for the store a --redis URL names (one server, Sentinel or Cluster) whose every
+    wait (connect, reply, a free pooled connection) is bounded by `timeout` and which never
+    retries by itself."""
+    return Topology.parse(url).client(timeout, max_connections=max_connections)
+
+
+class RedisStore:
+    def __init__(self, client: StoreClient, batcher: ScriptBatcher, *, timeout: float) -> None:
+        self.client = client
+        self._timeout = timeout
+        self.breaker = CircuitBreaker()
+        self._clock = StoreClock()
+        # The hot path's scripts go through the batcher: one pipelined round trip per loop turn.
+        self.batcher = batcher
+        self._check = self.batcher.register(load_script("check_and_meter"), named=True)
+        self._read = self.batcher.register(load_script("read_limits"))
+        self._charge = self.batcher.register(load_script("charge"), named=True)
+        self._grant = client.register_script(load_script("grant", shared=False))
+        self._replay = client.register_script(load_script("replay"))
+        self._void = client.register_script(load_script("void"))
+
+    @classmethod
+    def open(cls, url: str, timeout: float) -> RedisStore:
+        """The store a --redis URL names, with its own client and batcher."""
+        topology = Topology.parse(url)
+        batcher = ScriptBatcher(topology.locator(timeout), timeout=timeout)
+        return cls(topology.client(timeout, max_connections=MAX_CONNECTIONS), batcher, timeout=timeout)
+
+    def time(self) -> float:
+        return self._clock.now()
+
+    def _deadline(self) -> float:
+        """When a metering script must no longer write (store clock): half the store timeout from
+        now. A call this sidecar gave up on (it waits the whole timeout) cannot have been run after
+        it gave up, e.g. by a Redis that was paused and resumed with the call in its buffer; so
+        usage kept in the journal for that call is not also in the store (SPEC §5)."""
+        return self.time() + self._timeout / 2
+
+    async def check_and_meter(self, request: MeterRequest) -> Admission:
+        return self._admission(await self._metering(self._check, request), request)
+
+    async def charge(self, request: MeterRequest) -> Admission:
+        return self._admission(await self._metering(self._charge, request), None)
+
+    async def _metering(self, script: Script, request: MeterRequest) -> Any:
+        """One metering call; an OutcomeUnknown names the call and when it could last have run."""
+        deadline = self._deadline()
+        try:
+            return await self._call(lambda: script(*script_arguments(request, deadline=deadline)))
+        except OutcomeUnknown as error:
+            error.call = dataclasses.replace(error.call, deadline_us=int(deadline * 1_000_000))
+            raise
+
+    async def read_limits(self, request: MeterRequest) -> Admission:
+        reply = await self._call(lambda: self._read(*script_arguments(request, usage=False)))
+        return self._admission(reply, request, has_over=False)
+
+    async def grant(self, customer_id: str, grant: Grant) -> GrantOutcome:
+        record = json.dumps(
+            {"meter": grant.meter, "amount": grant.amount, "expires_at": grant.expires_at}, sort_keys=True
+        )
+        expiry = "+inf" if grant.expires_at is None else grant.expires_at
+        key_list = [
+            keys.grants(customer_id),
+            keys.credit_left(customer_id, grant.meter),
+            keys.credit_expiries(customer_id, grant.meter),
+            keys.overdraft(customer_id, grant.meter),
+        ]
+        reply = await self._call(
+            lambda: self._grant(keys=key_list, args=[grant.id, record, grant.amount, expiry])
+        )
+        return _GRANT_OUTCOMES[int(reply)]
+
+    async def replay(self, entry: Mapping[str, Any]) -> Replayed:
+        """Merge one journal entry (journal.py) once, or undo the call a void entry names. An entry
+        whose call could still run waits for that call's deadline, up to MAX_DEADLINE_WAIT."""
+        named = entry.get("void") or entry.get("call")
+        outcome = await self._replay_once(entry)
+        if outcome is None and named is not None:
+            deadline = UnansweredCall.from_fields(named).deadline_us / 1_000_000
+            await asyncio.sleep(min(MAX_DEADLINE_WAIT, max(0.0, deadline - self.time())))
+            outcome = await self._replay_once(entry)
+        if outcome is None:
+            raise StoreUnavailable("a call the journal names may still run in the store; merged later")
+        return outcome
+
+    async def _replay_once(self, entry: Mapping[str, Any]) -> Replayed | None:
+        """What merging the entry did; None while the call it names could still run."""
+        customer = str(entry["customer"])
+        if "void" in entry:
+            void = UnansweredCall.from_fields(entry["void"])
+            key_list = [keys.call_records(customer, void.token), keys.void_hold(customer)]
+            args: list[Any] = [void.seq, void.deadline_us, hold_member(void)]
+            voided = await self._call(lambda: self._void(keys=key_list, args=args), counted=False)
+            return _VOIDED.get(int(voided))
+        call = UnansweredCall.from_fields(entry["call"]) if "call" in entry else UnansweredCall("", 0)
+        records = [keys.call_records(customer, call.token)] if call.token else []
+        key_list = [keys.journal_marker(customer, str(entry["id"])), *records, *entry["keys"]]
+        args = [int(entry["at"]), JOURNAL_MARKER_TTL, *call.fields(), *entry["args"]]
+        replayed = await self._call(lambda: self._replay(keys=key_list, args=args), counted=False)
+        return _REPLAYED.get(int(replayed))
+
+    async def ping(self) -> None:
+        await self._call(lambda: self.client.ping())
+
+    def traffic(self) -> tuple[int, int]:
+        """Script calls sent through the batcher, and the round trips that carried them."""
+        return self.batcher.calls, self.batcher.round_trips
+
+    async def connect(self) -> None:
+        """Open the batcher's connection and load the scripts now, so the first requests do not
+        pay for it inside their store timeout; a store that is down is only logged here."""
+        try:
+            await self.batcher.connect()
+        except StoreUnavailable as error:
+            log.warning("store not reachable at startup (%s); requests will retry the connection", error)
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        await close_client(self.client)
+
+    @property
+    def circuit_open(self) -> bool:
+        return self.breaker.is_open
+
+    async def _call(self, start: Callable[[], Awaitable[T]], *, counted: bool = True) -> T:
+        """Run one store operation, unless the circuit breaker says the store is down. A call not
+        ``counted`` (a journal merge, up to journal.MERGE_LANES at once) neither probes nor moves
+        the breaker: merges failing together, for one cluster master that is down, would open it
+        for the requests of every master."""
+        allowed = self.breaker.allow() if counted else not self.breaker.is_open
+        if not allowed:
+            raise StoreUnavailable("the store failed repeatedly; the circuit breaker is open")
+        operation = start()
+        try:
+            if isinstance(operation, asyncio.Future):  # a batched script call: its batch has the deadline
+                reply: T = await operation
+            else:
+                reply = await bounded(operation, self._timeout)
+        except StoreUnavailable:
+            if counted:
+                self.breaker.failed()
+            raise
+        if counted:
+            self.breaker.succeeded()
+        return reply
+
+    def _admission(
+        self, reply: Sequence[Any], request: MeterRequest | None, *, has_over: bool = True
+    ) -> Admission:
+        if int(reply[0]) == EXPIRED:
+            self._clock.learn(replies.store_time(reply))
+            raise StoreUnavailable("the store ran the script after its deadline; it wrote nothing")
+        admission = replies.admission(reply, request, has_over=has_over)
+        self._clock.learn(admission.store_time)
+        return admission
+
+
+async def bounded(operation: Awaitable[T], timeout: float) -> T:
+    """Await a redis call for at most `timeout`; every failure becomes StoreUnavailable."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await operation
+    except (RedisError, TimeoutError, OSError) as error:
+        raise StoreUnavailable(f"store did not answer: {type(error).__name__}") from error
+
+
+def hold_member(call: UnansweredCall) -> str:
+    """The member a void puts in its customer's void hold (store/keys.py, void_hold)."""
+    return f"{call.token}:{call.seq}"
+
+
+def script_arguments(
+    request: MeterRequest, *, usage: bool = True, deadline: float = 0.0
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of the metering scripts, in the layout lib.lua's parse_request reads;
+    ``deadline`` (store clock, 0 for none) is when the script must no longer write."""
+    customer = request.customer_id
+    hold = request.hold
+    key_list: list[str] = []
+    args: list[Any] = [
+        request.billing_interval,
+        hold.id if hold else "",
+        hold.ttl * 1000 if hold else 0,
+        "1" if request.holds else "0",
+        len(request.limits),
+        int(deadline * 1_000_000),
+    ]
+    if request.holds:
+        key_list += (keys.holds(customer), keys.hold_expiries(customer))
+    for charge in request.limits:
+        limit = charge.limit
+        mode = "a" if charge.allowance else "h" if charge.enforced else "s"
+        mode += "r" if charge.reserved else ""
+        if charge.window is None:
+            key_list += (keys.rate_log(customer, limit.name), keys.rate_total(customer, limit.name))
+            args += ("r", charge.amount, limit.ceiling, mode, limit.period.seconds * 1_000_000, 0)
+        else:
+            key_list.append(keys.quota(customer, limit.name, charge.window[0]))
+            args += ("c", charge.amount, limit.ceiling, mode, *charge.window)
+    args.append(len(request.credits))
+    for credit in request.credits:
+        mode = ("h" if credit.enforced else "s") + ("r" if credit.reserved else "")
+        args += (credit.amount, mode, len(credit.allowances), *(i + 1 for i in credit.allowances))
+        key_list += (
+            keys.credit_left(customer, credit.meter),
+            keys.credit_expiries(customer, credit.meter),
+            keys.overdraft(customer, credit.meter),
+        )
+    if usage:
+        key_list.append(keys.usage(customer))
+        for entry in request.usage:
+            suffix = f"{entry.meter}|{entry.feature}"
+            if entry.op == "uniq":
+                suffix = f"{suffix}|{entry.distinct}"
+            args += (suffix, entry.op, entry.amount)
+    return key_list, args
