@@ -21,7 +21,7 @@ from datetime import date
 from types import MappingProxyType
 from typing import Any, cast
 
-from sidecar.config.policy.model import BillingFormat, Customer, Policy
+from sidecar.config.policy.model import Customer, Policy
 from sidecar.errors import StoreUnavailable
 from sidecar.store.redis import keys
 from sidecar.store.redis.store import bounded
@@ -179,8 +179,7 @@ def _anchor(value: object, problems: list[str]) -> date | None:
 
 
 def _billing_id_problems(policy: Policy, ids: Mapping[str, object]) -> list[str]:
-    needed = {BillingFormat.STRIPE: "stripe_customer_id", BillingFormat.LAGO: "lago_subscription_id"}
-    name = needed.get(policy.billing.format) if policy.billing else None
+    name = policy.billing.format.customer_field if policy.billing else None
     return (
         [f"billing format '{policy.billing.format.value}' needs {name}"]
         if name and policy.billing and not ids[name]

@@ -198,7 +198,7 @@ BAD = [
     ),
     (
         "lago_batch_size",
-        "6:89: billing.batch_size: Lago accepts at most 100 events per batch, got 500",
+        "6:89: billing.batch_size: billing format 'lago' accepts at most 100 events per batch, got 500",
     ),
     (
         "billing_id_missing",

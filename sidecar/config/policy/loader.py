@@ -733,22 +733,17 @@ def _billing(draft: _Draft, at: At) -> None:
             url=url, format=billing_format, interval=interval, grace=grace, batch_size=batch_size
         )
         draft.later(_billing_ids, draft, billing_format)
-    if billing_format is BillingFormat.LAGO and batch_size > LAGO_MAX_BATCH:
+    most = billing_format.max_batch
+    if most is not None and batch_size > most:
         fields["batch_size"].error(
-            f"Lago accepts at most {LAGO_MAX_BATCH} events per batch, got {batch_size}"
+            f"billing format '{billing_format.value}' accepts at most {most} events per batch, "
+            f"got {batch_size}"
         )
-
-
-LAGO_MAX_BATCH = 100  # POST /api/v1/events/batch refuses more with 422 too_many_events
-_BILLING_ID_FIELDS = {
-    BillingFormat.STRIPE: "stripe_customer_id",
-    BillingFormat.LAGO: "lago_subscription_id",
-}
 
 
 def _billing_ids(draft: _Draft, billing_format: BillingFormat) -> None:
     """Stripe and Lago address a customer by their own id: every customer must name it."""
-    field_name = _BILLING_ID_FIELDS.get(billing_format)
+    field_name = billing_format.customer_field
     if field_name is None:
         return
     for customer_id, entry in draft.customers.items():

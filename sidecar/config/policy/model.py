@@ -34,11 +34,26 @@ class StoreFailure(enum.Enum):
     OPEN = "open"
 
 
+# What the policy must check for each billing format; the encoders are billing/formats/.
+# The field of a customer that names it in the billing system (none: our own customer id).
+_CUSTOMER_FIELDS = {"stripe": "stripe_customer_id", "lago": "lago_subscription_id"}
+# The most summaries one request may carry (none: the policy's batch_size alone bounds it).
+_MAX_BATCH = {"lago": 100}  # POST /api/v1/events/batch refuses more with 422 too_many_events
+
+
 class BillingFormat(enum.Enum):
+    """A billing system's wire format, with what the loader and the customer directory check for
+    it: ``customer_field`` (the Customer field every customer must fill, or None) and
+    ``max_batch`` (the most summaries in one request, or None)."""
+
     JSON = "json"
     STRIPE = "stripe"
     LAGO = "lago"
     OPENMETER = "openmeter"
+
+    def __init__(self, value: str) -> None:
+        self.customer_field: str | None = _CUSTOMER_FIELDS.get(value)
+        self.max_batch: int | None = _MAX_BATCH.get(value)
 
 
 class SourceKind(enum.Enum):
