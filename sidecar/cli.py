@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import urllib.error
@@ -74,6 +73,9 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--store-timeout", help="seconds to wait for the store (default 0.05)")
     run.add_argument("--drain-timeout", help="seconds in-flight requests get on shutdown (default 30)")
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    run.add_argument(
+        "--log-format", help="text or json, one object a line (SIDECAR_LOG_FORMAT, default text)"
+    )
     run.add_argument("--max-header-size", help="bytes of request line and headers, else 431 (default 32k)")
     run.add_argument("--max-headers", help="header fields per request, else 431 (default 100)")
     run.add_argument("--max-body-size", help="bytes of request body, else 413 (default 1g)")
@@ -89,6 +91,7 @@ def run_command(args: argparse.Namespace) -> int:
     from sidecar.config.policy.holder import PolicyHolder
     from sidecar.config.settings import build_settings
     from sidecar.http.intake import require_c_parser
+    from sidecar.runtime import logs
     from sidecar.runtime.demo import serve_demo
     from sidecar.runtime.server import serve
     from sidecar.runtime.workers import run_workers
@@ -96,9 +99,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         settings = build_settings(vars(args), os.environ)
         require_c_parser()
-        logging.basicConfig(
-            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        logs.configure(settings.log_level, settings.log_format)
         holder = PolicyHolder.load(settings.policies)
         if settings.workers > 1 and not args.demo:
             return run_workers(settings, holder)

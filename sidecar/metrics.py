@@ -1,15 +1,48 @@
 """Every Prometheus collector, declared once, with bounded labels (plan, feature, decision, kind).
 
 The customer id is never a label: it would make cardinality unbounded. Each sidecar instance owns
-its registry, so several instances can live in one process (tests, workers).
+its registry, so several instances can live in one process (tests).
+
+Under ``--workers N`` each worker is a process of its own, and worker 0's /metrics must count every
+worker's requests. prometheus-client's multiprocess mode does that: each worker keeps its values
+in memory-mapped files in one directory (``use_multiprocess``, called in each worker before its
+Metrics exist) and the exposition reads them all. Counters and histograms add up; each gauge says
+how its workers' values combine (``multiprocess_mode``: the journal backlog adds up over live
+workers, the rest take the largest). The store's traffic counters, plain integers the script
+batcher keeps, are copied into real counters once a second (``sync_store_traffic``) there.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def use_multiprocess(directory: Path) -> None:
+    """From here on, in this process, every metric value lives in `directory` (a worker calls this
+    after the fork and before it builds its Metrics; the parent cleared the directory first)."""
+    os.environ[MULTIPROC_VARIABLE] = str(directory)
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def clear_multiprocess(directory: Path) -> None:
+    """Start `directory` empty: values a previous run left there must not be counted again."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+
+
+def worker_exited(directory: Path, pid: int) -> None:
+    """Drop a dead worker's live gauges (its counters stay: what it counted happened)."""
+    mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
+
 
 # Sidecar overhead: from the request's arrival to the moment it is handed to the upstream.
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -40,7 +73,21 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.store_traffic = StoreTraffic()
-        self.registry.register(self.store_traffic)
+        self.multiprocess_dir = os.environ.get(MULTIPROC_VARIABLE)
+        self._synced = (0, 0)
+        if self.multiprocess_dir is None:
+            self.registry.register(self.store_traffic)
+        else:
+            self.store_script_calls = Counter(
+                "sidecar_store_script_calls",
+                "Hot-path script calls sent to the store.",
+                registry=self.registry,
+            )
+            self.store_round_trips = Counter(
+                "sidecar_store_round_trips",
+                "Pipelines written to the store: the script calls of one event-loop turn share one.",
+                registry=self.registry,
+            )
         self.requests = Counter(
             "sidecar_requests",
             "Requests by decision (admitted, refused, unauthorized, ...), feature and plan.",
@@ -109,11 +156,13 @@ class Metrics:
             "sidecar_journal_pending_entries",
             "Journal entries of this process not yet merged into the store.",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.store_circuit_open = Gauge(
             "sidecar_store_circuit_open",
             "1 while the circuit breaker treats the store as down and calls fail at once.",
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.policy_reloads = Counter(
             "sidecar_policy_reloads",
@@ -125,6 +174,7 @@ class Metrics:
             "sidecar_policy_loaded_timestamp_seconds",
             "When the policy in force was loaded.",
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
 
         self.billing_pushes = Counter(
@@ -137,11 +187,13 @@ class Metrics:
             "sidecar_billing_pending_summaries",
             "Summaries waiting in outboxes for a 2xx from billing.",
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.billing_oldest_age = Gauge(
             "sidecar_billing_oldest_pending_age_seconds",
             "Age of the oldest undelivered summary seen in the last push cycle, from its window end.",
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.billing_dead_letters = Counter(
             "sidecar_billing_dead_letters",
@@ -149,5 +201,21 @@ class Metrics:
             registry=self.registry,
         )
 
+    def sync_store_traffic(self) -> None:
+        """Under --workers: add what the store client counted since the last call to the shared
+        counters (a no-op in one process, where /metrics reads the client's integers directly)."""
+        if self.multiprocess_dir is None or self.store_traffic.source is None:
+            return
+        calls, round_trips = self.store_traffic.source()
+        self.store_script_calls.inc(calls - self._synced[0])
+        self.store_round_trips.inc(round_trips - self._synced[1])
+        self._synced = (calls, round_trips)
+
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """The text format: this instance's registry, or under --workers every worker's values."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        self.sync_store_traffic()
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

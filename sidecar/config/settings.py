@@ -52,6 +52,7 @@ class Settings:
     store_timeout: float = 0.05
     drain_timeout: float = 30.0
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one object a line (runtime/logs.py)
     # Hostile input (guard.py, connection.py): the request line and header fields together, the
     # number of header fields, a request body, and the time a request head may take to arrive.
     max_header_size: int = 32 * 1024
@@ -148,6 +149,13 @@ def loop_available(name: str) -> bool:
     return name == "asyncio" or (name == "uvloop" and importlib.util.find_spec("uvloop") is not None)
 
 
+def parse_log_format(value: str, name: str) -> str:
+    log_format = value.strip().lower()
+    if log_format not in ("text", "json"):
+        raise SettingsInvalid(f"{name}={value!r}: expected text or json")
+    return log_format
+
+
 def parse_loop(value: str, name: str) -> str:
     loop = value.strip().lower()
     if loop not in LOOPS:
@@ -197,6 +205,7 @@ _SOURCES: tuple[tuple[str, str | None, str, Callable[[str, str], Any]], ...] = (
     ("store_timeout", "store_timeout", "SIDECAR_STORE_TIMEOUT", parse_seconds),
     ("drain_timeout", "drain_timeout", "SIDECAR_DRAIN_TIMEOUT", parse_seconds),
     ("log_level", "log_level", "SIDECAR_LOG_LEVEL", parse_level),
+    ("log_format", "log_format", "SIDECAR_LOG_FORMAT", parse_log_format),
     ("max_header_size", "max_header_size", "SIDECAR_MAX_HEADER_SIZE", parse_size),
     ("max_headers", "max_headers", "SIDECAR_MAX_HEADERS", parse_count),
     ("max_body_size", "max_body_size", "SIDECAR_MAX_BODY_SIZE", parse_size),

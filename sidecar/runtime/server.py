@@ -84,6 +84,7 @@ async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True)
         await _pusher(stack, components)
         await _run_journal(stack, components, journal)
         await _background(stack, watch(components, stopping))
+        await _background(stack, _share_store_traffic(metrics, store))
         loop.add_signal_handler(signal.SIGHUP, _start_reload, components, reloads)
         # The proxy port opens first (/readyz answering 200 must mean requests can be served) and
         # closes first (it drains while the admin port still answers).
@@ -95,6 +96,15 @@ async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True)
         log.info("serving %s → %s; admin on %s", settings.listen, settings.upstream, settings.admin)
         await stopping.wait()
         log.info("stopping: draining in-flight requests (up to %ss)", settings.drain_timeout)
+
+
+async def _share_store_traffic(metrics: Metrics, store: RedisStore) -> None:
+    """Under --workers, copy this worker's store traffic into the shared counters once a second
+    (metrics.py): the admin port is worker 0's, and it must count every worker's round trips."""
+    metrics.store_traffic.source = store.traffic
+    while metrics.multiprocess_dir is not None:
+        await asyncio.sleep(1.0)
+        metrics.sync_store_traffic()
 
 
 async def _pusher(stack: AsyncExitStack, components: Components) -> None:

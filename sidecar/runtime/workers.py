@@ -9,9 +9,11 @@ policy watcher; every listening socket on the proxy port has SO_REUSEPORT, and t
 new connections over them. Exactness is the store's: workers are replicas that share a process
 group.
 
-Worker 0 alone serves the admin port (/metrics there shows worker 0's counters; the store-backed
-answers, /readyz and /admin/, are the same from any worker). A policy reload reaches every
-worker: SIGHUP to the parent is forwarded to each, and each watches the policy files.
+Worker 0 alone serves the admin port. Its /metrics counts every worker: the parent clears
+``<data-dir>/metrics`` and each worker keeps its values there (prometheus-client's multiprocess
+mode, metrics.py); the store-backed answers, /readyz and /admin/, are the same from any worker.
+A policy reload reaches every worker: SIGHUP to the parent is forwarded to each, and each
+watches the policy files.
 
 The parent forwards SIGTERM and SIGINT (drain, flush, exit) and SIGHUP to every worker and waits
 for them. A worker that exits on its own is a failure: the parent stops the others and exits 1,
@@ -25,11 +27,13 @@ import dataclasses
 import logging
 import os
 import signal
+from pathlib import Path
 from types import FrameType
 
+from sidecar import metrics
 from sidecar.config.policy.holder import PolicyHolder, freeze_heap
 from sidecar.config.settings import Settings
-from sidecar.runtime import loops
+from sidecar.runtime import logs, loops
 from sidecar.store.redis.embedded import EmbeddedRedis
 
 log = logging.getLogger("sidecar.runtime.workers")
@@ -47,6 +51,7 @@ def run_workers(settings: Settings, holder: PolicyHolder) -> int:
             stack.callback(embedded.stop)
             log.info("embedded redis-server on %s, data in %s", url, embedded.data_dir)
         shared = dataclasses.replace(settings, redis_url=url)
+        metrics.clear_multiprocess(metrics_dir(settings))
         freeze_heap()
         return _Supervisor().run(shared, holder)
 
@@ -56,8 +61,10 @@ class _Supervisor:
         self.children: dict[int, int] = {}  # pid → worker index
         self.stopping = False
         self.failed = False
+        self.metrics_dir = Path()
 
     def run(self, settings: Settings, holder: PolicyHolder) -> int:
+        self.metrics_dir = metrics_dir(settings)
         for signum in _FORWARDED:  # before the forks: a signal must never find the parent undecided
             signal.signal(signum, self._forward)
         for index in range(settings.workers):
@@ -70,6 +77,7 @@ class _Supervisor:
         return 1 if self.failed else 0
 
     def _exited(self, index: int, pid: int, code: int) -> None:
+        metrics.worker_exited(self.metrics_dir, pid)
         if self.stopping:
             self.failed = self.failed or code != 0
             return
@@ -88,6 +96,12 @@ class _Supervisor:
                 os.kill(pid, signum)
 
 
+def metrics_dir(settings: Settings) -> Path:
+    """Where the workers keep their metric values (under the data dir: writable on a read-only
+    root filesystem, and one directory per sidecar)."""
+    return settings.data_dir / "metrics"
+
+
 def _fork(index: int, settings: Settings, holder: PolicyHolder) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)  # none may reach the child's copy of _forward
     pid = os.fork()
@@ -100,6 +114,8 @@ def _fork(index: int, settings: Settings, holder: PolicyHolder) -> int:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before serve() is up: nothing to do
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+        metrics.use_multiprocess(metrics_dir(settings))
+        logs.name_worker(index)
         from sidecar.runtime.server import serve
 
         loops.run(serve(settings, holder, admin=index == 0), settings.loop)
