@@ -26,12 +26,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import aiohttp
 
 from sidecar.admission.customers import CustomerDirectory
-from sidecar.billing.formats import Delivery, PushRequest, classify, encode, lago_duplicates
+from sidecar.billing.formats import FORMATS, Delivery, Format, PushRequest, encode
 from sidecar.billing.marks import DirtyMarks
 from sidecar.billing.signing import HEADER as SIGNATURE_HEADER
 from sidecar.billing.signing import signature
 from sidecar.config.policy.holder import PolicyHolder
-from sidecar.config.policy.model import Billing, BillingFormat, Customer, Policy
+from sidecar.config.policy.model import Billing, Customer, Policy
 from sidecar.errors import StoreUnavailable
 from sidecar.metrics import Metrics
 from sidecar.store.redis import keys
@@ -175,12 +175,12 @@ class Pusher:
         for start in range(0, len(sendable), billing.batch_size):
             batch = sendable[start : start + billing.batch_size]
             for request in encode(billing, batch, customers, token=self.token):
-                outcomes.update(await self._send(billing, request))
+                outcomes.update(await self._send(FORMATS[billing.format], request))
         return outcomes
 
-    async def _send(self, billing: Billing, request: PushRequest) -> dict[str, tuple[Delivery, str]]:
-        """Each summary's outcome. A Lago batch is stored all-or-nothing, so when Lago names some
-        events as duplicates (a crash lost our ack of an earlier batch) those count as delivered
+    async def _send(self, fmt: Format, request: PushRequest) -> dict[str, tuple[Delivery, str]]:
+        """Each summary's outcome. A refusal that names some summaries as stored already (Lago's
+        duplicates, when a crash lost our ack of an earlier batch) splits: those count as delivered
         and the rest are retried in a batch without them."""
         headers = dict(request.headers)
         if self.secret:
@@ -191,10 +191,10 @@ class Pusher:
                 request.url, data=request.body, headers=headers, timeout=PUSH_TIMEOUT
             ) as response:
                 answer = await response.read()
-                delivery = classify(billing.format, response.status, answer, sent=len(request.summary_ids))
+                delivery = fmt.classify(response.status, answer, sent=len(request.summary_ids))
                 reason = f"{response.status}: {answer[:500].decode(errors='replace')}"
-                if billing.format is BillingFormat.LAGO and delivery is Delivery.REJECTED:
-                    duplicates = lago_duplicates(answer)
+                if delivery is Delivery.REJECTED:
+                    duplicates = fmt.already_stored(answer)
         except (aiohttp.ClientError, TimeoutError) as error:
             delivery, reason = Delivery.RETRY, type(error).__name__
         self.metrics.billing_pushes.labels(delivery.value).inc()
@@ -244,7 +244,7 @@ class Pusher:
 
 
 def _addressable(billing: Billing, customers: Mapping[str, Customer], summary: Summary) -> bool:
-    """Stripe and Lago need the customer's own id from the policy or the store; json and
-    openmeter do not."""
-    needs_customer = billing.format in (BillingFormat.STRIPE, BillingFormat.LAGO)
+    """A format with a customer field (Stripe, Lago) needs the customer from the policy or the
+    store; one keyed by our own customer id (json, openmeter) does not."""
+    needs_customer = FORMATS[billing.format].customer_field is not None
     return not needs_customer or summary.customer in customers

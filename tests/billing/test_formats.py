@@ -14,15 +14,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from sidecar.billing.formats import (
-    Delivery,
-    PushRequest,
-    UnknownCustomer,
-    classify,
-    encode,
-    idempotency_key,
-    lago_duplicates,
-)
+from sidecar.billing.formats import FORMATS, Delivery, PushRequest, UnknownCustomer, encode, idempotency_key
 from sidecar.config.policy.model import Billing, BillingFormat, Customer
 from sidecar.store.summaries import Summary, summary_id
 
@@ -387,7 +379,7 @@ CLASSIFY = [
 
 @pytest.mark.parametrize("fmt, status, body, expected", CLASSIFY)
 def test_classify(fmt: BillingFormat, status: int, body: bytes, expected: Delivery) -> None:
-    assert classify(fmt, status, body) is expected
+    assert FORMATS[fmt].classify(status, body) is expected
 
 
 @pytest.mark.parametrize(
@@ -401,7 +393,7 @@ def test_classify(fmt: BillingFormat, status: int, body: bytes, expected: Delive
 def test_lago_duplicates_must_cover_the_whole_batch_when_its_size_is_known(
     sent: int, expected: Delivery
 ) -> None:
-    assert classify(LAGO, 422, LAGO_ALL_DUPLICATES, sent=sent) is expected
+    assert FORMATS[LAGO].classify(422, LAGO_ALL_DUPLICATES, sent=sent) is expected
 
 
 @pytest.mark.parametrize(
@@ -422,4 +414,32 @@ def test_lago_duplicates_must_cover_the_whole_batch_when_its_size_is_known(
     ],
 )  # fmt: skip
 def test_lago_duplicates(body: bytes, expected: set[int]) -> None:
-    assert lago_duplicates(body) == expected
+    assert FORMATS[LAGO].already_stored(body) == expected
+
+
+@pytest.mark.parametrize("fmt", [case(f.value, f) for f in (JSON, STRIPE, OPENMETER)])
+def test_only_lago_splits_a_refusal(fmt: BillingFormat) -> None:
+    assert FORMATS[fmt].already_stored(LAGO_ALL_DUPLICATES) == frozenset()
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_every_format_is_registered_under_its_own_name(fmt: BillingFormat) -> None:
+    assert FORMATS[fmt].kind is fmt
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_a_format_reads_its_traits_from_the_policy_enum(fmt: BillingFormat) -> None:
+    assert (FORMATS[fmt].customer_field, FORMATS[fmt].max_batch) == (fmt.customer_field, fmt.max_batch)
+
+
+def test_the_traits_the_loader_checks() -> None:
+    traits = {fmt.value: (FORMATS[fmt].customer_field, FORMATS[fmt].max_batch) for fmt in BillingFormat}
+    assert traits == {
+        "json": (None, None),
+        "stripe": ("stripe_customer_id", None),
+        "lago": ("lago_subscription_id", 100),
+        "openmeter": (None, None),
+    }
