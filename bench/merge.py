@@ -26,7 +26,7 @@ from sidecar.ledger import journal
 from sidecar.ledger.journal import Journal
 from sidecar.store.port import LimitCharge, MeterRequest, UsageCharge
 from sidecar.store.redis.embedded import EmbeddedRedis, free_port
-from sidecar.store.redis.store import RedisStore, script_arguments
+from sidecar.store.redis.store import RedisStore
 
 STORE_TIMEOUT = 2.0  # generous: the bench measures the merge, not the timeout
 
@@ -42,7 +42,7 @@ async def merge_rate(url: str, entries: int, customers: int) -> float:
     try:
         await store.connect()
         now = store.time()
-        kept = Journal(Path(tempfile.mkdtemp(prefix="bench-merge-")), script_arguments)
+        kept = Journal(Path(tempfile.mkdtemp(prefix="bench-merge-")))
         for n in range(entries):
             kept.record(admission(f"customer-{n % customers}", now), now)
         started = time.perf_counter()

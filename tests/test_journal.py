@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -14,9 +13,9 @@ from sidecar.config.policy.model import Limit
 from sidecar.config.policy.windows import Period, calendar_window
 from sidecar.errors import StoreUnavailable, UnansweredCall
 from sidecar.ledger.journal import MERGE_LANES, SEGMENT_SUFFIX, Journal
-from sidecar.store.port import LimitCharge, MeterRequest, Replayed, UsageCharge
+from sidecar.store.port import JournalEntry, LimitCharge, MeterRequest, Replayed, UsageCharge
 from sidecar.store.redis.embedded import free_port
-from sidecar.store.redis.store import RedisStore, script_arguments
+from sidecar.store.redis.store import RedisStore
 
 
 def request_at(now: float, customer: str = "acme") -> MeterRequest:
@@ -33,7 +32,7 @@ async def test_recorded_usage_is_merged_into_the_counters_and_the_billing_usage(
     store: RedisStore, tmp_path: Path
 ) -> None:
     now = store.time()
-    journal = Journal(tmp_path, script_arguments)
+    journal = Journal(tmp_path)
     for _ in range(5):
         journal.record(request_at(now), now)
     assert await journal.replay(store.replay) == 5
@@ -46,12 +45,12 @@ async def test_recorded_usage_is_merged_into_the_counters_and_the_billing_usage(
 
 async def test_an_entry_merged_twice_counts_once(store: RedisStore, tmp_path: Path) -> None:
     now = store.time()
-    entries: list[dict[str, Any]] = []
+    entries: list[JournalEntry] = []
 
-    async def keep(entry: dict[str, Any]) -> None:
+    async def keep(entry: JournalEntry) -> None:
         entries.append(entry)
 
-    journal = Journal(tmp_path, script_arguments)
+    journal = Journal(tmp_path)
     journal.record(request_at(now), now)
     await journal.replay(keep)
     assert [await store.replay(entries[0]) for _ in range(2)] == [Replayed.MERGED, Replayed.REPEATED]
@@ -62,22 +61,22 @@ async def test_entries_written_before_a_crash_are_merged_after_the_restart(
     store: RedisStore, tmp_path: Path
 ) -> None:
     now = store.time()
-    before = Journal(tmp_path, script_arguments)
+    before = Journal(tmp_path)
     for _ in range(3):
         before.record(request_at(now), now)
     await before.flush()
     before.close()  # what the process's death does to its lock
-    after = Journal(tmp_path, script_arguments)
+    after = Journal(tmp_path)
     assert await after.replay(store.replay) == 3
     assert await used(store, now) == 3
 
 
 async def test_a_segment_another_live_process_writes_is_left_alone(store: RedisStore, tmp_path: Path) -> None:
     now = store.time()
-    live = Journal(tmp_path, script_arguments)
+    live = Journal(tmp_path)
     live.record(request_at(now), now)
     await live.flush()
-    assert await Journal(tmp_path, script_arguments).replay(store.replay) == 0
+    assert await Journal(tmp_path).replay(store.replay) == 0
     assert await live.replay(store.replay) == 1
     live.close()
 
@@ -86,10 +85,10 @@ async def test_a_store_still_down_keeps_the_segment_for_the_next_attempt(
     store: RedisStore, tmp_path: Path
 ) -> None:
     now = store.time()
-    journal = Journal(tmp_path, script_arguments)
+    journal = Journal(tmp_path)
     journal.record(request_at(now), now)
 
-    async def down(entry: dict[str, Any]) -> None:
+    async def down(entry: JournalEntry) -> None:
         raise StoreUnavailable("down")
 
     assert await journal.replay(down) == 0
@@ -102,13 +101,13 @@ async def test_a_line_cut_short_by_a_crash_is_skipped(
     store: RedisStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     now = store.time()
-    journal = Journal(tmp_path, script_arguments)
+    journal = Journal(tmp_path)
     journal.record(request_at(now), now)
     await journal.flush()
     journal.close()
     segment = next(tmp_path.glob(f"*{SEGMENT_SUFFIX}"))
     segment.write_text(segment.read_text() + '{"v": 1, "id": "cut')
-    assert await Journal(tmp_path, script_arguments).replay(store.replay) == 1
+    assert await Journal(tmp_path).replay(store.replay) == 1
     assert "incomplete" in caplog.text
 
 
@@ -116,12 +115,12 @@ async def test_entries_kept_because_the_store_is_down_still_count_as_pending(
     store: RedisStore, tmp_path: Path
 ) -> None:
     now = store.time()
-    journal = Journal(tmp_path, script_arguments)
+    journal = Journal(tmp_path)
     for _ in range(3):
         journal.record(request_at(now), now)
     assert journal.pending == 3
 
-    async def down(entry: dict[str, Any]) -> None:
+    async def down(entry: JournalEntry) -> None:
         raise StoreUnavailable("down")
 
     assert await journal.replay(down) == 0
@@ -131,7 +130,7 @@ async def test_entries_kept_because_the_store_is_down_still_count_as_pending(
 
 
 async def test_a_void_is_voiding_its_customer_until_it_has_merged(store: RedisStore, tmp_path: Path) -> None:
-    journal = Journal(tmp_path, script_arguments)
+    journal = Journal(tmp_path)
     journal.void("acme", UnansweredCall("c0ffee0123456789", 1), store.time())
     assert journal.voiding == {"acme"}
     assert await journal.replay(store.replay) == 1
@@ -139,27 +138,27 @@ async def test_a_void_is_voiding_its_customer_until_it_has_merged(store: RedisSt
 
 
 async def test_each_customer_s_entries_merge_in_the_order_they_were_written(tmp_path: Path) -> None:
-    journal = Journal(tmp_path, script_arguments)
+    journal = Journal(tmp_path)
     for n in range(60):
         journal.record(request_at(1_000.0, f"c{n % 3}"), 1_000.0 + n)
     chance = random.Random(3)
     seen: dict[str, list[float]] = {}
 
-    async def merge(entry: dict[str, Any]) -> None:
+    async def merge(entry: JournalEntry) -> None:
         await asyncio.sleep(chance.random() / 1000)
-        seen.setdefault(entry["customer"], []).append(entry["at"])
+        seen.setdefault(entry.customer_id, []).append(entry.at)
 
     assert await journal.replay(merge) == 60
     assert seen == {f"c{c}": [1_000.0 + n for n in range(c, 60, 3)] for c in range(3)}
 
 
 async def test_customers_merge_side_by_side_up_to_the_lane_count(tmp_path: Path) -> None:
-    journal = Journal(tmp_path, script_arguments)
+    journal = Journal(tmp_path)
     for n in range(MERGE_LANES * 3):
         journal.record(request_at(1_000.0, f"c{n}"), 1_000.0)
     in_flight = most = 0
 
-    async def merge(entry: dict[str, Any]) -> None:
+    async def merge(entry: JournalEntry) -> None:
         nonlocal in_flight, most
         in_flight += 1
         most = max(most, in_flight)
@@ -174,12 +173,12 @@ async def test_a_failure_stops_every_lane_and_a_later_merge_counts_each_entry_on
     store: RedisStore, tmp_path: Path
 ) -> None:
     now = store.time()
-    journal = Journal(tmp_path, script_arguments)
+    journal = Journal(tmp_path)
     for n in range(200):
         journal.record(request_at(now, f"c{n % 40}"), now)
     calls = 0
 
-    async def fails_on_the_50th(entry: dict[str, Any]) -> Replayed:
+    async def fails_on_the_50th(entry: JournalEntry) -> Replayed:
         nonlocal calls
         calls += 1
         if calls == 50:
@@ -194,12 +193,12 @@ async def test_a_failure_stops_every_lane_and_a_later_merge_counts_each_entry_on
 
 
 async def test_no_entry_merges_after_a_merge_was_cancelled(tmp_path: Path) -> None:
-    journal = Journal(tmp_path, script_arguments)
+    journal = Journal(tmp_path)
     for n in range(MERGE_LANES * 4):
         journal.record(request_at(1_000.0, f"c{n}"), 1_000.0)
     started = 0
 
-    async def merge(entry: dict[str, Any]) -> None:
+    async def merge(entry: JournalEntry) -> None:
         nonlocal started
         started += 1
         await asyncio.sleep(0.01)
@@ -216,7 +215,7 @@ async def test_no_entry_merges_after_a_merge_was_cancelled(tmp_path: Path) -> No
 async def test_merges_failing_together_leave_the_circuit_breaker_closed(tmp_path: Path) -> None:
     """They fail on their own; opening the breaker would refuse every request, on every master."""
     nobody = RedisStore.open(f"redis://127.0.0.1:{free_port()}/0", 0.2)
-    journal = Journal(tmp_path, script_arguments)
+    journal = Journal(tmp_path)
     for n in range(MERGE_LANES):
         journal.record(request_at(1_000.0, f"c{n}"), 1_000.0)
     try:

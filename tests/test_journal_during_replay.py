@@ -16,14 +16,12 @@ import asyncio
 import dataclasses
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
 
 from sidecar.config.policy.model import Limit
 from sidecar.config.policy.windows import Period, calendar_window
 from sidecar.ledger.journal import FLUSH_INTERVAL, SEGMENT_SUFFIX, Journal
 from sidecar.runtime.server import MERGE_INTERVAL, _run_journal
-from sidecar.store.port import LimitCharge, MeterRequest, Replayed, UsageCharge
-from sidecar.store.redis.store import script_arguments
+from sidecar.store.port import JournalEntry, LimitCharge, MeterRequest, Replayed, UsageCharge
 from tests.conftest import make_components, write_policy
 
 SLOW_MERGE_SECONDS = 2.0
@@ -42,7 +40,7 @@ class SlowStore:
         self.merging = asyncio.Event()
         self.merged = asyncio.Event()
 
-    async def replay(self, entry: dict[str, Any]) -> Replayed:
+    async def replay(self, entry: JournalEntry) -> Replayed:
         self.merging.set()
         await asyncio.sleep(SLOW_MERGE_SECONDS)
         self.merged.set()
@@ -59,7 +57,7 @@ async def test_an_entry_recorded_during_a_slow_merge_is_on_disk_within_a_few_flu
     policy = write_policy(tmp_path, "version: 1\nmeters: {requests: {aggregation: count}}\n")
     store = SlowStore()
     components = dataclasses.replace(make_components(policy, "http://127.0.0.1:9", redis_url), store=store)
-    journal = Journal(tmp_path / "journal", script_arguments)
+    journal = Journal(tmp_path / "journal")
     journal.record(request_at("first", 0.0), 0.0)
     async with AsyncExitStack() as stack:
         await _run_journal(stack, components, journal)  # type: ignore[arg-type]

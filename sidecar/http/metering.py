@@ -19,9 +19,9 @@ from sidecar.admission.plan import response_request
 from sidecar.admission.sources import JSON_CAPTURE_LIMIT, Exchange, measure, measure_text
 from sidecar.admission.verdict import Verdict
 from sidecar.config.policy.model import Aggregation, ChargeSpec, Policy, SourceKind
-from sidecar.errors import StoreUnavailable, UnansweredCall
+from sidecar.errors import StoreUnavailable
 from sidecar.http.components import Components
-from sidecar.store.port import MeterRequest
+from sidecar.ledger.journal import keep_in_journal
 
 log = logging.getLogger("sidecar.http.metering")
 
@@ -96,31 +96,12 @@ async def charge_response(
         unsent = response_request(
             policy, customer, feature.name, spec, amounts, components.store.time(), distinct
         )
-        keep_in_journal(components, unsent, "charge", error.call)
+        keep_in_journal(
+            components.journal, components.metrics, components.store.time, unsent, "charge", error.call
+        )
         return
     if policy.billing and (amounts or distinct):
         components.marks.note(customer.id, charged.store_time, policy.billing)
-
-
-def keep_in_journal(
-    components: Components, request: MeterRequest, source: str, unanswered: UnansweredCall | None = None
-) -> None:
-    """Keep usage the store could not take in the local journal, to be merged when it answers
-    (unless ``unanswered``, the call sent for it, turns out to have run)."""
-    if components.journal is None:
-        log.warning("no journal: %s usage of %s is lost", source, request.customer_id)
-        return
-    components.journal.record(request, components.store.time(), unanswered)
-    components.metrics.journal_recorded.labels(source).inc()
-
-
-def void_in_journal(components: Components, customer_id: str, unanswered: UnansweredCall) -> None:
-    """Keep the unanswered metering call of a request answered 503, to be undone if it ran."""
-    if components.journal is None:
-        log.warning("no journal: a call that may have metered a refused request of %s stays", customer_id)
-        return
-    components.journal.void(customer_id, unanswered, components.store.time())
-    components.metrics.journal_recorded.labels("void").inc()
 
 
 def _readings(

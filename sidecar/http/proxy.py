@@ -24,7 +24,8 @@ from sidecar.http import problems
 from sidecar.http.bodies import RequestBody
 from sidecar.http.components import COMPONENTS, SESSION, Components
 from sidecar.http.guard import Refusal, body_refusal, capped, spoofable, stalled
-from sidecar.http.metering import Tally, charge_response, keep_in_journal, reads_json, void_in_journal
+from sidecar.http.metering import Tally, charge_response, reads_json
+from sidecar.ledger.journal import keep_in_journal, void_in_journal
 from sidecar.metrics import Metrics
 
 log = logging.getLogger("sidecar.http.proxy")
@@ -77,11 +78,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
     record_verdict(components.metrics, verdict)
     if not verdict.forwards:
         if verdict.unanswered is not None and verdict.customer is not None:
-            void_in_journal(components, verdict.customer.id, verdict.unanswered)
+            journal, metrics, clock = components.journal, components.metrics, components.store.time
+            void_in_journal(journal, metrics, clock, verdict.customer.id, verdict.unanswered)
         return problems.refusal(verdict, policy, request.method, request.path)
     components.metrics.overhead.observe(time.perf_counter() - tally.started)
     if verdict.unrecorded is not None:
-        keep_in_journal(components, verdict.unrecorded, "admission", verdict.unanswered)
+        journal, metrics, clock = components.journal, components.metrics, components.store.time
+        keep_in_journal(journal, metrics, clock, verdict.unrecorded, "admission", verdict.unanswered)
     if policy.billing and verdict.recorded_usage and verdict.customer:
         components.marks.note(verdict.customer.id, verdict.store_time, policy.billing)
     shadowed = _shadow_names(verdict)

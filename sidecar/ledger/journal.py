@@ -8,9 +8,11 @@ store first whether that call ran (lib.lua remember_call), so usage is neither l
 twice when a reply is lost with its connection. Recording is a list
 append on the hot path (no I/O); a background task writes the entries to a segment file under
 ``--data-dir`` every FLUSH_INTERVAL with fsync, so a restart keeps them (a crash loses at most the
-last interval). When the store answers again, each entry is merged by replay.lua once — a marker
-per entry id makes a replay that is retried, or that two processes race on, count once — at the
-time it happened, and the customer is marked for billing.
+last interval). An entry says what the request used (entry.py), not how a script is called, so
+a segment written before an upgrade merges after it. When the store answers again, each entry is
+merged by the store's replay once — a marker per entry id makes a replay that is retried, or that
+two processes race on, count once — at the time it happened, and the customer is marked for
+billing (merger.py runs the loops).
 
 Each process writes its own segment, locked while it is open; closed segments and the segments
 of processes that died are replayed by whichever process gets their lock first.
@@ -20,17 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from sidecar import tasks
 from sidecar.errors import StoreUnavailable, UnansweredCall
-from sidecar.store.port import MeterRequest
+from sidecar.ledger.entry import UnreadableEntry, decode, encode
+from sidecar.metrics import Metrics
+from sidecar.store.port import JournalEntry, MeterRequest, UsageEntry, VoidEntry
 
 log = logging.getLogger("sidecar.ledger.journal")
 
@@ -39,15 +42,13 @@ FLUSH_INTERVAL = 0.1  # seconds
 # 16 of the store client's 64 leave the rest to the admin API and the customer refresh.
 MERGE_LANES = 16
 SEGMENT_SUFFIX = ".journal"
+Merge = Callable[[JournalEntry], Awaitable[object]]  # raises StoreUnavailable while the store is down
 
 
 class Journal:
-    def __init__(
-        self, directory: Path, encode: Callable[[MeterRequest], tuple[list[str], list[Any]]]
-    ) -> None:
+    def __init__(self, directory: Path) -> None:
         self._directory = directory
-        self._encode = encode
-        self._buffer: list[str] = []
+        self._buffer: list[UsageEntry | VoidEntry] = []
         self._segment: IO[str] | None = None
         self._segment_path: Path | None = None
         self._written = 0
@@ -61,19 +62,17 @@ class Journal:
     def record(self, request: MeterRequest, at: float, unanswered: UnansweredCall | None = None) -> None:
         """Keep one request's usage; written to disk by the next flush. ``unanswered``: the
         metering call for it was sent, and may have run (then this usage is not merged)."""
-        key_list, args = self._encode(request)
-        entry = self._entry(request.customer_id, at, unanswered, "call")
-        self._buffer.append(json.dumps({**entry, "keys": key_list, "args": args}))
+        self._buffer.append(UsageEntry(uuid.uuid4().hex, at, request, unanswered))
 
     def void(self, customer_id: str, unanswered: UnansweredCall, at: float) -> None:
         """Keep a call to undo, if the store ran it: the request it metered was refused."""
-        self._buffer.append(json.dumps(self._entry(customer_id, at, unanswered, "void")))
+        self._buffer.append(VoidEntry(uuid.uuid4().hex, customer_id, at, unanswered))
         self._voids.add((customer_id, unanswered))
 
     @property
     def voids(self) -> frozenset[tuple[str, UnansweredCall]]:
         """The voids this process recorded and has not merged yet, by customer. Their customers'
-        billing windows are held open meanwhile (server.py), so the undo reaches the usage before
+        billing windows are held open meanwhile (merger.py), so the undo reaches the usage before
         a summary of it is made: void.lua leaves a call whose usage was billed first as it is."""
         return frozenset(self._voids)
 
@@ -86,14 +85,6 @@ class Journal:
         """A void needs no hold any more: it merged, or the store has nothing to undo for it."""
         self._voids.discard((customer_id, unanswered))
 
-    @staticmethod
-    def _entry(customer_id: str, at: float, unanswered: UnansweredCall | None, name: str) -> dict[str, Any]:
-        entry: dict[str, Any] = {"v": 1, "id": uuid.uuid4().hex, "customer": customer_id, "at": at}
-        if unanswered is not None:
-            entry["v"] = 2  # names a call (or is a void): merged by what the store has of that call
-            entry[name] = unanswered.fields()
-        return entry
-
     @property
     def pending(self) -> int:
         """Entries not yet known to be merged: in memory, in this process's open segment, and in
@@ -103,13 +94,14 @@ class Journal:
     async def flush(self) -> None:
         async with self._segment_use:
             if self._buffer:
-                lines, self._buffer = self._buffer, []
-                self._written += len(lines)  # counted as pending while they are being written, too
+                entries, self._buffer = self._buffer, []
+                self._written += len(entries)  # counted as pending while they are being written, too
                 # Waited for to the end, even when cancelled: the lock must not be released (to a
                 # final flush or a close) while the thread still writes.
-                await tasks.finish(asyncio.ensure_future(asyncio.to_thread(self._append, lines)))
+                await tasks.finish(asyncio.ensure_future(asyncio.to_thread(self._append, entries)))
 
-    def _append(self, lines: list[str]) -> None:
+    def _append(self, entries: list[UsageEntry | VoidEntry]) -> None:
+        lines = [encode(entry) for entry in entries]  # here, off the event loop
         if self._segment is None:
             self._segment_path = self._directory / f"{os.getpid()}-{uuid.uuid4().hex[:8]}{SEGMENT_SUFFIX}"
             self._segment = self._segment_path.open("a", encoding="utf-8")
@@ -118,7 +110,7 @@ class Journal:
         self._segment.flush()
         os.fsync(self._segment.fileno())
 
-    async def replay(self, merge: Callable[[dict[str, Any]], Any]) -> int:
+    async def replay(self, merge: Merge) -> int:
         """Flush, close this process's segment, and merge every segment nobody else holds.
 
         ``merge`` is awaited for each entry and raises StoreUnavailable when the store is down;
@@ -133,10 +125,10 @@ class Journal:
                 self._kept += self._written  # still pending while this replay runs
                 self._written = 0
 
-        async def merge_and_count(entry: dict[str, Any]) -> None:
+        async def merge_and_count(entry: JournalEntry) -> None:
             await merge(entry)
-            if "void" in entry:  # recorded by this process or another; by identity, so once
-                self.settled(entry["customer"], UnansweredCall.from_fields(entry["void"]))
+            if isinstance(entry, VoidEntry):  # recorded by this process or another; by identity, so once
+                self.settled(entry.customer_id, entry.call)
 
         merged = kept = 0
         for path in sorted(self._directory.glob(f"*{SEGMENT_SUFFIX}")):
@@ -163,7 +155,7 @@ class Journal:
             self._segment = None
 
 
-async def _merge_segment(entries: list[dict[str, Any]], merge: Callable[[dict[str, Any]], Any]) -> int:
+async def _merge_segment(entries: list[JournalEntry], merge: Merge) -> int:
     """How many of the entries were merged before the store failed (all: it did not).
 
     Each customer's entries merge one after another, in the order they were written; up to
@@ -173,9 +165,9 @@ async def _merge_segment(entries: list[dict[str, Any]], merge: Callable[[dict[st
     store is likely down; what merged already is skipped by its marker when the segment is
     merged again.
     """
-    by_customer: dict[str, list[dict[str, Any]]] = {}
+    by_customer: dict[str, list[JournalEntry]] = {}
     for entry in entries:
-        by_customer.setdefault(str(entry["customer"]), []).append(entry)
+        by_customer.setdefault(entry.customer_id, []).append(entry)
     waiting = iter(by_customer.values())  # shared: each lane takes the next customer
     done = 0
     failed = False
@@ -205,14 +197,15 @@ async def _merge_segment(entries: list[dict[str, Any]], merge: Callable[[dict[st
     return done
 
 
-def _entries(path: Path, lines: list[str]) -> list[dict[str, Any]]:
-    """The entries of a segment; a line cut short by a crash mid-write is skipped and logged."""
+def _entries(path: Path, lines: list[str]) -> list[JournalEntry]:
+    """The entries of a segment; a line cut short by a crash mid-write (or one of a version this
+    release does not know, after a downgrade) is skipped and logged."""
     entries = []
     for number, line in enumerate(lines, 1):
         try:
-            entries.append(json.loads(line))
-        except ValueError:
-            log.warning("journal %s line %d is incomplete (a crash mid-write); skipped", path.name, number)
+            entries.append(decode(line))
+        except UnreadableEntry as error:
+            log.warning("journal %s line %d is %s; skipped", path.name, number, error)
     return entries
 
 
@@ -228,3 +221,36 @@ def _claim(path: Path) -> tuple[IO[str], list[str]] | None:
         handle.close()
         return None
     return handle, handle.read().splitlines()
+
+
+def keep_in_journal(
+    journal: Journal | None,
+    metrics: Metrics,
+    clock: Callable[[], float],
+    request: MeterRequest,
+    source: str,
+    unanswered: UnansweredCall | None = None,
+) -> None:
+    """Keep usage the store could not take (``source``: admission or charge) in the local
+    journal, to be merged when it answers (unless ``unanswered``, the call sent for it, turns out
+    to have run). ``clock``: the store's, as the sidecar last saw it."""
+    if journal is None:
+        log.warning("no journal: %s usage of %s is lost", source, request.customer_id)
+        return
+    journal.record(request, clock(), unanswered)
+    metrics.journal_recorded.labels(source).inc()
+
+
+def void_in_journal(
+    journal: Journal | None,
+    metrics: Metrics,
+    clock: Callable[[], float],
+    customer_id: str,
+    unanswered: UnansweredCall,
+) -> None:
+    """Keep the unanswered metering call of a request answered 503, to be undone if it ran."""
+    if journal is None:
+        log.warning("no journal: a call that may have metered a refused request of %s stays", customer_id)
+        return
+    journal.void(customer_id, unanswered, clock())
+    metrics.journal_recorded.labels("void").inc()

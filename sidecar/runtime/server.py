@@ -13,7 +13,6 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -30,10 +29,10 @@ from sidecar.http.intake import GuardedSite
 from sidecar.http.reloading import reload_policy, watch
 from sidecar.ledger.journal import FLUSH_INTERVAL, Journal
 from sidecar.metrics import Metrics
-from sidecar.store.port import Replayed
+from sidecar.store.port import JournalEntry, Replayed
 from sidecar.store.redis.embedded import EmbeddedRedis
 from sidecar.store.redis.outbox import BILLING_STORE_TIMEOUT, Outbox
-from sidecar.store.redis.store import RedisStore, connect, script_arguments
+from sidecar.store.redis.store import RedisStore, connect
 from sidecar.store.redis.topology import close_client
 
 log = logging.getLogger("sidecar")
@@ -71,7 +70,7 @@ async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True)
         metrics.policy_loaded.set(time.time())
         outbox = Outbox(connect(url, BILLING_STORE_TIMEOUT, max_connections=BILLING_CONNECTIONS))
         stack.push_async_callback(close_client, outbox.client)
-        journal = Journal(settings.data_dir / "journal", script_arguments)
+        journal = Journal(settings.data_dir / "journal")
         components = Components(
             settings=settings,
             holder=holder,
@@ -182,16 +181,16 @@ async def _every(seconds: float, work: Callable[[], Awaitable[None]], what: str)
             log.exception("%s failed; trying again in %g s", what, seconds)
 
 
-async def _merge_entry(components: Components, entry: dict[str, Any]) -> None:
+async def _merge_entry(components: Components, entry: JournalEntry) -> None:
     replayed = await components.store.replay(entry)
     metrics = components.metrics
     if replayed is Replayed.MERGED:
         metrics.journal_merged.inc()
-    if "call" in entry or "void" in entry:
+    if entry.call is not None:
         metrics.lost_replies.labels(_FOUND[replayed]).inc()
     billing = components.holder.current.billing
     if billing is not None:
-        components.marks.note(entry["customer"], entry["at"], billing)
+        components.marks.note(entry.customer_id, entry.at, billing)
 
 
 async def _close_journal(journal: Journal) -> None:

@@ -8,12 +8,12 @@ only when the store could not answer within its timeout; the caller then applies
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from sidecar.config.policy.model import Limit
 from sidecar.config.policy.windows import Window
+from sidecar.errors import UnansweredCall
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +161,49 @@ class Replayed(enum.Enum):
     BILLED = "billed"  # a void: the call had run and its window was closed first; it stands
 
 
+@dataclass(frozen=True, slots=True)
+class UsageEntry:
+    """Usage the store did not take, as the local journal keeps it (ledger/entry.py writes it to
+    disk): the metering request itself, not a script's arguments, so that a journal written
+    before an upgrade merges after it. ``call`` names the metering call sent for it whose reply
+    never came: the usage is merged only if that call did not run."""
+
+    id: str
+    at: float  # when the usage happened (store clock, unix seconds)
+    request: MeterRequest
+    call: UnansweredCall | None = None
+
+    @property
+    def customer_id(self) -> str:
+        return self.request.customer_id
+
+
+@dataclass(frozen=True, slots=True)
+class VoidEntry:
+    """A request answered 503 whose metering ``call`` may have run: undone if it did."""
+
+    id: str
+    customer_id: str
+    at: float
+    call: UnansweredCall
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptEntry:
+    """Usage kept by the journal of an earlier release (entry versions 1 and 2): the metering
+    scripts' KEYS and ARGV as they were laid out then, merged as they are."""
+
+    id: str
+    customer_id: str
+    at: float
+    keys: tuple[str, ...]
+    args: tuple[str | int | float, ...]
+    call: UnansweredCall | None = None
+
+
+JournalEntry = UsageEntry | VoidEntry | ScriptEntry
+
+
 class Store(Protocol):
     def time(self) -> float:
         """The store's clock as last observed, advanced by the local clock; no I/O."""
@@ -184,8 +227,9 @@ class Store(Protocol):
     async def grant(self, customer_id: str, grant: Grant) -> GrantOutcome:
         """Add prepaid credit once per grant id; one round trip."""
 
-    async def replay(self, entry: Mapping[str, Any]) -> Replayed:
-        """Merge one journal entry once (or undo the call a void entry names); one round trip."""
+    async def replay(self, entry: JournalEntry) -> Replayed:
+        """Merge one journal entry once (or undo the call a void entry names); one round trip, or
+        two when the call the entry names could still run (its deadline is close)."""
 
     @property
     def circuit_open(self) -> bool:

@@ -24,7 +24,7 @@ from sidecar.metrics import Metrics
 from sidecar.runtime.server import _hold_voids
 from sidecar.store.redis import keys
 from sidecar.store.redis.outbox import HELD, Outbox
-from sidecar.store.redis.store import RedisStore, hold_member, script_arguments
+from sidecar.store.redis.store import RedisStore, hold_member
 from tests.billing.test_outbox import AGGREGATIONS, record
 from tests.conftest import key_hash, write_policy
 
@@ -80,7 +80,7 @@ async def test_this_process_closes_a_customer_only_once_its_void_has_merged(
     store: RedisStore, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     outbox = Outbox(store.client)
-    journal = Journal(tmp_path / "journal", script_arguments)
+    journal = Journal(tmp_path / "journal")
     await record(store, "acme", ("requests", "search", 1))
     await outbox.mark_dirty({"acme": 0})
     journal.void("acme", CALL, store.time())
@@ -122,7 +122,7 @@ async def test_a_void_with_nothing_to_undo_holds_nothing_and_is_settled(
     store: RedisStore, tmp_path: Path
 ) -> None:
     outbox = Outbox(store.client)
-    journal = Journal(tmp_path / "journal", script_arguments)
+    journal = Journal(tmp_path / "journal")
     journal.void("acme", CALL, store.time())  # deadline 0: passed; and no record: it never ran
     await _hold_voids(outbox, journal)
     assert journal.voids == set()
@@ -131,7 +131,7 @@ async def test_a_void_with_nothing_to_undo_holds_nothing_and_is_settled(
 
 async def test_the_journals_voids_are_held_until_they_merge(store: RedisStore, tmp_path: Path) -> None:
     outbox = Outbox(store.client)
-    journal = Journal(tmp_path / "journal", script_arguments)
+    journal = Journal(tmp_path / "journal")
     await store.client.rpush(keys.call_records("acme", CALL.token), "1 {}")  # the call ran
     journal.void("acme", CALL, store.time())
     await _hold_voids(outbox, journal)
@@ -148,7 +148,7 @@ async def test_closes_wait_a_few_seconds_after_the_store_was_down(
     outbox = OutboxDownOnce(store.client)
     await record(store, "acme", ("requests", "search", 1))
     await outbox.mark_dirty({"acme": 0})
-    pusher = pusher_for(store, outbox, session, tmp_path, Journal(tmp_path / "journal", script_arguments))
+    pusher = pusher_for(store, outbox, session, tmp_path, Journal(tmp_path / "journal"))
     outbox.down = True
     await pusher.cycle()  # the store is down
     await pusher.cycle()
@@ -170,7 +170,7 @@ class OutboxWithOneMasterDown(Outbox):
 async def test_a_void_whose_master_is_down_does_not_stop_the_holds_of_the_others(
     store: RedisStore, tmp_path: Path
 ) -> None:
-    journal = Journal(tmp_path / "journal", script_arguments)
+    journal = Journal(tmp_path / "journal")
     for customer in ("down", "acme"):
         journal.void(customer, UnansweredCall(CALL.token, 1, int((store.time() + 30) * 1_000_000)), 0)
     await _hold_voids(OutboxWithOneMasterDown(store.client), journal)

@@ -27,7 +27,6 @@ from aiohttp.test_utils import TestClient
 from sidecar.http.app import build_proxy_app
 from sidecar.http.components import COMPONENTS, Components
 from sidecar.ledger.journal import Journal
-from sidecar.store.redis.store import script_arguments
 from tests.conftest import Upstream, key_hash, make_components, write_policy
 from tests.relays import ReplyDropper, reply_dropper
 
@@ -70,7 +69,7 @@ def make_client(
             """,
         )
         components = make_components(policy, upstream.url, dropper.url, store_timeout=1.0)
-        journal = Journal(tmp_path / "journal", script_arguments)
+        journal = Journal(tmp_path / "journal")
         app = build_proxy_app(dataclasses.replace(components, journal=journal))
         app.on_cleanup.append(lambda _: components.store.close())
         return await aiohttp_client(app, server_kwargs={"host": "127.0.0.1"})

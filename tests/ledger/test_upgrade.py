@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sidecar.ledger.journal import Journal
 from sidecar.store.redis import keys
-from sidecar.store.redis.store import RedisStore, script_arguments
+from sidecar.store.redis.store import RedisStore
 from tests.store.test_call_records import searches, send_named
 from tests.store.test_check_and_meter import month_charge, request_for
 
@@ -26,7 +26,7 @@ MINUTE = 4085323200  # the billing window (60 s) of the entries
 def journal_with_the_old_segment(directory: Path) -> Journal:
     directory.mkdir()
     shutil.copy(SEGMENT, directory / SEGMENT.name)
-    return Journal(directory, script_arguments)
+    return Journal(directory)
 
 
 async def counters(store: RedisStore) -> tuple[int, int, dict[bytes, bytes]]:

@@ -20,8 +20,18 @@ from typing import Any
 import pytest
 
 from sidecar.config.policy.windows import Period
-from sidecar.errors import StoreUnavailable
-from sidecar.store.port import CreditCharge, Grant, Hold, MeterRequest, Outcome, Replayed, UsageCharge
+from sidecar.errors import StoreUnavailable, UnansweredCall
+from sidecar.store.port import (
+    CreditCharge,
+    Grant,
+    Hold,
+    MeterRequest,
+    Outcome,
+    Replayed,
+    UsageCharge,
+    UsageEntry,
+    VoidEntry,
+)
 from sidecar.store.redis import keys
 from sidecar.store.redis.store import RedisStore, load_script, script_arguments
 from tests.store.test_check_and_meter import month_charge, rate_charge, request_for
@@ -47,16 +57,14 @@ async def send_named(
     return await store.client.eval(source, len(key_list), *key_list, *args, TOKEN, seq, answered)
 
 
-def void(seq: int, deadline_us: int = 0) -> dict[str, Any]:
+def void(seq: int, deadline_us: int = 0) -> VoidEntry:
     """A journal entry for the 503 answered to the request of call `seq`."""
-    return {"v": 1, "id": uuid.uuid4().hex, "customer": "acme", "at": 0, "void": [TOKEN, seq, deadline_us]}
+    return VoidEntry(uuid.uuid4().hex, "acme", 0, UnansweredCall(TOKEN, seq, deadline_us))
 
 
-def journaled(request: MeterRequest, at: float, seq: int) -> dict[str, Any]:
+def journaled(request: MeterRequest, at: float, seq: int) -> UsageEntry:
     """A journal entry for usage admitted under store_failure: open when call `seq` went unanswered."""
-    key_list, args = script_arguments(request)
-    entry = {"v": 1, "id": uuid.uuid4().hex, "customer": "acme", "at": at, "keys": key_list, "args": args}
-    return {**entry, "call": [TOKEN, seq, 0]}
+    return UsageEntry(uuid.uuid4().hex, at, request, UnansweredCall(TOKEN, seq, 0))
 
 
 async def records(store: RedisStore) -> list[bytes]:

@@ -16,7 +16,7 @@ import asyncio
 import dataclasses
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -27,8 +27,12 @@ from sidecar.store.port import (
     Admission,
     Grant,
     GrantOutcome,
+    JournalEntry,
     MeterRequest,
     Replayed,
+    ScriptEntry,
+    UsageEntry,
+    VoidEntry,
 )
 from sidecar.store.redis import codec as replies
 from sidecar.store.redis import keys
@@ -131,32 +135,26 @@ class RedisStore:
         )
         return _GRANT_OUTCOMES[int(reply)]
 
-    async def replay(self, entry: Mapping[str, Any]) -> Replayed:
-        """Merge one journal entry (journal.py) once, or undo the call a void entry names. An entry
-        whose call could still run waits for that call's deadline, up to MAX_DEADLINE_WAIT."""
-        named = entry.get("void") or entry.get("call")
+    async def replay(self, entry: JournalEntry) -> Replayed:
+        """Merge one journal entry (ledger/journal.py) once, or undo the call a void entry names.
+        An entry whose call could still run waits for that call's deadline, up to
+        MAX_DEADLINE_WAIT."""
         outcome = await self._replay_once(entry)
-        if outcome is None and named is not None:
-            deadline = UnansweredCall.from_fields(named).deadline_us / 1_000_000
+        if outcome is None and entry.call is not None:
+            deadline = entry.call.deadline_us / 1_000_000
             await asyncio.sleep(min(MAX_DEADLINE_WAIT, max(0.0, deadline - self.time())))
             outcome = await self._replay_once(entry)
         if outcome is None:
             raise StoreUnavailable("a call the journal names may still run in the store; merged later")
         return outcome
 
-    async def _replay_once(self, entry: Mapping[str, Any]) -> Replayed | None:
+    async def _replay_once(self, entry: JournalEntry) -> Replayed | None:
         """What merging the entry did; None while the call it names could still run."""
-        customer = str(entry["customer"])
-        if "void" in entry:
-            void = UnansweredCall.from_fields(entry["void"])
-            key_list = [keys.call_records(customer, void.token), keys.void_hold(customer)]
-            args: list[Any] = [void.seq, void.deadline_us, hold_member(void)]
+        if isinstance(entry, VoidEntry):
+            key_list, args = void_arguments(entry)
             voided = await self._call(lambda: self._void(keys=key_list, args=args), counted=False)
             return _VOIDED.get(int(voided))
-        call = UnansweredCall.from_fields(entry["call"]) if "call" in entry else UnansweredCall("", 0)
-        records = [keys.call_records(customer, call.token)] if call.token else []
-        key_list = [keys.journal_marker(customer, str(entry["id"])), *records, *entry["keys"]]
-        args = [int(entry["at"]), JOURNAL_MARKER_TTL, *call.fields(), *entry["args"]]
+        key_list, args = replay_arguments(entry)
         replayed = await self._call(lambda: self._replay(keys=key_list, args=args), counted=False)
         return _REPLAYED.get(int(replayed))
 
@@ -228,6 +226,27 @@ async def bounded(operation: Awaitable[T], timeout: float) -> T:
 def hold_member(call: UnansweredCall) -> str:
     """The member a void puts in its customer's void hold (store/keys.py, void_hold)."""
     return f"{call.token}:{call.seq}"
+
+
+def void_arguments(entry: VoidEntry) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of void.lua: the call's records and the customer's void hold; the call."""
+    call, customer = entry.call, entry.customer_id
+    key_list = [keys.call_records(customer, call.token), keys.void_hold(customer)]
+    return key_list, [call.seq, call.deadline_us, hold_member(call)]
+
+
+def replay_arguments(entry: UsageEntry | ScriptEntry) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of replay.lua: the entry's marker, the records of the call it names (if it
+    names one), then the metering request's own, laid out here (script_arguments) when the entry
+    is a request, or as an earlier release laid them out when it kept them (ScriptEntry)."""
+    customer, call = entry.customer_id, entry.call or UnansweredCall("", 0)
+    records = [keys.call_records(customer, call.token)] if call.token else []
+    if isinstance(entry, UsageEntry):
+        request_keys, request_args = script_arguments(entry.request)
+    else:
+        request_keys, request_args = list(entry.keys), list(entry.args)
+    key_list = [keys.journal_marker(customer, entry.id), *records, *request_keys]
+    return key_list, [int(entry.at), JOURNAL_MARKER_TTL, *call.fields(), *request_args]
 
 
 def script_arguments(
