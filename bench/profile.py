@@ -173,10 +173,10 @@ HOT_PATH = (
     "RedisStore.check_and_meter (sidecar/store/redis/store.py)",
     "script_arguments (sidecar/store/redis/store.py)",
     "ScriptBatcher.call (sidecar/store/redis/pipeline.py)",
-    "_evalsha (sidecar/store/redis/pipeline.py)",
+    "evalsha (sidecar/store/redis/resp.py)",
     "RedisStore._admission (sidecar/store/redis/store.py)",
     "ScriptBatcher._flush (sidecar/store/redis/pipeline.py)",
-    "_Link.data_received (sidecar/store/redis/pipeline.py)",
+    "Link.data_received (sidecar/store/redis/link.py)",
     "record_verdict (sidecar/http/proxy.py)",
     "forward (sidecar/http/proxy.py)",
     "upstream_request_headers (sidecar/http/proxy.py)",
@@ -191,7 +191,7 @@ HOT_PATH = (
 # The store batcher's work runs in loop callbacks, outside any request handler's stack.
 BATCHER_FRAMES = (
     "ScriptBatcher._flush (sidecar/store/redis/pipeline.py)",
-    "_Link.data_received (sidecar/store/redis/pipeline.py)",
+    "Link.data_received (sidecar/store/redis/link.py)",
 )
 
 
