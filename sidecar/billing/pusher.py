@@ -5,7 +5,7 @@ Each cycle (every second) it
 2. closes every due customer's windows that ended `grace` seconds ago into its outbox, except a
    customer some journal holds a void for (journal.py: that undo must reach the usage first),
    and not at all for CLOSE_SETTLE_SECONDS after a cycle found the store down, while the
-   replicas that lost replies to the outage write their holds;
+   replicas that lost replies to the outage write their fences;
 3. leases pending customers (one replica at a time each) and POSTs their summaries in batches,
    signed when a secret is set; a 2xx (or a format's "already have it") deletes them, a permanent
    4xx moves them to dead letters, anything else reschedules them with exponential backoff and
@@ -35,7 +35,7 @@ from sidecar.config.policy.model import Billing, Customer, Policy
 from sidecar.errors import StoreUnavailable
 from sidecar.metrics import Metrics
 from sidecar.store.redis import keys
-from sidecar.store.redis.outbox import HELD, Outbox
+from sidecar.store.redis.outbox import FENCED, Outbox
 from sidecar.store.summaries import Summary
 
 log = logging.getLogger("sidecar.billing")
@@ -47,8 +47,8 @@ PUSH_TIMEOUT = aiohttp.ClientTimeout(total=10)
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 300.0
 _CUSTOMERS_PER_CYCLE = 500
-# After the store failed: long enough for every journal (server.py renews its holds every 0.5 s)
-# to hold the windows of the customers it has voids for.
+# After the store failed: long enough for every journal (ledger/merger.py renews its fences every
+# 0.5 s) to fence the windows of the customers it has voids for.
 CLOSE_SETTLE_SECONDS = 3.0
 
 
@@ -133,12 +133,12 @@ class Pusher:
             known = customers.get(customer)
             plan = known.plan if known else ""
             if customer in held_back:
-                moved, open_window = HELD, None
+                moved, open_window = FENCED, None
             else:
                 moved, open_window = await self.outbox.close(
                     customer, plan, billing.interval, cutoff, aggregations
                 )
-            if moved == HELD:  # due again next cycle, behind the customers due now
+            if moved == FENCED:  # due again next cycle, behind the customers due now
                 await self.outbox.reschedule(keys.DIRTY, customer, seen, now_ms + int(TICK_SECONDS * 1000))
                 continue
             if moved:

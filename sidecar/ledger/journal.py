@@ -72,7 +72,7 @@ class Journal:
     @property
     def voids(self) -> frozenset[tuple[str, UnansweredCall]]:
         """The voids this process recorded and has not merged yet, by customer. Their customers'
-        billing windows are held open meanwhile (merger.py), so the undo reaches the usage before
+        billing windows are fenced meanwhile (merger.py), so the undo reaches the usage before
         a summary of it is made: void.lua leaves a call whose usage was billed first as it is."""
         return frozenset(self._voids)
 
@@ -82,7 +82,7 @@ class Journal:
         return frozenset(customer for customer, _ in self._voids)
 
     def settled(self, customer_id: str, unanswered: UnansweredCall) -> None:
-        """A void needs no hold any more: it merged, or the store has nothing to undo for it."""
+        """A void needs no fence any more: it merged, or the store has nothing to undo for it."""
         self._voids.discard((customer_id, unanswered))
 
     @property

@@ -39,8 +39,8 @@ log = logging.getLogger("sidecar")
 
 BILLING_CONNECTIONS = 8
 MERGE_INTERVAL = 1.0  # seconds between attempts to merge the journal into the store
-VOID_HOLD_SECONDS = 30  # a void's hold, renewed every HOLD_INTERVAL while its journal keeps it
-HOLD_INTERVAL = 0.5  # seconds between renewals of the holds, beside the merges
+VOID_FENCE_SECONDS = 30  # a void's fence, renewed every FENCE_INTERVAL while its journal keeps it
+FENCE_INTERVAL = 0.5  # seconds between renewals of the fences, beside the merges
 # What the store had of a call whose reply was lost (sidecar_lost_replies_total{found}).
 _FOUND = {
     Replayed.MERGED: "not_run",
@@ -145,7 +145,7 @@ async def _run_journal(stack: AsyncExitStack, components: Components, journal: J
     """Write the journal to disk every FLUSH_INTERVAL, and merge it into the store once a second
     (a no-op while it is empty). The writing never waits for a merge: under load a merge takes
     seconds, and what is recorded meanwhile must reach the disk as promptly (a crash loses at
-    most FLUSH_INTERVAL). Nor do the holds of the journal's voids, set as soon as the store
+    most FLUSH_INTERVAL). Nor do the fences of the journal's voids, set as soon as the store
     answers. On shutdown, once the three have stopped, the last entries are written, to merge
     after restart."""
     metrics = components.metrics
@@ -154,8 +154,8 @@ async def _run_journal(stack: AsyncExitStack, components: Components, journal: J
         await journal.flush()
         metrics.journal_pending.set(journal.pending)
 
-    async def hold() -> None:
-        await _hold_voids(components.outbox, journal)
+    async def fence() -> None:
+        await _fence_voids(components.outbox, journal)
 
     async def merge() -> None:
         merged = await journal.replay(functools.partial(_merge_entry, components))
@@ -165,7 +165,7 @@ async def _run_journal(stack: AsyncExitStack, components: Components, journal: J
 
     stack.push_async_callback(_close_journal, journal)
     await _background(stack, _every(FLUSH_INTERVAL, write, "writing the journal"))
-    await _background(stack, _every(HOLD_INTERVAL, hold, "holding the journal's voids"))
+    await _background(stack, _every(FENCE_INTERVAL, fence, "fencing the journal's voids"))
     await _background(stack, _every(MERGE_INTERVAL, merge, "merging the journal"))
 
 
@@ -198,16 +198,16 @@ async def _close_journal(journal: Journal) -> None:
     journal.close()
 
 
-async def _hold_voids(outbox: Outbox, journal: Journal) -> None:
-    """Hold, in the store, the billing windows of the customers this journal has voids for (every
-    replica's close.lua leaves them open) while a void may have something to undo; a void that
-    has nothing is settled here, and one that merges takes its hold with it (void.lua)."""
+async def _fence_voids(outbox: Outbox, journal: Journal) -> None:
+    """Fence, in the store, the billing windows of the customers this journal has voids for
+    (every replica's close.lua leaves them open) while a void may have something to undo; a void
+    that has nothing is settled here, and one that merges takes its fence with it (void.lua)."""
     for customer, void in journal.voids:
         try:
-            if not await outbox.hold(customer, void, VOID_HOLD_SECONDS):
+            if not await outbox.fence(customer, void, VOID_FENCE_SECONDS):
                 journal.settled(customer, void)
         except StoreUnavailable:
-            continue  # that customer's master is down: the others are still held
+            continue  # that customer's master is down: the others are still fenced
 
 
 async def _close_sites(sites: list[web.AppRunner]) -> None:

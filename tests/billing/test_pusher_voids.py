@@ -1,6 +1,6 @@
 """Billing windows stay open while a journal holds a void for the customer (a 503 whose metering
 call may have run), so that the undo reaches the usage before a summary of it is made: in this
-process (the pusher skips the customer), in every replica (a hold in the store that close.lua
+process (the pusher skips the customer), in every replica (a fence in the store that close.lua
 obeys, set while the void may have something to undo), and for a few seconds after any store
 outage. Against a real redis-server."""
 
@@ -21,10 +21,10 @@ from sidecar.config.policy.holder import PolicyHolder
 from sidecar.errors import StoreUnavailable, UnansweredCall
 from sidecar.ledger.journal import Journal
 from sidecar.metrics import Metrics
-from sidecar.runtime.server import _hold_voids
+from sidecar.runtime.server import _fence_voids
 from sidecar.store.redis import keys
-from sidecar.store.redis.outbox import HELD, Outbox
-from sidecar.store.redis.store import RedisStore, hold_member
+from sidecar.store.redis.outbox import FENCED, Outbox
+from sidecar.store.redis.store import RedisStore, fence_member
 from tests.billing.test_outbox import AGGREGATIONS, record
 from tests.conftest import key_hash, write_policy
 
@@ -95,50 +95,50 @@ async def test_this_process_closes_a_customer_only_once_its_void_has_merged(
     assert await summaries(store) == 1, "closed once the void merged"
 
 
-async def test_a_void_hold_in_the_store_keeps_every_replica_from_closing(store: RedisStore) -> None:
+async def test_a_void_fence_in_the_store_keeps_every_replica_from_closing(store: RedisStore) -> None:
     outbox = Outbox(store.client)
     window = await record(store, "acme", ("requests", "search", 1))
-    await store.client.sadd(keys.void_hold("acme"), hold_member(CALL))
-    assert await outbox.close("acme", "p", 60, window + 60, AGGREGATIONS) == (HELD, None)
-    await store.client.srem(keys.void_hold("acme"), hold_member(CALL))
+    await store.client.sadd(keys.void_fence("acme"), fence_member(CALL))
+    assert await outbox.close("acme", "p", 60, window + 60, AGGREGATIONS) == (FENCED, None)
+    await store.client.srem(keys.void_fence("acme"), fence_member(CALL))
     assert (await outbox.close("acme", "p", 60, window + 60, AGGREGATIONS))[0] == 1
 
 
-async def test_a_void_is_held_while_its_call_may_still_run_or_has_a_record(store: RedisStore) -> None:
+async def test_a_void_is_fenced_while_its_call_may_still_run_or_has_a_record(store: RedisStore) -> None:
     outbox = Outbox(store.client)
     running = UnansweredCall(CALL.token, 1, int((store.time() + 30) * 1_000_000))
-    assert await outbox.hold("acme", running, 30), "its deadline has not passed: it may still run"
+    assert await outbox.fence("acme", running, 30), "its deadline has not passed: it may still run"
     ran = UnansweredCall(CALL.token, 2)
     await store.client.rpush(keys.call_records("acme", CALL.token), "2 {}")
-    assert await outbox.hold("acme", ran, 30), "its record says it ran: the undo is to come"
-    assert await store.client.smembers(keys.void_hold("acme")) == {
+    assert await outbox.fence("acme", ran, 30), "its record says it ran: the undo is to come"
+    assert await store.client.smembers(keys.void_fence("acme")) == {
         b"c0ffee0123456789:1",
         b"c0ffee0123456789:2",
     }
-    assert 0 < await store.client.ttl(keys.void_hold("acme")) <= 30
+    assert 0 < await store.client.ttl(keys.void_fence("acme")) <= 30
 
 
-async def test_a_void_with_nothing_to_undo_holds_nothing_and_is_settled(
+async def test_a_void_with_nothing_to_undo_fences_nothing_and_is_settled(
     store: RedisStore, tmp_path: Path
 ) -> None:
     outbox = Outbox(store.client)
     journal = Journal(tmp_path / "journal")
     journal.void("acme", CALL, store.time())  # deadline 0: passed; and no record: it never ran
-    await _hold_voids(outbox, journal)
+    await _fence_voids(outbox, journal)
     assert journal.voids == set()
-    assert not await store.client.exists(keys.void_hold("acme"))
+    assert not await store.client.exists(keys.void_fence("acme"))
 
 
-async def test_the_journals_voids_are_held_until_they_merge(store: RedisStore, tmp_path: Path) -> None:
+async def test_the_journals_voids_are_fenced_until_they_merge(store: RedisStore, tmp_path: Path) -> None:
     outbox = Outbox(store.client)
     journal = Journal(tmp_path / "journal")
     await store.client.rpush(keys.call_records("acme", CALL.token), "1 {}")  # the call ran
     journal.void("acme", CALL, store.time())
-    await _hold_voids(outbox, journal)
-    assert await store.client.smembers(keys.void_hold("acme")) == {hold_member(CALL).encode()}
+    await _fence_voids(outbox, journal)
+    assert await store.client.smembers(keys.void_fence("acme")) == {fence_member(CALL).encode()}
     assert await journal.replay(store.replay) == 1
     assert journal.voids == set()
-    assert not await store.client.exists(keys.void_hold("acme")), "void.lua took the hold with it"
+    assert not await store.client.exists(keys.void_fence("acme")), "void.lua took the fence with it"
 
 
 async def test_closes_wait_a_few_seconds_after_the_store_was_down(
@@ -152,7 +152,7 @@ async def test_closes_wait_a_few_seconds_after_the_store_was_down(
     outbox.down = True
     await pusher.cycle()  # the store is down
     await pusher.cycle()
-    assert await summaries(store) == 0, "journals that lost replies are writing their holds"
+    assert await summaries(store) == 0, "journals that lost replies are writing their fences"
     await asyncio.sleep(0.35)
     await pusher.cycle()
     assert await summaries(store) == 1
@@ -161,18 +161,18 @@ async def test_closes_wait_a_few_seconds_after_the_store_was_down(
 class OutboxWithOneMasterDown(Outbox):
     """An outbox whose store calls for the customer "down" fail, as when its master is down."""
 
-    async def hold(self, customer: str, void: UnansweredCall, seconds: int) -> bool:
+    async def fence(self, customer: str, void: UnansweredCall, seconds: int) -> bool:
         if customer == "down":
             raise StoreUnavailable("that master is down")
-        return await super().hold(customer, void, seconds)
+        return await super().fence(customer, void, seconds)
 
 
-async def test_a_void_whose_master_is_down_does_not_stop_the_holds_of_the_others(
+async def test_a_void_whose_master_is_down_does_not_stop_the_fences_of_the_others(
     store: RedisStore, tmp_path: Path
 ) -> None:
     journal = Journal(tmp_path / "journal")
     for customer in ("down", "acme"):
         journal.void(customer, UnansweredCall(CALL.token, 1, int((store.time() + 30) * 1_000_000)), 0)
-    await _hold_voids(OutboxWithOneMasterDown(store.client), journal)
-    assert await store.client.exists(keys.void_hold("acme"))
-    assert journal.voiding == {"down", "acme"}, "kept, to be held once that master answers"
+    await _fence_voids(OutboxWithOneMasterDown(store.client), journal)
+    assert await store.client.exists(keys.void_fence("acme"))
+    assert journal.voiding == {"down", "acme"}, "kept, to be fenced once that master answers"

@@ -171,11 +171,11 @@ async def test_a_void_whose_call_is_just_short_of_its_deadline_waits_for_it(stor
     assert (await store.read_limits(request)).limits[0].used == 0
 
 
-async def test_a_void_takes_its_hold_on_billing_with_it(store: RedisStore) -> None:
+async def test_a_void_takes_its_fence_on_billing_with_it(store: RedisStore) -> None:
     await send_named(store, request_for(usage=searches()), 1)
-    await store.client.sadd(keys.void_hold("acme"), f"{TOKEN}:1", "another:7")
+    await store.client.sadd(keys.void_fence("acme"), f"{TOKEN}:1", "another:7")
     assert await store.replay(void(1)) is Replayed.UNDONE
-    assert await store.client.smembers(keys.void_hold("acme")) == {b"another:7"}
+    assert await store.client.smembers(keys.void_fence("acme")) == {b"another:7"}
 
 
 async def test_a_void_gives_back_prepaid_credit_drawn(store: RedisStore) -> None:

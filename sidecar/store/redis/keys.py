@@ -75,11 +75,15 @@ def journal_marker(customer_id: str, entry_id: str) -> str:
     return f"{customer_tag(customer_id)}:j:{entry_id}"
 
 
-def void_hold(customer_id: str) -> str:
-    """Set of the voids ("<token>:<seq>") some journal holds for the customer: 503s whose metering
-    call ran or may still be found to have run. close.lua leaves the customer's windows open while
-    it exists, so the undo reaches the usage before any replica makes a summary of it. hold.lua
-    adds a member (with a short expiry its journal renews), void.lua takes it out with the undo."""
+def void_fence(customer_id: str) -> str:
+    """Set of the voids ("<token>:<seq>") some journal fences the customer's billing windows for:
+    503s whose metering call ran or may still be found to have run. close.lua leaves the
+    customer's windows open while it exists, so the undo reaches the usage before any replica
+    makes a summary of it. fence.lua adds a member (with a short expiry its journal renews),
+    void.lua takes it out with the undo."""
+    # "vh" (it was called the void hold): replicas of the release before, running beside this one
+    # during a rolling upgrade, set and obey the fence under this key; a new name would let one
+    # of them close a window that a void of the other is about to undo.
     return f"{customer_tag(customer_id)}:vh"
 
 

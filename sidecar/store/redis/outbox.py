@@ -15,14 +15,14 @@ from typing import Any, cast
 
 from sidecar.errors import UnansweredCall
 from sidecar.store.redis import keys
-from sidecar.store.redis.store import bounded, hold_member, load_script
+from sidecar.store.redis.store import bounded, fence_member, load_script
 from sidecar.store.redis.topology import StoreClient
 from sidecar.store.summaries import Summary
 
 # Background work may wait longer than a request can.
 BILLING_STORE_TIMEOUT = 2.0
 _SCAN_BATCH = 1000
-HELD = -1  # close() moved nothing: a void hold keeps the customer's windows open
+FENCED = -1  # close() moved nothing: a void fence keeps the customer's windows open
 
 
 class Outbox:
@@ -34,7 +34,7 @@ class Outbox:
         self._redrive = client.register_script(load_script("redrive", shared=False))
         self._claim = client.register_script(load_script("claim", shared=False))
         self._release = client.register_script(load_script("release", shared=False))
-        self._hold = client.register_script(load_script("hold"))
+        self._fence = client.register_script(load_script("fence"))
 
     async def mark_dirty(self, dues: Mapping[str, int]) -> None:
         """Schedule each customer's window closing; an earlier due time wins (ZADD LT)."""
@@ -53,12 +53,12 @@ class Outbox:
         self, customer: str, plan: str, interval: int, cutoff: int, aggregations: Mapping[str, str]
     ) -> tuple[int, int | None]:
         """Move every window ended by `cutoff` into the outbox: (moved, earliest open window), or
-        (HELD, None) while a void hold is set for the customer (hold)."""
+        (FENCED, None) while a void fence is set for the customer (fence)."""
         key_list = [
             keys.usage(customer),
             keys.revisions(customer),
             keys.outbox(customer),
-            keys.void_hold(customer),
+            keys.void_fence(customer),
         ]
         args: list[Any] = [customer, plan, interval, cutoff]
         for meter, aggregation in aggregations.items():
@@ -66,12 +66,12 @@ class Outbox:
         moved, open_window = await bounded(self._close(keys=key_list, args=args), self._timeout)
         return int(moved), None if int(open_window) < 0 else int(open_window)
 
-    async def hold(self, customer: str, void: UnansweredCall, seconds: int) -> bool:
+    async def fence(self, customer: str, void: UnansweredCall, seconds: int) -> bool:
         """Keep the customer's windows open in every replica (close.lua) while this void may have
-        something to undo, for `seconds` unless renewed; False when it has nothing (hold.lua)."""
-        key_list = [keys.call_records(customer, void.token), keys.void_hold(customer)]
-        args: list[str | int] = [void.seq, void.deadline_us, hold_member(void), seconds]
-        return bool(await bounded(self._hold(keys=key_list, args=args), self._timeout))
+        something to undo, for `seconds` unless renewed; False when it has nothing (fence.lua)."""
+        key_list = [keys.call_records(customer, void.token), keys.void_fence(customer)]
+        args: list[str | int] = [void.seq, void.deadline_us, fence_member(void), seconds]
+        return bool(await bounded(self._fence(keys=key_list, args=args), self._timeout))
 
     async def reschedule(self, schedule: str, customer: str, seen: int, new: int | None) -> bool:
         """Remove (new None) or reschedule a member, only if nobody changed it since it was `seen`."""

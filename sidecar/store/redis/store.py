@@ -223,16 +223,16 @@ async def bounded(operation: Awaitable[T], timeout: float) -> T:
         raise StoreUnavailable(f"store did not answer: {type(error).__name__}") from error
 
 
-def hold_member(call: UnansweredCall) -> str:
-    """The member a void puts in its customer's void hold (store/keys.py, void_hold)."""
+def fence_member(call: UnansweredCall) -> str:
+    """The member a void puts in its customer's void fence (store/keys.py, void_fence)."""
     return f"{call.token}:{call.seq}"
 
 
 def void_arguments(entry: VoidEntry) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of void.lua: the call's records and the customer's void hold; the call."""
+    """KEYS and ARGV of void.lua: the call's records and the customer's void fence; the call."""
     call, customer = entry.call, entry.customer_id
-    key_list = [keys.call_records(customer, call.token), keys.void_hold(customer)]
-    return key_list, [call.seq, call.deadline_us, hold_member(call)]
+    key_list = [keys.call_records(customer, call.token), keys.void_fence(customer)]
+    return key_list, [call.seq, call.deadline_us, fence_member(call)]
 
 
 def replay_arguments(entry: UsageEntry | ScriptEntry) -> tuple[list[str], list[Any]]:

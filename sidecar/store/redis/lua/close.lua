@@ -9,10 +9,10 @@
 -- for the first close of a window, 2 for units that reached it after that, and so on, so an
 -- amended summary never reuses an id that billing may already have counted.
 --
--- KEYS: usage hash, revisions hash, outbox hash, void hold (all of one customer)
+-- KEYS: usage hash, revisions hash, outbox hash, void fence (all of one customer)
 -- ARGV: customer, plan, interval, cutoff, then pairs meter, aggregation
 -- Returns {summaries moved, earliest window still open (-1 when none)}, or {-1, -1} while the
--- void hold is set (store/keys.py, void_hold): nothing moves until the journal's undo is in.
+-- void fence is set (store/keys.py, void_fence): nothing moves until the journal's undo is in.
 if redis.call('EXISTS', KEYS[4]) == 1 then return {-1, -1} end
 local customer, plan = ARGV[1], ARGV[2]
 local interval, cutoff = tonumber(ARGV[3]), tonumber(ARGV[4])

@@ -4,11 +4,11 @@
 -- steps that undo it, and taking the record makes a second void of the same call do nothing.
 -- All or nothing: when the billing usage it added has already moved to the outbox (close.lua
 -- closed its window first), billing has the request, so its limits and credit keep it too:
--- billed and counted stay equal. Either way the void's hold on the customer's billing windows
--- (store/keys.py, void_hold) ends here.
+-- billed and counted stay equal. Either way the void's fence on the customer's billing windows
+-- (store/keys.py, void_fence) ends here.
 --
--- KEYS[1]: that sidecar's list of the customer's call records, KEYS[2]: the customer's void hold.
--- ARGV: the call's number, its deadline (store microseconds), its hold member ("<token>:<seq>").
+-- KEYS[1]: that sidecar's list of the customer's call records, KEYS[2]: the customer's void fence.
+-- ARGV: the call's number, its deadline (store microseconds), its fence member ("<token>:<seq>").
 -- Returns 1 undone, 0 the call wrote nothing, 2 left as it is: its usage was billed already,
 -- -1 too early: the call's deadline has not passed, so it may still run; nothing written, try
 -- again later.
