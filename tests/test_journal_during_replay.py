@@ -6,23 +6,23 @@ through the journal (they were answered 200, and never billed). The merge loop i
 flushes only between merges, and a merge runs one store round trip per entry; under load (where
 store timeouts keep the journal in use outside outages too) a merge takes seconds, and everything
 recorded meanwhile stays in memory. Here a store that takes 2 s per entry makes that
-deterministic. Fixed: the writing runs in a task of its own beside the merges (server.py,
-_run_journal).
+deterministic. Fixed: the writing runs in a task of its own beside the merges (ledger/merger.py,
+run_ledger).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 from sidecar.config.policy.model import Limit
 from sidecar.config.policy.windows import Period, calendar_window
+from sidecar.errors import UnansweredCall
 from sidecar.ledger.journal import FLUSH_INTERVAL, SEGMENT_SUFFIX, Journal
-from sidecar.runtime.server import MERGE_INTERVAL, _run_journal
+from sidecar.ledger.merger import MERGE_INTERVAL, Merger, run_ledger
+from sidecar.metrics import Metrics
 from sidecar.store.port import JournalEntry, LimitCharge, MeterRequest, Replayed, UsageCharge
-from tests.conftest import make_components, write_policy
 
 SLOW_MERGE_SECONDS = 2.0
 
@@ -47,20 +47,23 @@ class SlowStore:
         return Replayed.MERGED
 
 
+class NoVoids:
+    async def fence(self, customer: str, void: UnansweredCall, seconds: int) -> bool:
+        raise AssertionError("this journal keeps no voids")
+
+
 def on_disk(directory: Path) -> str:
     return "".join(path.read_text() for path in directory.glob(f"*{SEGMENT_SUFFIX}"))
 
 
 async def test_an_entry_recorded_during_a_slow_merge_is_on_disk_within_a_few_flush_intervals(
-    tmp_path: Path, redis_url: str
+    tmp_path: Path,
 ) -> None:
-    policy = write_policy(tmp_path, "version: 1\nmeters: {requests: {aggregation: count}}\n")
     store = SlowStore()
-    components = dataclasses.replace(make_components(policy, "http://127.0.0.1:9", redis_url), store=store)
     journal = Journal(tmp_path / "journal")
     journal.record(request_at("first", 0.0), 0.0)
     async with AsyncExitStack() as stack:
-        await _run_journal(stack, components, journal)  # type: ignore[arg-type]
+        await run_ledger(stack, Merger(journal, store, Metrics(), lambda _, __: None), fences=NoVoids())
         await asyncio.wait_for(store.merging.wait(), MERGE_INTERVAL + 1)
         journal.record(request_at("second", 0.0), 0.0)
         await asyncio.sleep(5 * FLUSH_INTERVAL)

@@ -11,7 +11,7 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 
 import aiohttp
@@ -22,14 +22,13 @@ from sidecar.admission.customers import CustomerDirectory
 from sidecar.billing.pusher import Pusher
 from sidecar.config.policy.holder import PolicyHolder, freeze_heap
 from sidecar.config.settings import Settings
-from sidecar.errors import StoreUnavailable
 from sidecar.http.app import build_admin_app, build_proxy_app
 from sidecar.http.components import COMPONENTS, Components
 from sidecar.http.intake import GuardedSite
 from sidecar.http.reloading import reload_policy, watch
-from sidecar.ledger.journal import FLUSH_INTERVAL, Journal
+from sidecar.ledger.journal import Journal
+from sidecar.ledger.merger import Merger, run_ledger
 from sidecar.metrics import Metrics
-from sidecar.store.port import JournalEntry, Replayed
 from sidecar.store.redis.embedded import EmbeddedRedis
 from sidecar.store.redis.outbox import BILLING_STORE_TIMEOUT, Outbox
 from sidecar.store.redis.store import RedisStore, connect
@@ -38,18 +37,6 @@ from sidecar.store.redis.topology import close_client
 log = logging.getLogger("sidecar")
 
 BILLING_CONNECTIONS = 8
-MERGE_INTERVAL = 1.0  # seconds between attempts to merge the journal into the store
-VOID_FENCE_SECONDS = 30  # a void's fence, renewed every FENCE_INTERVAL while its journal keeps it
-FENCE_INTERVAL = 0.5  # seconds between renewals of the fences, beside the merges
-# What the store had of a call whose reply was lost (sidecar_lost_replies_total{found}).
-_FOUND = {
-    Replayed.MERGED: "not_run",
-    Replayed.NOT_RUN: "not_run",
-    Replayed.RAN: "ran",
-    Replayed.UNDONE: "ran",
-    Replayed.BILLED: "ran_and_billed",
-    Replayed.REPEATED: "repeated",
-}
 
 
 async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True) -> None:
@@ -81,7 +68,8 @@ async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True)
             journal=journal,
         )
         await _pusher(stack, components)
-        await _run_journal(stack, components, journal)
+        merger = Merger(journal, store, metrics, billed=functools.partial(_note_billing, components))
+        await run_ledger(stack, merger, fences=outbox)
         await _background(stack, watch(components, stopping))
         await _background(stack, _share_store_traffic(metrics, store))
         loop.add_signal_handler(signal.SIGHUP, _start_reload, components, reloads)
@@ -141,73 +129,11 @@ async def _background(stack: AsyncExitStack, work: Coroutine[object, object, Non
     stack.push_async_callback(tasks.stop, task)
 
 
-async def _run_journal(stack: AsyncExitStack, components: Components, journal: Journal) -> None:
-    """Write the journal to disk every FLUSH_INTERVAL, and merge it into the store once a second
-    (a no-op while it is empty). The writing never waits for a merge: under load a merge takes
-    seconds, and what is recorded meanwhile must reach the disk as promptly (a crash loses at
-    most FLUSH_INTERVAL). Nor do the fences of the journal's voids, set as soon as the store
-    answers. On shutdown, once the three have stopped, the last entries are written, to merge
-    after restart."""
-    metrics = components.metrics
-
-    async def write() -> None:
-        await journal.flush()
-        metrics.journal_pending.set(journal.pending)
-
-    async def fence() -> None:
-        await _fence_voids(components.outbox, journal)
-
-    async def merge() -> None:
-        merged = await journal.replay(functools.partial(_merge_entry, components))
-        if merged:
-            log.info("merged %d journal entries into the store", merged)
-        metrics.journal_pending.set(journal.pending)
-
-    stack.push_async_callback(_close_journal, journal)
-    await _background(stack, _every(FLUSH_INTERVAL, write, "writing the journal"))
-    await _background(stack, _every(FENCE_INTERVAL, fence, "fencing the journal's voids"))
-    await _background(stack, _every(MERGE_INTERVAL, merge, "merging the journal"))
-
-
-async def _every(seconds: float, work: Callable[[], Awaitable[None]], what: str) -> None:
-    """Run `work` every `seconds` for the life of the process: an unexpected error is logged, and
-    the next round runs (store outages are handled inside `work`; this is for bugs, which must
-    not silently stop the journal for good)."""
-    while True:
-        await asyncio.sleep(seconds)
-        try:
-            await work()
-        except Exception:
-            log.exception("%s failed; trying again in %g s", what, seconds)
-
-
-async def _merge_entry(components: Components, entry: JournalEntry) -> None:
-    replayed = await components.store.replay(entry)
-    metrics = components.metrics
-    if replayed is Replayed.MERGED:
-        metrics.journal_merged.inc()
-    if entry.call is not None:
-        metrics.lost_replies.labels(_FOUND[replayed]).inc()
+def _note_billing(components: Components, customer: str, at: float) -> None:
+    """A merged journal entry's usage is in the store: its billing window is to be closed."""
     billing = components.holder.current.billing
     if billing is not None:
-        components.marks.note(entry.customer_id, entry.at, billing)
-
-
-async def _close_journal(journal: Journal) -> None:
-    await journal.flush()
-    journal.close()
-
-
-async def _fence_voids(outbox: Outbox, journal: Journal) -> None:
-    """Fence, in the store, the billing windows of the customers this journal has voids for
-    (every replica's close.lua leaves them open) while a void may have something to undo; a void
-    that has nothing is settled here, and one that merges takes its fence with it (void.lua)."""
-    for customer, void in journal.voids:
-        try:
-            if not await outbox.fence(customer, void, VOID_FENCE_SECONDS):
-                journal.settled(customer, void)
-        except StoreUnavailable:
-            continue  # that customer's master is down: the others are still fenced
+        components.marks.note(customer, at, billing)
 
 
 async def _close_sites(sites: list[web.AppRunner]) -> None:

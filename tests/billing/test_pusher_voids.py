@@ -20,8 +20,8 @@ from sidecar.billing.pusher import Pusher
 from sidecar.config.policy.holder import PolicyHolder
 from sidecar.errors import StoreUnavailable, UnansweredCall
 from sidecar.ledger.journal import Journal
+from sidecar.ledger.merger import fence_voids
 from sidecar.metrics import Metrics
-from sidecar.runtime.server import _fence_voids
 from sidecar.store.redis import keys
 from sidecar.store.redis.outbox import FENCED, Outbox
 from sidecar.store.redis.store import RedisStore, fence_member
@@ -124,7 +124,7 @@ async def test_a_void_with_nothing_to_undo_fences_nothing_and_is_settled(
     outbox = Outbox(store.client)
     journal = Journal(tmp_path / "journal")
     journal.void("acme", CALL, store.time())  # deadline 0: passed; and no record: it never ran
-    await _fence_voids(outbox, journal)
+    await fence_voids(outbox, journal)
     assert journal.voids == set()
     assert not await store.client.exists(keys.void_fence("acme"))
 
@@ -134,7 +134,7 @@ async def test_the_journals_voids_are_fenced_until_they_merge(store: RedisStore,
     journal = Journal(tmp_path / "journal")
     await store.client.rpush(keys.call_records("acme", CALL.token), "1 {}")  # the call ran
     journal.void("acme", CALL, store.time())
-    await _fence_voids(outbox, journal)
+    await fence_voids(outbox, journal)
     assert await store.client.smembers(keys.void_fence("acme")) == {fence_member(CALL).encode()}
     assert await journal.replay(store.replay) == 1
     assert journal.voids == set()
@@ -173,6 +173,6 @@ async def test_a_void_whose_master_is_down_does_not_stop_the_fences_of_the_other
     journal = Journal(tmp_path / "journal")
     for customer in ("down", "acme"):
         journal.void(customer, UnansweredCall(CALL.token, 1, int((store.time() + 30) * 1_000_000)), 0)
-    await _fence_voids(OutboxWithOneMasterDown(store.client), journal)
+    await fence_voids(OutboxWithOneMasterDown(store.client), journal)
     assert await store.client.exists(keys.void_fence("acme"))
     assert journal.voiding == {"down", "acme"}, "kept, to be fenced once that master answers"
