@@ -136,7 +136,7 @@ class Pusher:
                 moved, open_window = FENCED, None
             else:
                 moved, open_window = await self.outbox.close(
-                    customer, plan, billing.interval, cutoff, aggregations
+                    customer, plan, billing.interval, cutoff, aggregations, anchor_day=_anchor_day(known)
                 )
             if moved == FENCED:  # due again next cycle, behind the customers due now
                 await self.outbox.reschedule(keys.DIRTY, customer, seen, now_ms + int(TICK_SECONDS * 1000))
@@ -241,6 +241,13 @@ class Pusher:
         failures = self._failures[customer] = self._failures.get(customer, 0) + 1
         delay = min(BACKOFF_CAP_SECONDS, self.backoff_base * 2 ** (failures - 1))
         return now_ms + int(delay * random.uniform(0.5, 1.0) * 1000)
+
+
+def _anchor_day(customer: Customer | None) -> int:
+    """The day a customer's billing month starts on (their billing_anchor's; the 1st without one),
+    which a unique meter's first sightings are counted by."""
+    anchor = customer.billing_anchor if customer is not None else None
+    return anchor.day if anchor is not None else 1
 
 
 def _addressable(billing: Billing, customers: Mapping[str, Customer], summary: Summary) -> bool:

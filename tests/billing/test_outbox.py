@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import random
 from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime
 
 import pytest
 
+from sidecar.config.policy.windows import Period, calendar_window
 from sidecar.store.port import MeterRequest, UsageCharge
 from sidecar.store.redis import keys
 from sidecar.store.redis.outbox import Outbox
@@ -135,3 +139,118 @@ async def test_a_unique_meter_closes_into_the_count_of_distinct_values_per_windo
     assert (summary.value, summary.aggregation) == (3, "unique")
     assert summary.id == summary_id("acme", "users", "search", window, 1)
     assert await store.client.hlen(keys.usage("acme")) == 0
+
+
+# -- unique meters: first sightings in the billing month (SPEC §6) ------------------------------
+
+MARCH = int(datetime(2026, 3, 2, 9, 0, tzinfo=UTC).timestamp())
+UNIQUE = {"users": "unique"}
+
+
+async def see(
+    store: RedisStore, window: int, user: str, feature: str = "search", customer: str = "acme"
+) -> None:
+    """One request of `user` recorded in `window`, as lib.lua record_usage writes it."""
+    await store.client.hincrby(keys.usage(customer), f"u|{window}|users|{feature}|{user}", 1)
+
+
+async def billed(outbox: Outbox, customer: str = "acme") -> dict[int, int]:
+    """window start → units billed, over every summary in the outbox."""
+    totals: dict[int, int] = {}
+    for summary in await outbox.summaries(customer):
+        totals[summary.window_start] = totals.get(summary.window_start, 0) + summary.value
+    return totals
+
+
+async def close_all(outbox: Outbox, cutoff: int, anchor_day: int = 1) -> int:
+    moved, _ = await outbox.close("acme", "pro", 60, cutoff, UNIQUE, anchor_day=anchor_day)
+    return moved
+
+
+async def test_one_user_active_in_three_windows_of_a_month_is_billed_once(
+    store: RedisStore, outbox: Outbox
+) -> None:
+    windows = [MARCH, MARCH + 3600, MARCH + 9 * 86400]
+    for window in windows:
+        await see(store, window, "ann")
+    await see(store, windows[1], "bo")
+    await see(store, windows[2], "bo")
+    assert await close_all(outbox, windows[2] + 60) == 2
+    assert await billed(outbox) == {windows[0]: 1, windows[1]: 1}  # ann, then bo: the month's 2
+
+
+async def test_windows_closed_one_by_one_bill_each_value_once_a_month(
+    store: RedisStore, outbox: Outbox
+) -> None:
+    windows = [MARCH + n * 60 for n in range(3)]
+    for window in windows:
+        await see(store, window, "ann")
+        await see(store, window, f"new-{window}")
+        await close_all(outbox, window + 60)
+    assert await billed(outbox) == {windows[0]: 2, windows[1]: 1, windows[2]: 1}
+
+
+async def test_a_window_with_no_first_sighting_makes_no_summary(store: RedisStore, outbox: Outbox) -> None:
+    await see(store, MARCH, "ann")
+    await close_all(outbox, MARCH + 60)
+    await see(store, MARCH + 60, "ann")
+    assert await close_all(outbox, MARCH + 120) == 0
+    assert len(await outbox.summaries("acme")) == 1
+    assert await store.client.hlen(keys.usage("acme")) == 0
+
+
+async def test_a_value_is_billed_once_a_month_whatever_the_feature(store: RedisStore, outbox: Outbox) -> None:
+    await see(store, MARCH, "ann", feature="search")
+    await see(store, MARCH, "ann", feature="export")
+    await see(store, MARCH + 60, "ann", feature="export")
+    await close_all(outbox, MARCH + 120)
+    assert sum((await billed(outbox)).values()) == 1
+
+
+@pytest.mark.parametrize(
+    "anchor_day, first, second, times",
+    [
+        pytest.param(1, datetime(2026, 2, 27), datetime(2026, 3, 2), 2, id="calendar-months"),
+        pytest.param(1, datetime(2026, 3, 1), datetime(2026, 3, 31, 23, 59), 1, id="one-calendar-month"),
+        pytest.param(15, datetime(2026, 3, 14, 23, 59), datetime(2026, 3, 15), 2, id="anchor-15-boundary"),
+        pytest.param(15, datetime(2026, 3, 15), datetime(2026, 4, 14, 23, 59), 1, id="anchor-15-month"),
+        pytest.param(31, datetime(2026, 2, 28), datetime(2026, 3, 30), 1, id="anchor-31-short-february"),
+        pytest.param(31, datetime(2026, 2, 27), datetime(2026, 2, 28), 2, id="anchor-31-moves-to-feb-28"),
+        pytest.param(30, datetime(2028, 2, 28), datetime(2028, 2, 29), 2, id="anchor-30-leap-year"),
+    ],
+)
+async def test_the_billing_month_follows_the_customers_anchor(
+    store: RedisStore, outbox: Outbox, anchor_day: int, first: datetime, second: datetime, times: int
+) -> None:
+    windows = [int(moment.replace(tzinfo=UTC).timestamp()) // 60 * 60 for moment in (first, second)]
+    for window in windows:
+        await see(store, window, "ann")
+    await close_all(outbox, windows[1] + 60, anchor_day)
+    assert sum((await billed(outbox)).values()) == times
+
+
+async def test_close_lua_months_are_those_of_windows_py(store: RedisStore, outbox: Outbox) -> None:
+    """close.lua's calendar against config/policy/windows.py, over moments from 1999 to 2101: the
+    set of first sightings is named by its month's start and kept 7 days past its end (or past
+    now, for a month already over)."""
+    chooser = random.Random(15)
+    for _ in range(60):
+        moment = chooser.randrange(915_148_800, 4_133_980_800) // 60 * 60
+        anchor = chooser.choice([1, 2, 15, 28, 29, 30, 31])
+        await store.client.flushdb()
+        await see(store, moment, "ann")
+        await close_all(outbox, moment + 60, anchor)
+        start, end = calendar_window(Period.MONTH, moment, date(2026, 1, anchor))
+        seen = keys.first_seen("acme", "users", start)
+        now = int(store.time())
+        ttl = await store.client.ttl(seen)
+        assert abs(ttl - (max(end, now) + 7 * 86400 - now)) <= 2, (moment, anchor)
+
+
+async def test_first_sightings_keep_a_fixed_size_digest_per_value(store: RedisStore, outbox: Outbox) -> None:
+    value = "a-rather-long-user-identifier@example.com"
+    await see(store, MARCH, value)
+    await close_all(outbox, MARCH + 60)
+    start, _ = calendar_window(Period.MONTH, MARCH)
+    members = await store.client.smembers(keys.first_seen("acme", "users", start))
+    assert members == {hashlib.sha1(value.encode()).hexdigest()[:16].encode()}

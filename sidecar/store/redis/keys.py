@@ -92,6 +92,13 @@ def revisions(customer_id: str) -> str:
     return f"{customer_tag(customer_id)}:rev"
 
 
+def first_seen(customer_id: str, meter: str, month_start: int) -> str:
+    """Set of the values of a unique meter billed in one billing month (each as the first 16 hex
+    digits of its SHA-1), so each is billed once a month; close.lua builds this name from the
+    usage key's and expires it 7 days after the month ends."""
+    return f"{customer_tag(customer_id)}:us:{meter}:{month_start}"
+
+
 def outbox(customer_id: str) -> str:
     """Hash summary id → frozen summary JSON, until billing answers 2xx."""
     return f"{customer_tag(customer_id)}:ob"

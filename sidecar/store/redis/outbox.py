@@ -17,7 +17,7 @@ from sidecar.errors import UnansweredCall
 from sidecar.store.redis import keys
 from sidecar.store.redis.store import bounded, fence_member, load_script
 from sidecar.store.redis.topology import StoreClient
-from sidecar.store.summaries import Summary
+from sidecar.store.summaries import DEFAULT_NAMESPACE, Summary, id_namespace
 
 # Background work may wait longer than a request can.
 BILLING_STORE_TIMEOUT = 2.0
@@ -50,17 +50,27 @@ class Outbox:
         return [(member.decode(), int(score)) for member, score in pairs]
 
     async def close(
-        self, customer: str, plan: str, interval: int, cutoff: int, aggregations: Mapping[str, str]
+        self,
+        customer: str,
+        plan: str,
+        interval: int,
+        cutoff: int,
+        aggregations: Mapping[str, str],
+        *,
+        anchor_day: int = 1,
+        namespace: str = DEFAULT_NAMESPACE,
     ) -> tuple[int, int | None]:
         """Move every window ended by `cutoff` into the outbox: (moved, earliest open window), or
-        (FENCED, None) while a void fence is set for the customer (fence)."""
+        (FENCED, None) while a void fence is set for the customer (fence). A unique meter's
+        values count in the billing month (starting on `anchor_day`) they are first closed in;
+        `namespace` enters the summary ids (close.lua)."""
         key_list = [
             keys.usage(customer),
             keys.revisions(customer),
             keys.outbox(customer),
             keys.void_fence(customer),
         ]
-        args: list[Any] = [customer, plan, interval, cutoff]
+        args: list[Any] = [customer, plan, interval, cutoff, anchor_day, id_namespace(namespace)]
         for meter, aggregation in aggregations.items():
             args += (meter, aggregation)
         moved, open_window = await bounded(self._close(keys=key_list, args=args), self._timeout)
