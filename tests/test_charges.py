@@ -1,4 +1,5 @@
-"""meter_request: what one admitted request charges, with the window charges shared per window."""
+"""meter_request: what one admitted request charges, with the window charges shared per window;
+and each limit algorithm's two halves, admission's window and the store's arguments."""
 
 from __future__ import annotations
 
@@ -7,10 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.admission import algorithms
 from sidecar.admission.plan import meter_request
 from sidecar.config.policy.loader import load_policy
-from sidecar.config.policy.model import Customer, Policy
+from sidecar.config.policy.model import Algorithm, Customer, Limit, Policy
+from sidecar.config.policy.windows import Period
 from sidecar.store.port import LimitCharge
+from sidecar.store.redis import keys
+from sidecar.store.redis.limit_kinds import LIMIT_KINDS
+from sidecar.store.redis.store import script_arguments
 from tests.conftest import write_policy
 
 JAN_10 = datetime(2026, 1, 10, tzinfo=UTC).timestamp()
@@ -87,3 +93,33 @@ def test_the_shared_charges_are_bounded(policy: Policy) -> None:
     for n in range(24 * 31):  # two years of month windows, a month apart each
         charges(policy, JAN_10 + n * 31 * day)
     assert all(len(spec.charges) <= 64 for spec in policy.charges[("p", "chat")].limits)
+
+
+def test_every_algorithm_has_a_window_rule_and_a_store_kind() -> None:
+    assert set(algorithms.WINDOWS) == set(Algorithm) == set(LIMIT_KINDS)
+    assert len({kind.tag for kind in LIMIT_KINDS.values()}) == len(LIMIT_KINDS)
+
+
+def test_a_calendar_quota_names_its_window_and_a_moving_window_none() -> None:
+    month = Limit(meter="requests", limit=100, period=Period.MONTH)
+    minute = Limit(meter="requests", limit=5, period=Period.MINUTE)
+    assert (month.algorithm, minute.algorithm) == (Algorithm.CALENDAR_QUOTA, Algorithm.MOVING_WINDOW)
+    assert algorithms.window(month, JAN_10, None) == (JAN_1, FEB_1)
+    assert algorithms.window(minute, JAN_10, None) is None
+
+
+def test_each_algorithm_lays_out_its_kind_tag_keys_and_window(policy: Policy) -> None:
+    request = meter_request(policy, policy.customers["acme"], "chat", policy.charges[("p", "chat")], JAN_10)
+    key_list, args = script_arguments(request)
+    # Per limit: kind tag, amount, ceiling, mode, then the algorithm's two window values.
+    assert args[6:24] == [
+        *("c", 1, 100, "h", JAN_1, FEB_1),
+        *("r", 1, 5, "h", 1_000_000, 0),
+        *("c", 0, 1000, "h", JAN_1, FEB_1),
+    ]
+    assert key_list[2:6] == [  # after the customer's two reservation keys
+        keys.quota("acme", "requests-month", JAN_1),
+        keys.rate_log("acme", "requests-second"),
+        keys.rate_total("acme", "requests-second"),
+        keys.quota("acme", "tokens-month", JAN_1),
+    ]

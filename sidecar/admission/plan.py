@@ -5,18 +5,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import date
 
+from sidecar.admission import algorithms
 from sidecar.config.policy.model import Aggregation, ChargeSpec, Customer, Limit, LimitSpec, Policy
-from sidecar.config.policy.windows import Window, calendar_window
+from sidecar.config.policy.windows import Window
 from sidecar.store.port import CreditCharge, Hold, LimitCharge, MeterRequest, UsageCharge
 
 _NOTHING: Mapping[str, int] = {}
 
 
 def window_for(limit: Limit, now: float, customer: Customer) -> Window | None:
-    """The calendar window of a day/week/month limit; None for a moving (rate) window."""
-    if limit.period.is_rate:
-        return None
-    return calendar_window(limit.period, now, customer.billing_anchor)
+    """The window a charge to ``limit`` names (algorithms.py): a calendar quota's day, week or
+    month; None for a moving window."""
+    return algorithms.window(limit, now, customer.billing_anchor)
 
 
 def meter_request(
@@ -71,8 +71,7 @@ def _fixed(spec: LimitSpec, now: float, anchor: date | None) -> LimitCharge:
     """A request that reserves nothing adds the same to a limit as every other one in the same
     window, so the LimitCharge is built once per window (spec.charges) and shared."""
     limit = spec.limit
-    period = limit.period
-    window = None if period.is_rate else calendar_window(period, now, anchor)
+    window = algorithms.window(limit, now, anchor)
     charge = spec.charges.get(window)
     if not isinstance(charge, LimitCharge):
         if len(spec.charges) >= _WINDOWS_REMEMBERED:

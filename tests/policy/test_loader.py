@@ -10,6 +10,7 @@ import pytest
 from sidecar.config.policy.loader import load_policy
 from sidecar.config.policy.model import (
     Aggregation,
+    Algorithm,
     Billing,
     BillingFormat,
     Feature,
@@ -439,6 +440,8 @@ def test_good_policy_plans_and_limits() -> None:
     tokens, rate, scoped = pro.limits[1], pro.limits[2], pro.limits[3]
     assert tokens.on_exceed is OnExceed.ALLOW and not tokens.is_hard
     assert rate.period is Period.SECOND and rate.ceiling == 150
+    assert rate.algorithm is Algorithm.MOVING_WINDOW
+    assert tokens.algorithm is scoped.algorithm is Algorithm.CALENDAR_QUOTA
     assert scoped.feature == "export" and scoped.burst == 0 and not scoped.shadow
     assert pro.prepaid == () and pro.store_failure is None and not pro.shadow
 
@@ -495,3 +498,29 @@ def test_example_policy_loads() -> None:
     assert policy.plans["free"].features == frozenset({"hello", "search"})
     assert route(policy, "GET", "/hello") == "hello"
     assert policy.billing is not None and policy.billing.url.startswith("http://127.0.0.1:")
+
+
+# -- what the loader sets beyond what a policy says ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("period", "algorithm"),
+    [
+        ("second", Algorithm.MOVING_WINDOW),
+        ("minute", Algorithm.MOVING_WINDOW),
+        ("hour", Algorithm.MOVING_WINDOW),
+        ("day", Algorithm.CALENDAR_QUOTA),
+        ("week", Algorithm.CALENDAR_QUOTA),
+        ("month", Algorithm.CALENDAR_QUOTA),
+    ],
+)
+def test_each_period_is_counted_by_its_algorithm(tmp_path: Path, period: str, algorithm: Algorithm) -> None:
+    path = write(
+        tmp_path,
+        "p.yaml",
+        "version: 1\nmeters: {requests: {aggregation: count}}\n"
+        f"plans: {{p: {{limits: [{{meter: requests, limit: 1, period: {period}}}]}}}}\n",
+    )
+    (limit,) = load_policy(path).plans["p"].limits
+    assert limit.algorithm is algorithm
+    assert limit.algorithm is Algorithm.of(limit.period)

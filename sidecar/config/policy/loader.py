@@ -26,6 +26,7 @@ from yaml.nodes import ScalarNode, SequenceNode
 from sidecar.config.policy.model import (
     DEFAULT_BILLING_INTERVAL,
     Aggregation,
+    Algorithm,
     Billing,
     BillingFormat,
     Customer,
@@ -539,7 +540,7 @@ def _limits(
         limit = _limit(draft, item, plan, features)
         if limit is None:
             continue
-        if limit.meter in prepaid and not limit.period.is_rate:
+        if limit.meter in prepaid and limit.algorithm.calendar:
             _allowance(item, limit)
         first = first_at.setdefault((limit.meter, limit.period, limit.feature), item)
         if first is item:
@@ -572,6 +573,7 @@ def _limit(draft: _Draft, at: At, plan: str, features: tuple[str, ...]) -> Limit
         feature=feature,
         on_exceed=on_exceed,
         shadow=shadow,
+        algorithm=Algorithm.of(period),
     )
 
 
@@ -593,7 +595,7 @@ def _on_exceed(at: At) -> OnExceed | None:
 
 def _burst(fields: dict[str, At], period: Period | None) -> int:
     burst = read_optional(fields, "burst", read_int, 0)
-    if "burst" in fields and period is not None and not period.is_rate:
+    if "burst" in fields and period is not None and not Algorithm.of(period).bursts:
         fields["burst"].error(f"burst applies to rate periods (second, minute, hour), not '{period.value}'")
     return burst
 

@@ -34,6 +34,38 @@ class StoreFailure(enum.Enum):
     OPEN = "open"
 
 
+class Algorithm(enum.Enum):
+    """How a limit counts. The store keeps its state by algorithm (lib.lua's read_limit and
+    charge_limit dispatch on it), admission computes its window by it (admission/algorithms.py)
+    and the store lays out its arguments by it (store/redis/limit_kinds.py).
+
+    ``calendar``: it counts in UTC calendar windows, so a charge names its window, and on a
+    prepaid meter it is the allowance drawn before credit. ``bursts``: ``burst`` may raise it.
+    """
+
+    MOVING_WINDOW = "moving_window"  # at most `ceiling` units in any window of the period's length
+    CALENDAR_QUOTA = "calendar_quota"  # at most `ceiling` units in each day, week or month
+
+    def __init__(self, value: str) -> None:
+        self.calendar = value == "calendar_quota"
+        self.bursts = value == "moving_window"
+
+    @classmethod
+    def of(cls, period: Period) -> Algorithm:
+        """The algorithm a limit of ``period`` uses: a policy names periods, not algorithms."""
+        return _PERIOD_ALGORITHMS[period]
+
+
+_PERIOD_ALGORITHMS = {
+    Period.SECOND: Algorithm.MOVING_WINDOW,
+    Period.MINUTE: Algorithm.MOVING_WINDOW,
+    Period.HOUR: Algorithm.MOVING_WINDOW,
+    Period.DAY: Algorithm.CALENDAR_QUOTA,
+    Period.WEEK: Algorithm.CALENDAR_QUOTA,
+    Period.MONTH: Algorithm.CALENDAR_QUOTA,
+}
+
+
 # What the policy must check for each billing format; the encoders are billing/formats/.
 # The field of a customer that names it in the billing system (none: our own customer id).
 _CUSTOMER_FIELDS = {"stripe": "stripe_customer_id", "lago": "lago_subscription_id"}
@@ -132,6 +164,8 @@ class Limit:
     feature: str | None = None
     on_exceed: OnExceed = OnExceed.REJECT
     shadow: bool = False
+    # The loader sets it; a Limit built in code without one gets its period's (Algorithm.of).
+    algorithm: Algorithm = None  # type: ignore[assignment]
     # Derived once here, not per read: the hot path reads both for every limit of every request.
     # name: what clients see in RateLimit headers and 429 bodies, e.g. requests-month.
     # ceiling: units admitted in one window, the limit plus the burst allowance.
@@ -139,6 +173,8 @@ class Limit:
     ceiling: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.algorithm is None:
+            object.__setattr__(self, "algorithm", Algorithm.of(self.period))
         base = f"{self.meter}-{self.period.value}"
         object.__setattr__(self, "name", f"{base}-{self.feature}" if self.feature else base)
         object.__setattr__(self, "ceiling", self.limit + self.burst)
@@ -211,7 +247,7 @@ class LimitSpec:
     enforced: bool
     counts_requests: bool
     allowance: bool = False
-    # What a request that reserves nothing adds, by calendar window (None for a rate limit): the
+    # What a request that reserves nothing adds, by calendar window (None when it has none): the
     # same frozen object for every request in that window, so admission does not build it anew.
     # Filled by admission/plan.py, which also bounds it; opaque here (the policy is below the store
     # in the layering, and the values are the store's LimitCharge), not part of the policy's value.
@@ -268,7 +304,7 @@ def resolve_charges(
         amount = request_amount(meter, feature) if meter.source.at_request_time else 0
         if meter.source.at_request_time and amount == 0:
             continue
-        allowance = meter.name in plan.prepaid and not limit.period.is_rate
+        allowance = meter.name in plan.prepaid and limit.algorithm.calendar
         # An allowance never refuses by itself: its credit does, for what the allowance cannot cover.
         enforced = limit.is_hard and not limit.shadow and not plan.shadow and not allowance
         limits.append(LimitSpec(limit, amount, enforced, meter.counts_requests, allowance))

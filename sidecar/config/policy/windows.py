@@ -23,9 +23,10 @@ _PERIOD_SECONDS = {
 
 
 class Period(enum.Enum):
-    """A limit's period. ``is_rate`` and ``seconds`` are plain member attributes, set once: the hot
-    path reads them for every limit of every request, and as properties each read cost a call
-    through the enum's descriptors (and, for ``seconds``, hashing the member in Python)."""
+    """A limit's period. ``seconds`` is a plain member attribute, set once: the hot path reads it
+    for every moving-window limit of every request, and as a property each read cost a call
+    through the enum's descriptors and hashing the member in Python. How a limit of a period
+    counts is its Algorithm (model.py)."""
 
     SECOND = "second"
     MINUTE = "minute"
@@ -35,8 +36,6 @@ class Period(enum.Enum):
     MONTH = "month"
 
     def __init__(self, value: str) -> None:
-        # Second/minute/hour limits are moving windows; day/week/month are UTC calendar windows.
-        self.is_rate = value in ("second", "minute", "hour")
         # Nominal length; a calendar month's real length comes from windows.py.
         self.seconds = _PERIOD_SECONDS[value]
 

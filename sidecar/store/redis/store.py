@@ -38,6 +38,7 @@ from sidecar.store.redis import codec as replies
 from sidecar.store.redis import keys
 from sidecar.store.redis.breaker import CircuitBreaker
 from sidecar.store.redis.clock import StoreClock
+from sidecar.store.redis.limit_kinds import LIMIT_KINDS
 from sidecar.store.redis.pipeline import Script, ScriptBatcher
 from sidecar.store.redis.topology import StoreClient, Topology, close_client
 
@@ -271,12 +272,10 @@ def script_arguments(
         limit = charge.limit
         mode = "a" if charge.allowance else "h" if charge.enforced else "s"
         mode += "r" if charge.reserved else ""
-        if charge.window is None:
-            key_list += (keys.rate_log(customer, limit.name), keys.rate_total(customer, limit.name))
-            args += ("r", charge.amount, limit.ceiling, mode, limit.period.seconds * 1_000_000, 0)
-        else:
-            key_list.append(keys.quota(customer, limit.name, charge.window[0]))
-            args += ("c", charge.amount, limit.ceiling, mode, *charge.window)
+        kind = LIMIT_KINDS[limit.algorithm]
+        limit_keys, window = kind.layout(customer, charge)
+        key_list += limit_keys
+        args += (kind.tag, charge.amount, limit.ceiling, mode, *window)
     args.append(len(request.credits))
     for credit in request.credits:
         mode = ("h" if credit.enforced else "s") + ("r" if credit.reserved else "")
