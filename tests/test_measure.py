@@ -1,11 +1,13 @@
-"""measure(): the amount a measured meter reads from a finished exchange, or None, never a guess."""
+"""measure(): the amount a measured meter reads from a finished exchange, or None, never a guess;
+reserve_amount(): what a request holds, read from the request alone."""
 
 from __future__ import annotations
 
 import pytest
 
-from sidecar.admission.sources import Exchange, measure, measure_text
-from sidecar.config.policy.model import Source, SourceKind
+from sidecar.admission.sources import READERS, Exchange, measure, measure_text, reserve_amount
+from sidecar.config.policy.meter_sources import SOURCE_KINDS, Phase, Source, SourceKind
+from sidecar.config.policy.model import Reserve
 
 
 def exchange(**overrides: object) -> Exchange:
@@ -77,3 +79,36 @@ def test_unique_meters_read_their_value_as_text(
     kind: SourceKind, argument: str | None, expected: str | None
 ) -> None:
     assert measure_text(Source(kind=kind, argument=argument), exchange()) == expected
+
+
+def test_every_source_read_at_the_end_or_by_a_reservation_has_a_reader() -> None:
+    read = {kind for kind, traits in SOURCE_KINDS.items() if traits.phase is Phase.RESPONSE or traits.reserve}
+    assert set(READERS) == read
+    assert SourceKind.REQUEST not in READERS  # its amount is the feature's cost
+
+
+HEADER = Source(kind=SourceKind.REQUEST_HEADER, argument="X-Max-Tokens")
+FIELD = Source(kind=SourceKind.REQUEST_JSON, argument="max_tokens")
+
+
+@pytest.mark.parametrize(
+    ("source", "headers", "body", "expected"),
+    [
+        (None, {"X-Max-Tokens": "300"}, b'{"max_tokens": 300}', 50),
+        (HEADER, {"X-Max-Tokens": "300"}, None, 300),
+        (HEADER, {"X-Max-Tokens": "lots"}, None, 50),
+        (HEADER, {}, b'{"max_tokens": 300}', 50),
+        (FIELD, {"X-Max-Tokens": "7"}, b'{"max_tokens": 300}', 300),
+        (FIELD, {}, b'{"max_tokens": -1}', 50),
+        (FIELD, {}, None, 50),  # the body was too long to read ahead
+    ],
+)
+def test_a_reservation_reads_the_request_or_holds_its_default(
+    source: Source | None, headers: dict[str, str], body: bytes | None, expected: int
+) -> None:
+    assert reserve_amount(Reserve(amount=50, source=source), headers, body) == expected
+
+
+def test_a_response_json_meter_reads_the_response_body_not_the_request_body() -> None:
+    facts = exchange(json_body=None, request_body=b'{"usage": {"total_tokens": 9}}')
+    assert measure(Source(kind=SourceKind.RESPONSE_JSON, argument="usage.total_tokens"), facts) is None

@@ -18,7 +18,7 @@ from sidecar.admission.gate import at_store_time
 from sidecar.admission.plan import response_request
 from sidecar.admission.sources import JSON_CAPTURE_LIMIT, Exchange, measure, measure_text
 from sidecar.admission.verdict import Verdict
-from sidecar.config.policy.model import Aggregation, ChargeSpec, Policy, SourceKind
+from sidecar.config.policy.model import Aggregation, ChargeSpec, Policy
 from sidecar.errors import StoreUnavailable
 from sidecar.http.components import Components
 from sidecar.ledger.journal import keep_in_journal
@@ -27,7 +27,8 @@ log = logging.getLogger("sidecar.http.metering")
 
 
 def reads_json(spec: ChargeSpec | None) -> bool:
-    return spec is not None and any(m.source.kind is SourceKind.RESPONSE_JSON for m in spec.measured)
+    """A measured meter reads a JSON body (the response's), which the tally must then capture."""
+    return spec is not None and any(m.source.traits.body for m in spec.measured)
 
 
 @dataclass(slots=True)

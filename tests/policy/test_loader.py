@@ -8,6 +8,7 @@ from types import MappingProxyType
 import pytest
 
 from sidecar.config.policy.loader import load_policy
+from sidecar.config.policy.meter_sources import Source, SourceKind
 from sidecar.config.policy.model import (
     Aggregation,
     Algorithm,
@@ -17,8 +18,6 @@ from sidecar.config.policy.model import (
     Identity,
     OnExceed,
     Policy,
-    Source,
-    SourceKind,
     StoreFailure,
 )
 from sidecar.config.policy.windows import Period
@@ -147,6 +146,22 @@ BAD = [
         "used before credit, so it cannot be on_exceed: allow",
     ),
     (
+        "prepaid_allowance_feature",
+        "10:9: plans.credits.limits[0]: on a prepaid meter a day/week/month limit is the allowance "
+        "used before credit, so it cannot be scoped to one feature",
+    ),
+    (
+        "prepaid_allowance_shadow",
+        "10:9: plans.credits.limits[0]: on a prepaid meter a day/week/month limit is the allowance "
+        "used before credit, so it cannot be a shadow limit",
+    ),
+    ("reserve_ttl_alone", "3:85: meters.tokens.reserve_ttl: reserve_ttl applies only together with reserve"),
+    (
+        "reserve_default_fixed",
+        "3:103: meters.tokens.reserve_default: reserve_default applies only when reserve reads a "
+        "request source",
+    ),
+    (
         "reserve_without_default",
         "3:83: meters.tokens.reserve: reserve reads request.json:max_tokens; add reserve_default, "
         "the amount held when a request does not carry it",
@@ -191,6 +206,15 @@ BAD = [
         "customer_id",
         "15:3: customers.acme{1}: invalid customer id 'acme{1}'; use a letter or "
         "digit, then letters, digits or . _ : @ - (at most 128 characters)",
+    ),
+    (
+        "header_list_empty",
+        "3:20: identity.api_key_headers: expected at least one header name, got an empty list",
+    ),
+    (
+        "plan_name",
+        "3:3: plans.pro plan: invalid plan name 'pro plan'; use a letter or digit, then letters, "
+        "digits or . _ : @ - (at most 128 characters)",
     ),
     (
         "header_name",

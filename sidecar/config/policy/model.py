@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from datetime import date
 from types import MappingProxyType
 
+from sidecar.config.policy.meter_sources import SOURCE_KINDS
+from sidecar.config.policy.meter_sources import Source as Source  # re-exported: the model's vocabulary
+from sidecar.config.policy.meter_sources import SourceKind as SourceKind
 from sidecar.config.policy.routes import RouteTable
 from sidecar.config.policy.windows import Period
 
@@ -86,33 +89,6 @@ class BillingFormat(enum.Enum):
     def __init__(self, value: str) -> None:
         self.customer_field: str | None = _CUSTOMER_FIELDS.get(value)
         self.max_batch: int | None = _MAX_BATCH.get(value)
-
-
-class SourceKind(enum.Enum):
-    REQUEST = "request"
-    REQUEST_BYTES = "request.bytes"
-    RESPONSE_BYTES = "response.bytes"
-    RESPONSE_DURATION_MS = "response.duration_ms"
-    REQUEST_HEADER = "request.header"
-    RESPONSE_HEADER = "response.header"
-    RESPONSE_JSON = "response.json"
-    REQUEST_JSON = "request.json"  # only as a reserve: read from the request body before forwarding
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Source:
-    """Where a meter's amount comes from; ``argument`` is the header name or JSON path."""
-
-    kind: SourceKind
-    argument: str | None = None
-
-    @property
-    def at_request_time(self) -> bool:
-        """Known before forwarding, so it is checked and charged atomically at admission."""
-        return self.kind is SourceKind.REQUEST
-
-    def __str__(self) -> str:
-        return self.kind.value if self.argument is None else f"{self.kind.value}:{self.argument}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -282,7 +258,7 @@ class ChargeSpec:
     def reads_request_json(self) -> bool:
         """A reserve reads the request body, which must then be read before admission."""
         sources = (m.reserve.source for m in self.reserves if m.reserve is not None)
-        return any(s is not None and s.kind is SourceKind.REQUEST_JSON for s in sources)
+        return any(s is not None and SOURCE_KINDS[s.kind].body for s in sources)
 
 
 def request_amount(meter: Meter, feature: Feature) -> int:
