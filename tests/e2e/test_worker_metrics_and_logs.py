@@ -12,11 +12,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import ACME, Launcher
-from tests.e2e.test_workers import QUOTA, children, one_request_on_a_new_connection, policy, upstream
+from tests.e2e.test_workers import QUOTA, children, one_request_on_a_new_connection
+from tests.helpers import Upstream, quota_policy
 
 pytestmark = pytest.mark.slow
-__all__ = ["policy", "upstream"]  # fixtures shared with test_workers.py
 SENT = 40
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Path:
+    return quota_policy(tmp_path, QUOTA)
 
 
 async def scrape(session: aiohttp.ClientSession, admin: str) -> dict[str, float]:
@@ -33,12 +38,12 @@ async def scrape(session: aiohttp.ClientSession, admin: str) -> dict[str, float]
 async def test_metrics_of_two_workers_count_every_request(
     launch: Launcher,
     session: aiohttp.ClientSession,
-    upstream: str,
+    upstream: Upstream,
     policy: Path,
     redis_url: str,
     tmp_path: Path,
 ) -> None:
-    sidecar = await launch(policy, upstream, tmp_path / "data", "--redis", redis_url, "--workers", "2")
+    sidecar = await launch(policy, upstream.url, tmp_path / "data", "--redis", redis_url, "--workers", "2")
     await sidecar.wait_ready(session)
     assert len(children(sidecar.process.pid)) == 2
     statuses = await asyncio.gather(*(one_request_on_a_new_connection(sidecar.proxy) for _ in range(SENT)))
@@ -54,9 +59,11 @@ async def test_metrics_of_two_workers_count_every_request(
 
 
 async def test_json_logs_are_one_object_a_line_without_keys(
-    launch: Launcher, session: aiohttp.ClientSession, upstream: str, policy: Path, tmp_path: Path
+    launch: Launcher, session: aiohttp.ClientSession, upstream: Upstream, policy: Path, tmp_path: Path
 ) -> None:
-    sidecar = await launch(policy, upstream, tmp_path / "data", "--log-format", "json", "--log-level", "DEBUG")
+    sidecar = await launch(
+        policy, upstream.url, tmp_path / "data", "--log-format", "json", "--log-level", "DEBUG"
+    )
     await sidecar.wait_ready(session)
     async with session.get(f"{sidecar.proxy}/v1/search", headers={"X-API-Key": ACME}) as response:
         assert response.status == 200
@@ -73,8 +80,8 @@ async def test_json_logs_are_one_object_a_line_without_keys(
 
 
 async def test_a_bad_log_format_is_refused_by_name(
-    launch: Launcher, session: aiohttp.ClientSession, upstream: str, policy: Path, tmp_path: Path
+    launch: Launcher, session: aiohttp.ClientSession, upstream: Upstream, policy: Path, tmp_path: Path
 ) -> None:
-    sidecar = await launch(policy, upstream, tmp_path / "data", "--log-format", "yaml")
+    sidecar = await launch(policy, upstream.url, tmp_path / "data", "--log-format", "yaml")
     assert await sidecar.wait_exit() == 2
     assert "--log-format='yaml': expected text or json" in sidecar.stderr
