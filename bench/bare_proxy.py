@@ -24,7 +24,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.http.app import upstream_client
-from sidecar.http.proxy import CHUNK_SIZE, HOP_BY_HOP, SKIP_AUTO_HEADERS, connection_listed
+from sidecar.http.headers import HOP_BY_HOP, SKIP_AUTO_HEADERS, connection_listed
+from sidecar.http.proxy import CHUNK_SIZE
 
 UPSTREAM_TIMEOUT = 30.0  # the sidecar's --upstream-timeout default
 FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto"})

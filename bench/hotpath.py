@@ -31,6 +31,7 @@ from sidecar.admission.verdict import Decision, Verdict
 from sidecar.config.policy.loader import load_policy
 from sidecar.config.policy.model import Customer, Policy
 from sidecar.config.policy.routes import has_dot_segments
+from sidecar.http import headers as forwarding
 from sidecar.http import problems, proxy
 from sidecar.metrics import Metrics
 from sidecar.store.port import Admission, MeterRequest, Store
@@ -111,8 +112,9 @@ def pieces(policy: Policy) -> dict[str, Callable[[], object]]:
 
     def response_headers() -> web.StreamResponse:
         response = web.StreamResponse(status=200, reason="OK")
-        response.headers.extend(proxy.without_hop_by_hop(upstream))
-        response.headers.update(problems.ratelimit_headers(verdict.limits, verdict.credits))
+        response.headers.extend(forwarding.without_hop_by_hop(upstream))
+        fields = problems.ratelimit_headers(verdict.limits, verdict.credits, policy.meters)
+        forwarding.ours_first(response, fields, upstream)
         return response
 
     return {
@@ -131,13 +133,15 @@ def pieces(policy: Policy) -> dict[str, Callable[[], object]]:
         ),
         "record_verdict": lambda: proxy.record_verdict(metrics, verdict),
         "overhead histogram observe": lambda: metrics.overhead.observe(0.001),
-        "upstream_request_headers, wrk's 2 headers": lambda: proxy.upstream_request_headers(
-            from_wrk, verdict
+        "upstream_request_headers, wrk's 2 headers": lambda: forwarding.upstream_request_headers(
+            from_wrk, verdict, policy.identity
         ),
-        "upstream_request_headers, a client's 8 headers": lambda: proxy.upstream_request_headers(
-            from_client, verdict
+        "upstream_request_headers, a client's 8 headers": lambda: forwarding.upstream_request_headers(
+            from_client, verdict, policy.identity
         ),
-        "ratelimit_headers (two limits)": lambda: problems.ratelimit_headers(verdict.limits),
+        "ratelimit_headers (two limits)": lambda: problems.ratelimit_headers(
+            verdict.limits, (), policy.meters
+        ),
         "response headers: upstream's 4 copied, RateLimit added": response_headers,
     }
 

@@ -10,6 +10,8 @@ parser refusals answered as problem+json, and the middleware that screens every 
   request's bytes, instead of aiohttp's text answer and ERROR traceback.
 * `GuardedSite` listens with that protocol; `sidecar run` serves both ports through it.
 * `screen_requests` is the proxy app's middleware: `guard.screen` on every parsed head.
+* `expect_after_admission` and `Continuation`: ``Expect: 100-continue`` is answered only once the
+  request is admitted (or its body is needed to admit it), so a refused client never uploads.
 
 Idle keep-alive connections are not timed here: aiohttp's keep-alive timeout governs them.
 """
@@ -35,6 +37,7 @@ from sidecar.metrics import Metrics
 log = logging.getLogger("sidecar.http.intake")
 
 _HEAD_END = b"\r\n\r\n"
+_CONTINUE = "100-continue"
 
 
 def require_c_parser() -> None:
@@ -80,6 +83,46 @@ async def screen_requests(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     _count(components.metrics, refusal, request.remote)
     return problems.refused_input(refusal)
+
+
+async def expect_after_admission(request: web.Request) -> web.StreamResponse | None:
+    """The proxy route's Expect handler. aiohttp's default writes 100 Continue before any handler
+    runs, so a client that will be refused would upload its body first; this one sends nothing
+    and leaves 100 Continue to `Continuation`. An expectation other than 100-continue is 417."""
+    expect = request.headers.get("Expect", "")
+    if request.version != http.HttpVersion11 or expect.lower() == _CONTINUE:
+        return None
+    response = problems.problem(417, "Expectation Failed", "the only expectation accepted is 100-continue")
+    response.force_close()  # whether the client sends its body now is anybody's guess
+    return response
+
+
+class Continuation:
+    """The 100 Continue an ``Expect: 100-continue`` client waits for before it sends its body."""
+
+    __slots__ = ("_request", "pending")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        expect = request.headers.get("Expect")
+        self.pending = (
+            expect is not None and expect.lower() == _CONTINUE and request.version == http.HttpVersion11
+        )
+
+    async def send(self) -> None:
+        """Ask for the body: once admitted, or when admission must read it (a request.json reserve)."""
+        if self.pending:
+            self.pending = False
+            writer = self._request.writer
+            await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            writer.output_size = 0  # the interim response is not part of the final one's size
+
+    def final(self, response: web.Response) -> web.Response:
+        """A final answer sent without asking for the body: the connection closes after it, since
+        the client may or may not send the body it held back (RFC 9110 §10.1.1)."""
+        if self.pending:
+            response.force_close()
+        return response
 
 
 def _count(metrics: Metrics, refusal: Refusal, peer: object) -> None:

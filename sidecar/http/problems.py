@@ -3,19 +3,23 @@
 Rate-limit headers follow draft-ietf-httpapi-ratelimit-headers-10 (structured fields):
 ``RateLimit-Policy: "requests-month";q=100000;w=2592000`` and
 ``RateLimit: "requests-month";r=98766;t=604800``.
-Meters that do not count requests carry ``sc-qu="<meter>"``.
+A byte meter carries the draft's registered ``qu="content-bytes"``; other meters that do not
+count requests carry ``sc-qu="<meter>"``. Soft limits (``on_exceed: allow``) are left out: the
+draft tells a client not to exceed ``r`` before ``t``, and a soft limit never throttles.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from aiohttp import web
 
 from sidecar.admission.verdict import Decision, Verdict
-from sidecar.config.policy.model import Policy
+from sidecar.config.policy.model import Meter, Policy, SourceKind
 from sidecar.config.policy.windows import rfc3339
 from sidecar.http.guard import Fault, Refusal
 from sidecar.store.port import CreditState, LimitState
@@ -26,6 +30,8 @@ STORE_RETRY_AFTER = 1  # seconds: a store outage is usually a restart or a failo
 # Seconds: waiting does not bring prepaid credit back (a grant does), so a retrying client is
 # told to back off for a minute rather than hammer.
 CREDIT_RETRY_AFTER = 60
+NO_METERS: Mapping[str, Meter] = MappingProxyType({})
+_BYTE_SOURCES = (SourceKind.REQUEST_BYTES, SourceKind.RESPONSE_BYTES)  # the draft's "content-bytes"
 
 
 def refusal(verdict: Verdict, policy: Policy, method: str, path: str) -> web.Response:
@@ -38,7 +44,7 @@ def refusal(verdict: Verdict, policy: Policy, method: str, path: str) -> web.Res
     if decision is Decision.FORBIDDEN:
         return forbidden(verdict)
     if decision is Decision.REFUSED:
-        return too_many_requests(verdict)
+        return too_many_requests(verdict, policy.meters)
     return unavailable(STORE_RETRY_AFTER)
 
 
@@ -103,7 +109,7 @@ def gateway_timeout(detail: str) -> web.Response:
     return problem(504, "Gateway Timeout", detail)
 
 
-def too_many_requests(verdict: Verdict) -> web.Response:
+def too_many_requests(verdict: Verdict, meters: Mapping[str, Meter] = NO_METERS) -> web.Response:
     """429 naming the limit that keeps the request out the longest (credit used up keeps it out
     until a grant); every refusing limit and credit is listed."""
     refusing, credits = verdict.refusing, verdict.refusing_credits
@@ -132,7 +138,7 @@ def too_many_requests(verdict: Verdict) -> web.Response:
             "remaining": worst.remaining,
             "reset": reset,
         }
-    headers = {"Retry-After": str(retry_after), **ratelimit_headers(verdict.limits, verdict.credits)}
+    headers = {"Retry-After": str(retry_after), **ratelimit_headers(verdict.limits, verdict.credits, meters)}
     policies = [s.charge.limit.name for s in refusing] + [c.charge.name for c in credits]
     return problem(
         429,
@@ -144,36 +150,52 @@ def too_many_requests(verdict: Verdict) -> web.Response:
 
 
 def ratelimit_headers(
-    states: tuple[LimitState, ...], credits: tuple[CreditState, ...] = ()
+    states: tuple[LimitState, ...],
+    credits: tuple[CreditState, ...] = (),
+    meters: Mapping[str, Meter] = NO_METERS,
 ) -> dict[str, str]:
-    """RateLimit-Policy and RateLimit for every limit that applied, tightest first, then each
-    prepaid credit (no window: ``w`` and ``t`` are left out, as the draft allows)."""
-    if not states and not credits:
+    """RateLimit-Policy and RateLimit for every limit that applied but the soft ones, tightest
+    first, then each prepaid credit (no window: ``w`` and ``t`` are left out, as the draft allows).
+
+    ``meters`` (the policy's) names each meter's unit; without it, every meter that does not count
+    requests gets ``sc-qu``.
+    """
+    hard = [state for state in states if state.charge.limit.is_hard]
+    if not hard and not credits:
         return {}
     policies: list[str] = []
     current: list[str] = []
-    for state in sorted(states, key=_tightness) if len(states) > 1 else states:
+    for state in sorted(hard, key=_tightness) if len(hard) > 1 else hard:
         charge = state.charge
         limit = charge.limit
         window = charge.window
         seconds = window[1] - window[0] if window else limit.period.seconds
-        unit = "" if charge.counts_requests else f';sc-qu="{limit.meter}"'
+        unit = "" if charge.counts_requests else _unit(limit.meter, meters)
         policies.append(f'"{limit.name}";q={limit.ceiling};w={seconds}{unit}')
         current.append(f'"{limit.name}";r={state.remaining};t={math.ceil(state.reset_seconds)}')
     for credit in credits:
-        policies.append(_credit_item(credit))
+        policies.append(_credit_item(credit, meters))
         current.append(f'"{credit.charge.name}";r={max(0, credit.balance)}')
     return {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(current)}
 
 
-def _tightness(state: LimitState) -> float:
-    ceiling = state.charge.limit.ceiling
-    return state.remaining / ceiling if ceiling else 0.0
+def _tightness(state: LimitState) -> tuple[float, str]:
+    """Units a limit allows per second of its period, fewest first; read from the policy alone, so
+    a customer's items come in one order on every response to a route, whatever is left of each."""
+    limit = state.charge.limit
+    return limit.ceiling / limit.period.seconds, limit.name
 
 
-def _credit_item(credit: CreditState) -> str:
+def _unit(name: str, meters: Mapping[str, Meter]) -> str:
+    meter = meters.get(name)
+    if meter is not None and meter.source.kind in _BYTE_SOURCES:
+        return ';qu="content-bytes"'
+    return f';sc-qu="{name}"'
+
+
+def _credit_item(credit: CreditState, meters: Mapping[str, Meter]) -> str:
     item = f'"{credit.charge.name}";q={credit.granted}'
-    return item if credit.charge.counts_requests else f'{item};sc-qu="{credit.charge.meter}"'
+    return item if credit.charge.counts_requests else item + _unit(credit.charge.meter, meters)
 
 
 def _names(verdict: Verdict) -> tuple[str, str]:

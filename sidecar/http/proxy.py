@@ -1,8 +1,8 @@
 """The single catch-all handler: admit, then forward with the shared ClientSession and stream back.
 
-Bodies are streamed both ways in chunks, never buffered whole. Hop-by-hop headers (RFC 9110
-§7.6.1, including every name listed in Connection) are dropped in both directions. Identity
-headers a client sends are removed; the upstream receives the real X-Customer-Id / -Plan.
+Bodies are streamed both ways in chunks, never buffered whole. Which header fields cross, and
+what is added to them (Via, X-Customer-*, RateLimit), is headers.py. ``Expect: 100-continue`` is
+answered after admission (intake.Continuation); a WebSocket upgrade is relayed by websocket.py.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from sidecar.admission.gate import admit
 from sidecar.admission.verdict import Decision, Verdict
 from sidecar.config.policy.routes import has_dot_segments
 from sidecar.errors import BodyStalled
-from sidecar.http import problems
+from sidecar.http import problems, websocket
 from sidecar.http.bodies import RequestBody
 from sidecar.http.components import COMPONENTS, SESSION, Components
-from sidecar.http.guard import Refusal, body_refusal, capped, spoofable, stalled
+from sidecar.http.guard import Refusal, body_refusal, capped, stalled
+from sidecar.http.headers import SKIP_AUTO_HEADERS, ours_first, upstream_request_headers, without_hop_by_hop
+from sidecar.http.intake import Continuation
 from sidecar.http.metering import Tally, charge_response, reads_json
 from sidecar.ledger.journal import keep_in_journal, void_in_journal
 from sidecar.metrics import Metrics
@@ -31,37 +33,25 @@ from sidecar.metrics import Metrics
 log = logging.getLogger("sidecar.http.proxy")
 
 CHUNK_SIZE = 64 * 1024
-# Hop-by-hop per RFC 9110 §7.6.1 and the ones proxies have always dropped; plus Expect, which
-# aiohttp answers itself, and Host is kept (the upstream sees the name the client used).
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "expect",
-    }
-)
-_HOP_BY_HOP_NAMES = tuple(HOP_BY_HOP)
-IDENTITY_HEADERS = frozenset({"x-customer-id", "x-customer-plan"})
-# Never passed on as the client sent them: the forwarding headers are appended to instead.
-_NOT_FORWARDED = HOP_BY_HOP | IDENTITY_HEADERS | {"x-forwarded-for", "x-forwarded-proto"}
-# Headers the client library would otherwise invent: the upstream sees only what the client sent.
-SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     components = request.app[COMPONENTS]
     tally = Tally()
+    continuation = Continuation(request)
     if has_dot_segments(request.path):
-        return problems.bad_request("a path with . or .. segments is not accepted; send the normalised path")
+        detail = "a path with . or .. segments is not accepted; send the normalised path"
+        return continuation.final(problems.bad_request(detail))
+    upgrading = websocket.wants_websocket(request)
+    if upgrading and (bad := websocket.bad_handshake(request)) is not None:
+        return bad
     policy = components.holder.current
     body = RequestBody(request.content, CHUNK_SIZE, components.settings.body_timeout)
+
+    async def read_head() -> bytes | None:
+        await continuation.send()  # admission needs the body (a request.json reserve): ask for it
+        return await body.read_head()
+
     try:
         verdict = await admit(
             policy,
@@ -70,7 +60,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             request.method,
             request.path,
             request.headers,
-            body.read_head,
+            read_head,
             denials=components.denials,
         )
     except BodyStalled as error:  # a body read ahead for a reserve stalled: before admission, free
@@ -80,7 +70,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if verdict.unanswered is not None and verdict.customer is not None:
             journal, metrics, clock = components.journal, components.metrics, components.store.time
             void_in_journal(journal, metrics, clock, verdict.customer.id, verdict.unanswered)
-        return problems.refusal(verdict, policy, request.method, request.path)
+        return continuation.final(problems.refusal(verdict, policy, request.method, request.path))
     components.metrics.overhead.observe(time.perf_counter() - tally.started)
     if verdict.unrecorded is not None:
         journal, metrics, clock = components.journal, components.metrics, components.store.time
@@ -93,8 +83,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
         log.info("shadow: %s on %s would have been refused by %s", customer_id, request.path, shadowed)
     if reads_json(verdict.spec):
         tally.capture = bytearray()
+    outbound = upstream_request_headers(request, verdict, policy.identity)
+    fields = problems.ratelimit_headers(verdict.limits, verdict.credits, policy.meters)
+    if shadowed:
+        fields["Sidecar-Shadow-Refusal"] = shadowed
+    if upgrading:
+        return await websocket.relay(request, components, (policy, verdict), tally, outbound, fields)
+    await continuation.send()
     try:
-        response, upstream_headers = await forward(request, components, verdict, tally, body, shadowed)
+        response, upstream_headers = await forward(request, components, tally, body, outbound, fields)
     except asyncio.CancelledError:
         # The server cancels handlers of clients that left when run with handler_cancellation
         # (aiohttp's test server does): a reservation must still be released, not left to expire.
@@ -130,12 +127,13 @@ def _shadow_names(verdict: Verdict) -> str:
 async def forward(
     request: web.Request,
     components: Components,
-    verdict: Verdict,
     tally: Tally,
     body: RequestBody,
-    shadowed: str,
+    outbound: CIMultiDict[str],
+    fields: dict[str, str],
 ) -> tuple[web.StreamResponse, CIMultiDictProxy[str] | None]:
-    """The response, and the upstream's headers when it answered (None when it did not)."""
+    """The response, and the upstream's headers when it answered (None when it did not).
+    ``outbound`` is the upstream's request headers; ``fields`` what the sidecar adds to its answer."""
     # Path and query exactly as sent; rel_url, not raw_path, because raw_path is the whole target of
     # an absolute-form request line (RFC 9112 §3.2.2), whose scheme and host are not ours to follow.
     url = URL(components.settings.upstream + request.rel_url.raw_path_qs, encoded=True)
@@ -145,7 +143,7 @@ async def forward(
         upstream = await request.app[SESSION].request(
             request.method,
             url,
-            headers=upstream_request_headers(request, verdict),
+            headers=outbound,
             data=data,
             allow_redirects=False,
             skip_auto_headers=SKIP_AUTO_HEADERS,
@@ -163,7 +161,7 @@ async def forward(
         components.metrics.upstream_errors.labels("refused").inc()
         return problems.bad_gateway(f"the upstream is unreachable ({type(error).__name__})"), None
     async with upstream:
-        return await _stream_back(request, upstream, verdict, components, tally, shadowed), upstream.headers
+        return await _stream_back(request, upstream, components, tally, fields), upstream.headers
 
 
 def _refused(components: Components, refusal: Refusal) -> web.Response:
@@ -175,17 +173,13 @@ def _refused(components: Components, refusal: Refusal) -> web.Response:
 async def _stream_back(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
-    verdict: Verdict,
     components: Components,
     tally: Tally,
-    shadowed: str,
+    fields: dict[str, str],
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    headers = response.headers
-    headers.extend(without_hop_by_hop(upstream.headers))
-    headers.update(problems.ratelimit_headers(verdict.limits, verdict.credits))
-    if shadowed:
-        headers["Sidecar-Shadow-Refusal"] = shadowed
+    response.headers.extend(without_hop_by_hop(upstream.headers))
+    ours_first(response, fields, upstream.headers)
     try:
         await response.prepare(request)
     except ConnectionError:
@@ -252,45 +246,3 @@ async def _deliver(request: web.Request, response: web.StreamResponse, chunk: by
 
 def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
-
-
-def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    """Names a Connection header declares hop-by-hop, lower-cased."""
-    return frozenset(
-        token.strip().lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-        if token.strip()
-    )
-
-
-def without_hop_by_hop(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str] | list[tuple[str, str]]:
-    """The headers themselves when none is hop-by-hop (the common answer), else the others."""
-    if not any(name in headers for name in _HOP_BY_HOP_NAMES):  # case-insensitive lookups, in C
-        return headers
-    dropped = HOP_BY_HOP | connection_listed(headers)
-    return [(name, value) for name, value in headers.items() if name.lower() not in dropped]
-
-
-def upstream_request_headers(request: web.Request, verdict: Verdict) -> CIMultiDict[str]:
-    incoming = request.headers
-    dropped = _NOT_FORWARDED | connection_listed(incoming) if "Connection" in incoming else _NOT_FORWARDED
-    # Repeats of a name take its first spelling: aiohttp's ClientSession keeps only the last of
-    # names that differ in case (X-Tag, x-tag) and would silently drop the others' values.
-    spelling: dict[str, str] = {}
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        lowered = name.lower()
-        if lowered not in dropped and not spoofable(name):
-            headers.add(spelling.setdefault(lowered, name), value)
-    headers["X-Forwarded-For"] = _appended(incoming, "X-Forwarded-For", request.remote or "unknown")
-    headers["X-Forwarded-Proto"] = _appended(incoming, "X-Forwarded-Proto", request.scheme)
-    if verdict.customer is not None and verdict.decision is not Decision.PUBLIC:
-        headers["X-Customer-Id"] = verdict.customer.id
-        headers["X-Customer-Plan"] = verdict.customer.plan
-    return headers
-
-
-def _appended(headers: CIMultiDictProxy[str], name: str, value: str) -> str:
-    previous = ", ".join(headers.getall(name, ()))
-    return f"{previous}, {value}" if previous else value

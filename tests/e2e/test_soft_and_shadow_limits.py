@@ -51,9 +51,22 @@ async def test_soft_limit_serves_past_its_ceiling_and_keeps_counting(
     client = await sidecar(policy(tmp_path, "", ", on_exceed: allow"), upstream.url)
     statuses, last = await statuses_and_last(client, 4)
     assert statuses == [200] * 4 and len(upstream.seen) == 4
-    assert '"requests-day";r=0;' in last.headers["RateLimit"]
     assert '"requests-month";r=96;' in last.headers["RateLimit"]
     assert "Sidecar-Shadow-Refusal" not in last.headers
+
+
+async def test_soft_limit_is_left_out_of_the_ratelimit_fields_and_still_shown_in_usage(
+    sidecar: SidecarFactory, tmp_path: Path, upstream: Upstream
+) -> None:
+    """SPEC §4: a soft limit never throttles, so a client must not read it as r=0 and stop calling."""
+    client = await sidecar(policy(tmp_path, "", ", on_exceed: allow"), upstream.url)
+    _, last = await statuses_and_last(client, 3)
+    assert last.headers["RateLimit-Policy"].startswith('"requests-month";q=100;w=')
+    assert last.headers["RateLimit"].startswith('"requests-month";r=97;t=')
+    assert "requests-day" not in last.headers["RateLimit-Policy"] + last.headers["RateLimit"]
+    usage = await (await client.get("/_sidecar/usage", headers={"X-API-Key": KEY})).json()
+    day = next(item for item in usage["limits"] if item["period"] == "day")
+    assert (day["limit"], day["used"]) == (2, 3)
 
 
 @pytest.mark.parametrize(

@@ -29,9 +29,11 @@ from sidecar.config.policy.nodes import (
     At,
     compose,
     policy_files,
+    read_bool,
     read_fields,
     read_int,
     read_items,
+    read_optional,
     read_pairs,
     read_str,
     unknown_key_message,
@@ -122,11 +124,12 @@ def _version(draft: Draft, at: At) -> None:
 
 
 def _identity(draft: Draft, at: At) -> None:
-    fields = read_fields(at, ("api_key_headers",))
-    if fields and "api_key_headers" in fields:
-        headers = _header_names(fields["api_key_headers"])
-        if headers:
-            draft.identity = Identity(api_key_headers=headers)
+    fields = read_fields(at, ("api_key_headers", "forward_key"))
+    if not fields:
+        return
+    headers = _header_names(fields["api_key_headers"]) if "api_key_headers" in fields else None
+    forward_key = read_optional(fields, "forward_key", read_bool, False)
+    draft.identity = Identity(api_key_headers=headers or Identity().api_key_headers, forward_key=forward_key)
 
 
 def _header_names(at: At) -> tuple[str, ...] | None:

@@ -192,6 +192,7 @@ class Customer:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Identity:
     api_key_headers: tuple[str, ...] = ("X-API-Key", "Authorization")
+    forward_key: bool = False  # pass the key fields on to the upstream (SPEC §4: removed by default)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
