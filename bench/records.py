@@ -33,8 +33,9 @@ from sidecar.config.policy.model import Limit
 from sidecar.config.policy.windows import Period, calendar_window
 from sidecar.store.port import LimitCharge, MeterRequest, UsageCharge
 from sidecar.store.redis import keys
+from sidecar.store.redis.calls import load_script
 from sidecar.store.redis.embedded import EmbeddedRedis
-from sidecar.store.redis.store import load_script, script_arguments
+from sidecar.store.redis.store import script_arguments
 
 PIPELINE = 50  # calls per round trip, as 50 requests in flight make
 TOKEN = "c0ffee0123456789"

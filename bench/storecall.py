@@ -29,7 +29,8 @@ from sidecar.admission.plan import meter_request
 from sidecar.config.policy.loader import load_policy
 from sidecar.errors import StoreUnavailable
 from sidecar.store.port import Admission, MeterRequest
-from sidecar.store.redis.store import RedisStore, bounded, script_arguments
+from sidecar.store.redis.calls import bounded
+from sidecar.store.redis.store import RedisStore, script_arguments
 
 CALLERS = 50
 NAME_TOKEN = "bench-storecall"  # the token of the calls made here without the batcher

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,15 +18,12 @@ import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.admission.customers import CustomerDirectory
 from sidecar.admission.identity import hash_key
 from sidecar.config.policy.holder import PolicyHolder
 from sidecar.config.settings import Settings
 from sidecar.http.app import build_admin_app, build_proxy_app
-from sidecar.http.components import Components
-from sidecar.metrics import Metrics
+from sidecar.http.components import Components, compose, open_components
 from sidecar.store.redis.embedded import EmbeddedRedis
-from sidecar.store.redis.outbox import Outbox
 from sidecar.store.redis.store import RedisStore
 from tests.topologies import Cluster, SentinelGroup
 from tests.watchdog import pytest_runtest_call, pytest_runtest_setup, pytest_runtest_teardown
@@ -135,30 +133,33 @@ def sidecar(
     aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
     redis_url: str,
 ) -> SidecarFactory:
-    """Builds a sidecar proxy app on its own store client (one 'replica' per call)."""
+    """Builds a sidecar proxy app on its own store client (one 'replica' per call), composed as
+    `sidecar run` composes it (http/components.py, open_components); the store closes with the app."""
 
     async def make(
         policy_path: Path, upstream_url: str, *, admin: bool = False, **settings: object
     ) -> TestClient[web.Request, web.Application]:
-        components = make_components(policy_path, upstream_url, redis_url, **settings)
+        opened = AsyncExitStack()
+        components = await opened.enter_async_context(
+            open_components(settings_for(upstream_url, **settings), PolicyHolder.load(policy_path), redis_url)
+        )
         app = build_admin_app(components) if admin else build_proxy_app(components)
-        app.on_cleanup.append(lambda _: components.store.close())
+        app.on_cleanup.append(lambda _: opened.aclose())
         return await aiohttp_client(app, server_kwargs={"host": "127.0.0.1"})
 
     return make
 
 
+def settings_for(upstream_url: str, **overrides: object) -> Settings:
+    return Settings(**{"upstream": upstream_url, "store_timeout": TEST_STORE_TIMEOUT, **overrides})  # type: ignore[arg-type]
+
+
 def make_components(policy_path: Path, upstream_url: str, redis_url: str, **overrides: object) -> Components:
-    settings = Settings(**{"upstream": upstream_url, "store_timeout": TEST_STORE_TIMEOUT, **overrides})  # type: ignore[arg-type]
+    """Components composed as `sidecar run` composes them (http/components.py, compose) on a store
+    of their own, opened here and not connected yet; the caller closes ``components.store``."""
+    settings = settings_for(upstream_url, **overrides)
     store = RedisStore.open(redis_url, settings.store_timeout)
-    return Components(
-        settings=settings,
-        holder=PolicyHolder.load(policy_path),
-        store=store,
-        metrics=Metrics(),
-        outbox=Outbox(store.client),
-        directory=CustomerDirectory(store.client),
-    )
+    return compose(settings, PolicyHolder.load(policy_path), store)
 
 
 async def raw_exchange(port: int, head: str) -> tuple[int, bytes]:

@@ -5,13 +5,15 @@ Every replica reads the version once a second (one GET, off the hot path) and, w
 reads the whole hash and swaps in a new immutable snapshot; so a stored customer is served by
 every replica within about a second, and a request never waits on Redis to find its customer.
 A stored entry overrides a file entry with the same id.
+
+The directory reaches the stored customers only through the store port (CustomerStore: put,
+version, read); how they are kept in Redis is store/redis/customers.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 from collections import ChainMap
@@ -19,25 +21,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from types import MappingProxyType
-from typing import Any, cast
 
 from sidecar.config.policy.model import Customer, Policy
 from sidecar.errors import StoreUnavailable
-from sidecar.store.redis import keys
-from sidecar.store.redis.store import bounded
-from sidecar.store.redis.topology import StoreClient
+from sidecar.store.port import CustomerStore
 
 log = logging.getLogger("sidecar.admission.customers")
 
 REFRESH_SECONDS = 1.0
-STORE_TIMEOUT = 2.0
 CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 _KEY_HASH = re.compile(r"sha256:([0-9a-f]{64})")
 _FIELDS = ("plan", "api_keys", "billing_anchor", "stripe_customer_id", "lago_subscription_id")
-_PUT = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return redis.call('INCR', KEYS[2])
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +44,9 @@ class Stored:
 
 
 class CustomerDirectory:
-    def __init__(self, client: StoreClient) -> None:
-        self.client = client
+    def __init__(self, store: CustomerStore) -> None:
+        self.store = store
         self.stored = Stored()
-        self._put = client.register_script(_PUT)
 
     def all(self, policy: Policy) -> Mapping[str, Customer]:
         """Every customer by id; a stored one wins over the policy's."""
@@ -71,19 +64,15 @@ class CustomerDirectory:
 
     async def put(self, customer: Customer) -> None:
         """Store one customer and bump the version, atomically; then serve it here at once."""
-        document = json.dumps(_document(customer))
-        operation = self._put(keys=[keys.CUSTOMERS, keys.CUSTOMERS_VERSION], args=[customer.id, document])
-        await bounded(operation, STORE_TIMEOUT)
+        await self.store.put(customer)
         await self.refresh()
 
     async def refresh(self) -> None:
         """Reload the snapshot when the stored version moved."""
-        raw = await bounded(self.client.get(keys.CUSTOMERS_VERSION), STORE_TIMEOUT)
-        version = int(raw or 0)
+        version = await self.store.version()
         if version == self.stored.version:
             return
-        entries = cast(dict[bytes, bytes], await bounded(self.client.hgetall(keys.CUSTOMERS), STORE_TIMEOUT))
-        customers = {k.decode(): _customer(k.decode(), json.loads(v)) for k, v in entries.items()}
+        customers = dict(await self.store.read())
         index = {h: c.id for c in customers.values() for h in c.api_key_hashes}
         self.stored = Stored(version, MappingProxyType(customers), MappingProxyType(index))
 
@@ -93,28 +82,6 @@ class CustomerDirectory:
             with contextlib.suppress(StoreUnavailable):
                 await self.refresh()
             await asyncio.sleep(REFRESH_SECONDS)
-
-
-def _document(customer: Customer) -> dict[str, Any]:
-    return {
-        "plan": customer.plan,
-        "api_keys": [f"sha256:{h}" for h in customer.api_key_hashes],
-        "billing_anchor": customer.billing_anchor.isoformat() if customer.billing_anchor else None,
-        "stripe_customer_id": customer.stripe_customer_id,
-        "lago_subscription_id": customer.lago_subscription_id,
-    }
-
-
-def _customer(customer_id: str, document: Mapping[str, Any]) -> Customer:
-    anchor = document.get("billing_anchor")
-    return Customer(
-        id=customer_id,
-        plan=document["plan"],
-        api_key_hashes=tuple(key.removeprefix("sha256:") for key in document.get("api_keys", ())),
-        billing_anchor=date.fromisoformat(anchor) if anchor else None,
-        stripe_customer_id=document.get("stripe_customer_id"),
-        lago_subscription_id=document.get("lago_subscription_id"),
-    )
 
 
 def parse_customer(

@@ -34,8 +34,8 @@ from sidecar.config.policy.holder import PolicyHolder
 from sidecar.config.policy.model import Billing, Customer, Policy
 from sidecar.errors import StoreUnavailable
 from sidecar.metrics import Metrics
+from sidecar.store.port import FENCED, OutboxStore
 from sidecar.store.redis import keys
-from sidecar.store.redis.outbox import FENCED, Outbox
 from sidecar.store.summaries import Summary
 
 log = logging.getLogger("sidecar.billing")
@@ -58,7 +58,7 @@ class Pusher:
         *,
         backoff_base: float = BACKOFF_BASE_SECONDS,
         holder: PolicyHolder,
-        outbox: Outbox,
+        outbox: OutboxStore,
         marks: DirtyMarks,
         session: aiohttp.ClientSession,
         metrics: Metrics,

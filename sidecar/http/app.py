@@ -26,15 +26,13 @@ def build_proxy_app(components: Components) -> web.Application:
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_stored_customers)
     app.router.add_get(selfservice.PATH, selfservice.own_usage)
-    # 100 Continue only once admitted: aiohttp's default Expect handler would send it before admission.
-    app.router.add_route("*", "/{tail:.*}", proxy.handle, expect_handler=intake.expect_after_admission)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 
 
 def build_admin_app(components: Components) -> web.Application:
     app = web.Application(middlewares=[admin.require_token])
     app[COMPONENTS] = components
-    components.metrics.store_traffic.source = getattr(components.store, "traffic", None)
     admin.add_routes(app)
     return app
 

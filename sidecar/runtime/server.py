@@ -18,25 +18,19 @@ import aiohttp
 from aiohttp import web
 
 from sidecar import tasks
-from sidecar.admission.customers import CustomerDirectory
 from sidecar.billing.pusher import Pusher
 from sidecar.config.policy.holder import PolicyHolder, freeze_heap
 from sidecar.config.settings import Settings
 from sidecar.http.app import build_admin_app, build_proxy_app
-from sidecar.http.components import COMPONENTS, Components
+from sidecar.http.components import COMPONENTS, Components, open_components
 from sidecar.http.intake import GuardedSite
 from sidecar.http.reloading import reload_policy, watch
 from sidecar.ledger.journal import Journal
 from sidecar.ledger.merger import Merger, run_ledger
 from sidecar.metrics import Metrics
 from sidecar.store.redis.embedded import EmbeddedRedis
-from sidecar.store.redis.outbox import BILLING_STORE_TIMEOUT, Outbox
-from sidecar.store.redis.store import RedisStore, connect
-from sidecar.store.redis.topology import close_client
 
 log = logging.getLogger("sidecar")
-
-BILLING_CONNECTIONS = 8
 
 
 async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True) -> None:
@@ -50,28 +44,17 @@ async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True)
     reloads: set[asyncio.Task[object]] = set()
     async with AsyncExitStack() as stack:
         url = settings.redis_url or await _embedded_store(stack, settings)
-        store = RedisStore.open(url, settings.store_timeout)
-        stack.push_async_callback(store.close)
-        await store.connect()  # open now: the first burst of requests must not wait for it
-        metrics = Metrics()
-        metrics.policy_loaded.set(time.time())
-        outbox = Outbox(connect(url, BILLING_STORE_TIMEOUT, max_connections=BILLING_CONNECTIONS))
-        stack.push_async_callback(close_client, outbox.client)
         journal = Journal(settings.data_dir / "journal")
-        components = Components(
-            settings=settings,
-            holder=holder,
-            store=store,
-            metrics=metrics,
-            outbox=outbox,
-            directory=CustomerDirectory(outbox.client),
-            journal=journal,
-        )
+        # One client stack for the process, connected now (the first burst of requests must not
+        # wait for it), closed after everything below has stopped.
+        components = await stack.enter_async_context(open_components(settings, holder, url, journal=journal))
+        store, metrics = components.store, components.metrics
+        metrics.policy_loaded.set(time.time())
         await _pusher(stack, components)
         merger = Merger(journal, store, metrics, billed=functools.partial(_note_billing, components))
-        await run_ledger(stack, merger, fences=outbox)
+        await run_ledger(stack, merger, fences=components.outbox)
         await _background(stack, watch(components, stopping))
-        await _background(stack, _share_store_traffic(metrics, store))
+        await _background(stack, _share_store_traffic(metrics))
         loop.add_signal_handler(signal.SIGHUP, _start_reload, components, reloads)
         # The proxy port opens first (/readyz answering 200 must mean requests can be served) and
         # closes first (it drains while the admin port still answers).
@@ -85,10 +68,10 @@ async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True)
         log.info("stopping: draining in-flight requests (up to %ss)", settings.drain_timeout)
 
 
-async def _share_store_traffic(metrics: Metrics, store: RedisStore) -> None:
-    """Under --workers, copy this worker's store traffic into the shared counters once a second
-    (metrics.py): the admin port is worker 0's, and it must count every worker's round trips."""
-    metrics.store_traffic.source = store.traffic
+async def _share_store_traffic(metrics: Metrics) -> None:
+    """Under --workers, copy this worker's store traffic (its source set by open_components) into
+    the shared counters once a second (metrics.py): the admin port is worker 0's, and it must
+    count every worker's round trips."""
     while metrics.multiprocess_dir is not None:
         await asyncio.sleep(1.0)
         metrics.sync_store_traffic()

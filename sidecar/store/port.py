@@ -1,4 +1,9 @@
-"""The store contract: what the gate and the admin API need from Redis, as plain values.
+"""The store contract: everything the process asks of Redis, as plain values.
+
+``Store`` covers admission (check_and_meter, charge, read_limits, grant) and the ledger (replay);
+from it, ``store.outbox`` (OutboxStore) is the billing side and ``store.customers``
+(CustomerStore) the customers stored through the admin API, so one implementation, on one
+client, serves them all.
 
 A refusal is a value (``Outcome.REFUSED``), not an exception. ``StoreUnavailable`` is raised
 only when the store could not answer within its timeout; the caller then applies
@@ -8,12 +13,16 @@ only when the store could not answer within its timeout; the caller then applies
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from sidecar.config.policy.model import Limit
+from sidecar.config.policy.model import Customer, Limit
 from sidecar.config.policy.windows import Window
 from sidecar.errors import UnansweredCall
+from sidecar.store.summaries import DEFAULT_NAMESPACE, Summary
+
+FENCED = -1  # OutboxStore.close moved nothing: a void fence keeps the customer's windows open
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +213,86 @@ class ScriptEntry:
 JournalEntry = UsageEntry | VoidEntry | ScriptEntry
 
 
+class OutboxStore(Protocol):
+    """The billing side of the store: close finished windows into per-customer outboxes, lease
+    them to one pusher at a time, settle them once billing has answered (billing/pusher.py).
+
+    Each per-customer step is atomic on that customer's keys. The shared schedules (DIRTY,
+    PENDING, DEAD; ``schedule`` names one) are only indexes, rebuilt by ``rebuild_schedules``, so
+    a step lost between a customer's keys and an index delays a summary, never loses it. Every
+    call waits longer than a request can (nobody waits on it) and raises StoreUnavailable.
+    """
+
+    async def mark_dirty(self, dues: Mapping[str, int]) -> None:
+        """Schedule each customer's window closing; an earlier due time wins."""
+
+    async def due_dirty(self, now_ms: int, limit: int) -> list[tuple[str, int]]:
+        """Up to ``limit`` customers whose closing is due by ``now_ms``, with their due time."""
+
+    async def close(
+        self,
+        customer: str,
+        plan: str,
+        interval: int,
+        cutoff: int,
+        aggregations: Mapping[str, str],
+        *,
+        anchor_day: int = 1,
+        namespace: str = DEFAULT_NAMESPACE,
+    ) -> tuple[int, int | None]:
+        """Move every window ended by ``cutoff`` into the outbox: (moved, earliest open window),
+        or (FENCED, None) while a void fence keeps the customer's windows open. A unique meter's
+        value counts in the billing month (from ``anchor_day``) it is first closed in, once;
+        ``namespace`` enters the summary ids (store/summaries.py)."""
+
+    async def fence(self, customer: str, void: UnansweredCall, seconds: int) -> bool:
+        """Keep the customer's windows open in every replica for ``seconds`` (unless renewed)
+        while this void may have something to undo; False when it has nothing."""
+
+    async def reschedule(self, schedule: str, customer: str, seen: int, new: int | None) -> bool:
+        """Remove (``new`` None) or reschedule a member, only if nobody changed it since ``seen``."""
+
+    async def schedule_push(self, customer: str, at_ms: int) -> None:
+        """Due for pushing at ``at_ms``; overrides a lease, so new summaries are never left behind."""
+
+    async def claim_pending(self, now_ms: int, lease_end_ms: int, limit: int) -> list[str]:
+        """Lease up to ``limit`` customers due for pushing until ``lease_end_ms``."""
+
+    async def summaries(self, customer: str) -> list[Summary]:
+        """The summaries waiting in a customer's outbox."""
+
+    async def settle(self, customer: str, ids: tuple[str, ...], *, dead_reason: str | None = None) -> int:
+        """Delete delivered summaries, or dead-letter them with a reason; returns how many remain."""
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        """Every dead letter: the summary as it would have been sent, and why billing refused it."""
+
+    async def redrive(self, now_ms: int) -> int:
+        """Move every dead letter back into its outbox (same id, same value), scheduled to push."""
+
+    async def pending_summaries(self, limit: int = 1000) -> int:
+        """Summaries waiting in the outboxes of (at most ``limit``) pending customers."""
+
+    async def rebuild_schedules(self) -> None:
+        """Find every usage and outbox anew and make sure each is scheduled."""
+
+
+class CustomerStore(Protocol):
+    """Customers stored through the admin API, shared by every replica through a version that
+    moves with every change (admission/customers.py polls it). Calls are off the request path:
+    they wait longer than a request can, and raise StoreUnavailable."""
+
+    async def put(self, customer: Customer) -> None:
+        """Store one customer, replacing a stored one with its id, and move the version, in one
+        atomic step: a replica that reads the new version finds the customer."""
+
+    async def version(self) -> int:
+        """The stored customers' version (0: none stored yet); one cheap read."""
+
+    async def read(self) -> Mapping[str, Customer]:
+        """Every stored customer by id."""
+
+
 class Store(Protocol):
     def time(self) -> float:
         """The store's clock as last observed, advanced by the local clock; no I/O."""
@@ -230,6 +319,14 @@ class Store(Protocol):
     async def replay(self, entry: JournalEntry) -> Replayed:
         """Merge one journal entry once (or undo the call a void entry names); one round trip, or
         two when the call the entry names could still run (its deadline is close)."""
+
+    @property
+    def outbox(self) -> OutboxStore:
+        """The billing outboxes, on the same connections as the rest of the store."""
+
+    @property
+    def customers(self) -> CustomerStore:
+        """The customers stored through the admin API, on the same connections."""
 
     @property
     def circuit_open(self) -> bool:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from sidecar.config.policy.holder import PolicyHolder
 from sidecar.http.app import build_admin_app, build_proxy_app
-from tests.conftest import Upstream, key_hash, make_components, write_policy
+from sidecar.http.components import open_components
+from tests.conftest import Upstream, key_hash, settings_for, write_policy
 
 Client = TestClient[web.Request, web.Application]
 NEW_KEY = "carol-key-1"
@@ -43,10 +46,13 @@ def replica(
     """One replica: a proxy and an admin app sharing components, as `sidecar run` builds them."""
 
     async def make() -> tuple[Client, Client]:
-        components = make_components(policy, upstream.url, redis_url)
+        opened = AsyncExitStack()
+        components = await opened.enter_async_context(
+            open_components(settings_for(upstream.url), PolicyHolder.load(policy), redis_url)
+        )
         proxy = await aiohttp_client(build_proxy_app(components), server_kwargs={"host": "127.0.0.1"})
         admin_app = build_admin_app(components)
-        admin_app.on_cleanup.append(lambda _: components.store.close())
+        admin_app.on_cleanup.append(lambda _: opened.aclose())
         admin = await aiohttp_client(admin_app, server_kwargs={"host": "127.0.0.1"})
         return proxy, admin
 

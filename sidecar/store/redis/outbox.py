@@ -5,6 +5,10 @@ Every per-customer step is one atomic script on that customer's keys (one cluste
 shared schedules (DIRTY, PENDING, DEAD) are only indexes: a unit is always in a usage hash, an
 outbox or a dead-letter hash, and ``rebuild_schedules`` finds every such key again by scanning,
 so a replica dying between a script and an index update delays a summary, never loses it.
+
+It runs on the store's one redis-py client (RedisStore.outbox), each call bounded by
+BACKGROUND_TIMEOUT rather than the store timeout: billing is off the request path, and a busy
+store should delay it, not fail it (calls.py).
 """
 
 from __future__ import annotations
@@ -14,19 +18,25 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from sidecar.errors import UnansweredCall
+from sidecar.store.port import FENCED
 from sidecar.store.redis import keys
-from sidecar.store.redis.store import bounded, fence_member, load_script
+from sidecar.store.redis.calls import BACKGROUND_TIMEOUT, bounded, load_script
 from sidecar.store.redis.topology import StoreClient
 from sidecar.store.summaries import DEFAULT_NAMESPACE, Summary, id_namespace
 
-# Background work may wait longer than a request can.
-BILLING_STORE_TIMEOUT = 2.0
+__all__ = ["FENCED", "Outbox", "fence_member"]
 _SCAN_BATCH = 1000
-FENCED = -1  # close() moved nothing: a void fence keeps the customer's windows open
+
+
+def fence_member(call: UnansweredCall) -> str:
+    """The member a void puts in its customer's void fence (store/keys.py, void_fence)."""
+    return f"{call.token}:{call.seq}"
 
 
 class Outbox:
-    def __init__(self, client: StoreClient, *, timeout: float = BILLING_STORE_TIMEOUT) -> None:
+    """The OutboxStore of store/port.py, over Redis."""
+
+    def __init__(self, client: StoreClient, *, timeout: float = BACKGROUND_TIMEOUT) -> None:
         self.client = client
         self._timeout = timeout
         self._close = client.register_script(load_script("close", shared=False))

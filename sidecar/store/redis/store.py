@@ -5,9 +5,14 @@ ran, and running it again could charge twice. A metering call whose reply was lo
 OutcomeUnknown with the call's name and deadline; the journal entry kept for it (journal.py) is
 merged, or undone, by what the store recorded of that call (lib.lua remember_call).
 
-Every redis error and every timeout becomes StoreUnavailable here, the one translation point (and
-in batching.py, for the scripts of the hot path, which are pipelined: the calls of one event-loop
-turn share one round trip).
+Every redis error and every timeout becomes StoreUnavailable here, the one translation point (in
+calls.py's ``bounded``, and in pipeline.py for the scripts of the hot path, which are pipelined:
+the calls of one event-loop turn share one round trip).
+
+One store is one client stack: the hot path's batcher, and one redis-py client for everything
+else, the billing outbox (outbox.py) and the stored customers (customers.py) included, reached
+as ``store.outbox`` and ``store.customers``. Each operation keeps its own time bound on it
+(calls.py): the store timeout for what a request waits on, BACKGROUND_TIMEOUT for the rest.
 """
 
 from __future__ import annotations
@@ -17,10 +22,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from importlib import resources
 from typing import Any, TypeVar
-
-from redis.exceptions import RedisError
 
 from sidecar.errors import OutcomeUnknown, StoreUnavailable, UnansweredCall
 from sidecar.store.port import (
@@ -37,15 +39,20 @@ from sidecar.store.port import (
 from sidecar.store.redis import codec as replies
 from sidecar.store.redis import keys
 from sidecar.store.redis.breaker import CircuitBreaker
+from sidecar.store.redis.calls import BACKGROUND_TIMEOUT, bounded, load_script
 from sidecar.store.redis.clock import StoreClock
+from sidecar.store.redis.customers import RedisCustomers
 from sidecar.store.redis.limit_kinds import LIMIT_KINDS
+from sidecar.store.redis.outbox import Outbox, fence_member
 from sidecar.store.redis.pipeline import Script, ScriptBatcher
 from sidecar.store.redis.topology import StoreClient, Topology, close_client
 
 T = TypeVar("T")
 log = logging.getLogger("sidecar.store")
-# Connections per sidecar process: enough to keep Redis busy, few enough not to crowd it with replicas.
-MAX_CONNECTIONS = 64
+# Connections per sidecar process: enough to keep Redis busy, few enough not to crowd it with
+# replicas; 64 for what requests wait on (readiness, grants, journal merges), 8 for billing and the
+# stored customers (a client of their own before they shared this one).
+MAX_CONNECTIONS = 64 + 8
 # Seconds a merged journal entry is remembered; far longer than any outage a journal outlives.
 JOURNAL_MARKER_TTL = 7 * 86400
 EXPIRED = -2  # a metering script that ran after its deadline, having written nothing
@@ -53,20 +60,6 @@ MAX_DEADLINE_WAIT = 0.25  # seconds a merge waits for the deadline of the call i
 _REPLAYED = {1: Replayed.MERGED, 0: Replayed.REPEATED, 2: Replayed.RAN}
 _VOIDED = {1: Replayed.UNDONE, 0: Replayed.NOT_RUN, 2: Replayed.BILLED}
 _GRANT_OUTCOMES = {1: GrantOutcome.ADDED, 0: GrantOutcome.REPEATED, -1: GrantOutcome.CONFLICT}
-
-
-def load_script(name: str, *, shared: bool = True) -> str:
-    """A script's source, with the shared lib.lua in front of it unless ``shared`` is False."""
-    lua = resources.files("sidecar.store.redis").joinpath("lua")
-    source = lua.joinpath(f"{name}.lua").read_text()
-    return lua.joinpath("lib.lua").read_text() + "\n" + source if shared else source
-
-
-def connect(url: str, timeout: float, *, max_connections: int = MAX_CONNECTIONS) -> StoreClient:
-    """A client for the store a --redis URL names (one server, Sentinel or Cluster) whose every
-    wait (connect, reply, a free pooled connection) is bounded by `timeout` and which never
-    retries by itself."""
-    return Topology.parse(url).client(timeout, max_connections=max_connections)
 
 
 class RedisStore:
@@ -83,13 +76,18 @@ class RedisStore:
         self._grant = client.register_script(load_script("grant", shared=False))
         self._replay = client.register_script(load_script("replay"))
         self._void = client.register_script(load_script("void"))
+        self.outbox = Outbox(client)
+        self.customers = RedisCustomers(client)
 
     @classmethod
     def open(cls, url: str, timeout: float) -> RedisStore:
-        """The store a --redis URL names, with its own client and batcher."""
+        """The store a --redis URL names, with its own client and batcher. The client's own
+        bounds are the longest any operation has (BACKGROUND_TIMEOUT); each operation is cut to
+        its own (calls.py), the requests' to ``timeout``."""
         topology = Topology.parse(url)
         batcher = ScriptBatcher(topology.locator(timeout), timeout=timeout)
-        return cls(topology.client(timeout, max_connections=MAX_CONNECTIONS), batcher, timeout=timeout)
+        client = topology.client(max(timeout, BACKGROUND_TIMEOUT), max_connections=MAX_CONNECTIONS)
+        return cls(client, batcher, timeout=timeout)
 
     def time(self) -> float:
         return self._clock.now()
@@ -213,20 +211,6 @@ class RedisStore:
         admission = replies.admission(reply, request, has_over=has_over)
         self._clock.learn(admission.store_time)
         return admission
-
-
-async def bounded(operation: Awaitable[T], timeout: float) -> T:
-    """Await a redis call for at most `timeout`; every failure becomes StoreUnavailable."""
-    try:
-        async with asyncio.timeout(timeout):
-            return await operation
-    except (RedisError, TimeoutError, OSError) as error:
-        raise StoreUnavailable(f"store did not answer: {type(error).__name__}") from error
-
-
-def fence_member(call: UnansweredCall) -> str:
-    """The member a void puts in its customer's void fence (store/keys.py, void_fence)."""
-    return f"{call.token}:{call.seq}"
 
 
 def void_arguments(entry: VoidEntry) -> tuple[list[str], list[Any]]:
