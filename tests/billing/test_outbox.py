@@ -21,7 +21,7 @@ AGGREGATIONS = {"requests": "count", "tokens": "sum"}
 
 @pytest.fixture
 async def outbox(store: RedisStore) -> AsyncIterator[Outbox]:
-    yield Outbox(store.client)
+    yield store.outbox  # the store's own, on its one client
 
 
 async def record(store: RedisStore, customer: str, *usage: tuple[str, str, int]) -> int:

@@ -67,7 +67,7 @@ def pusher_for(
         session=session,
         metrics=Metrics(),
         clock=lambda: store.time() + 120,  # the window ended a minute ago
-        directory=CustomerDirectory(store.client),
+        directory=CustomerDirectory(store.customers),
         held_back=lambda: journal.voiding,
     )
 
