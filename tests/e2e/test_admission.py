@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SidecarFactory, Upstream, key_hash, raw_exchange, write_policy
+from tests.conftest import SidecarFactory
+from tests.helpers import ACME, Upstream, key_hash, quota_policy, raw_exchange, write_policy
+from tests.topologies import all_topologies
 
-ACME, BOB = "acme-key-1", "bob-key-1"
+BOB = "bob-key-1"
 
 
 @pytest.fixture
@@ -163,20 +165,12 @@ async def test_weighted_cost_against_a_quota_not_a_multiple_is_all_or_nothing(
     assert search.headers["RateLimit"].startswith('"requests-month";r=4;')
 
 
+@all_topologies
 async def test_quota_of_n_admits_exactly_n_across_two_replicas_under_concurrency(
     sidecar: SidecarFactory, tmp_path: Path, upstream: Upstream
 ) -> None:
     quota, clients_per_replica = 57, 120
-    policy = write_policy(
-        tmp_path,
-        f"""
-        version: 1
-        meters: {{requests: {{aggregation: count}}}}
-        features: [{{name: search, match: {{path: /v1/search}}}}]
-        plans: {{p: {{features: [search], limits: [{{meter: requests, limit: {quota}, period: day}}]}}}}
-        customers: {{acme: {{plan: p, api_keys: ["{key_hash(ACME)}"]}}}}
-        """,
-    )
+    policy = quota_policy(tmp_path, quota, "day")
     replicas = [await sidecar(policy, upstream.url), await sidecar(policy, upstream.url)]
 
     async def call(index: int) -> int:

@@ -14,22 +14,17 @@ The figures (units sent, units received, duplicate deliveries, drain time) are p
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from sidecar.billing.pusher import LEASE_MS
-from tests.conftest import Upstream, key_hash, write_policy
 from tests.e2e.conftest import Launcher, Sidecar, timing
+from tests.helpers import Receiver, Upstream, key_hash, write_policy
 
 pytestmark = pytest.mark.slow
 
@@ -47,105 +42,6 @@ HELD_PUSH_TIMEOUT = 10.0
 # A replica that dies mid-push leaves its customers leased (claim.lua) for LEASE_MS: another
 # replica takes them only after that, so the drain bound for that case is the lease plus margin.
 LEASED_DRAIN_TIMEOUT = LEASE_MS / 1000 + 15.0
-
-
-@dataclass(frozen=True)
-class Receipt:
-    at: float  # time.time() when the POST arrived
-    post: int  # which POST (1-based) carried it
-    id: str
-    customer: str
-    meter: str
-    value: int
-    window_start: str
-
-
-@dataclass
-class Receiver:
-    """A `json`-format billing endpoint: records every summary of every accepted POST and answers
-    200; answers 500 to the first `fail_first` POSTs (recording nothing from them). With
-    `hold_at_units`, the first POST that brings the deduplicated units to that many is recorded
-    but not answered until `release` is set (`held` tells it came): its sender can die meanwhile,
-    never learning that billing has those summaries."""
-
-    url: str = ""
-    fail_first: int = 0
-    hold_at_units: int | None = None
-    held: asyncio.Event = field(default_factory=asyncio.Event)
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-    posts: int = 0
-    refused: list[float] = field(default_factory=list)
-    receipts: list[Receipt] = field(default_factory=list)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        self.posts += 1
-        now = time.time()
-        if self.posts <= self.fail_first:
-            self.refused.append(now)
-            return web.json_response({"error": "billing is down, try later"}, status=500)
-        for summary in json.loads(body)["summaries"]:
-            self.receipts.append(
-                Receipt(
-                    now,
-                    self.posts,
-                    str(summary["id"]),
-                    str(summary["customer"]),
-                    str(summary["meter"]),
-                    int(summary["value"]),
-                    str(summary["window_start"]),
-                )
-            )
-        if self.hold_at_units is not None and self.units() >= self.hold_at_units and not self.held.is_set():
-            self.held.set()
-            await self.release.wait()
-        return web.json_response({"ok": True})
-
-    def unique(self) -> dict[str, Receipt]:
-        """The first receipt of each summary id, as a receiver deduplicating on the id keeps it."""
-        first: dict[str, Receipt] = {}
-        for receipt in self.receipts:
-            first.setdefault(receipt.id, receipt)
-        return first
-
-    def totals(self) -> dict[tuple[str, str], int]:
-        """Units per (customer, meter) over unique summary ids."""
-        totals: dict[tuple[str, str], int] = {}
-        for receipt in self.unique().values():
-            key = (receipt.customer, receipt.meter)
-            totals[key] = totals.get(key, 0) + receipt.value
-        return totals
-
-    def units(self) -> int:
-        return sum(self.totals().values())
-
-    def conflicting(self) -> dict[str, list[int]]:
-        """Ids received more than once with different values: every value seen for each."""
-        values: dict[str, list[int]] = {}
-        for receipt in self.receipts:
-            values.setdefault(receipt.id, []).append(receipt.value)
-        return {i: v for i, v in values.items() if len(set(v)) > 1}
-
-    def duplicate_deliveries(self) -> int:
-        """Receipts of an id already received before (resends a deduplicating receiver drops)."""
-        return len(self.receipts) - len(self.unique())
-
-    def timeline(self) -> str:
-        return "\n".join(
-            f"  post {r.post} at {r.at:.3f}: {r.customer} {r.meter} window {r.window_start} "
-            f"value {r.value} id {r.id}"
-            for r in self.receipts
-        )
-
-
-@pytest.fixture
-async def receiver(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Receiver:
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/usage", receiver.handle)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    receiver.url = str(server.make_url("/usage"))
-    return receiver
 
 
 @pytest.fixture

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from sidecar.http.app import build_proxy_app
 from sidecar.store.redis.embedded import free_port
-from tests.conftest import key_hash, make_components, write_policy
+from tests.conftest import make_components
+from tests.helpers import ServerFactory, key_hash, serve, write_policy
 
 ACME = "acme-key-1"
 SETTLE_TIMEOUT = 5.0
@@ -56,12 +56,11 @@ def policy(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def proxy_port(
-    policy: Path, redis_url: str, aiohttp_server: Callable[..., Awaitable[TestServer]], slow: SlowUpstream
+    policy: Path, redis_url: str, aiohttp_server: ServerFactory, slow: SlowUpstream
 ) -> AsyncIterator[int]:
     upstream_app = web.Application()
     upstream_app.router.add_get("/slow", slow.handle)
-    upstream = await aiohttp_server(upstream_app, host="127.0.0.1")
-    components = make_components(policy, str(upstream.make_url("")).rstrip("/"), redis_url)
+    components = make_components(policy, await serve(aiohttp_server, upstream_app), redis_url)
     runner = web.AppRunner(build_proxy_app(components), access_log=None)  # as `sidecar run`: no cancellation
     await runner.setup()
     port = free_port()

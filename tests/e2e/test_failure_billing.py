@@ -1,49 +1,25 @@
 """Billing that is down, or too slow to answer: summaries wait in the outbox and are delivered
-later with the same ids and values (README "Failure behaviour"; 5xx and 4xx are in test_billing)."""
+later with the same ids and values (README "Failure behaviour"; 5xx and 4xx are in test_billing).
+The harness (receiver, billing_policy, replicas) is tests/e2e/conftest.py's."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from sidecar.billing import pusher
 from sidecar.store.redis.embedded import free_port
-from tests.e2e import test_billing as billing
-from tests.e2e.test_billing import Receiver, Replica, drain, send
-
-# The fixtures of test_billing, under the same names: a replica factory and its billing policy.
-replicas = billing.replicas
-policy = billing.policy
+from tests.e2e.conftest import Replica, drain, send
+from tests.helpers import Receiver, ServerFactory, listen
 
 
 @pytest.fixture
 async def receiver() -> Receiver:
     """Not listening yet: `listen` starts it on the port the policy names."""
     return Receiver(url=f"http://127.0.0.1:{free_port()}/usage")
-
-
-async def listen(
-    aiohttp_server: Callable[..., Awaitable[TestServer]], receiver: Receiver, stall: int = 0
-) -> None:
-    """Serve `receiver`; its first `stall` pushes are stored and then answered too late."""
-
-    async def handle(request: web.Request) -> web.Response:
-        if receiver.posts < stall:
-            receiver.posts += 1
-            receiver.received += json.loads(await request.read())["summaries"]
-            await asyncio.sleep(1)  # stored, but the answer comes after the push timeout
-            return web.json_response({"ok": True})
-        return await receiver.handle(request)
-
-    app = web.Application()
-    app.router.add_post("/usage", handle)
-    await aiohttp_server(app, host="127.0.0.1", port=int(receiver.url.split(":")[2].split("/")[0]))
 
 
 def pushes(replica: Replica, outcome: str) -> float:
@@ -56,7 +32,7 @@ def pushes(replica: Replica, outcome: str) -> float:
 async def test_billing_down_keeps_summaries_in_the_outbox_until_it_listens_then_delivers_each_once(
     replicas: Callable[[int], Awaitable[list[Replica]]],
     receiver: Receiver,
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    aiohttp_server: ServerFactory,
 ) -> None:
     (replica,) = await replicas(1)
     admitted = await send([replica], 20)
@@ -76,11 +52,12 @@ async def test_billing_down_keeps_summaries_in_the_outbox_until_it_listens_then_
 async def test_a_push_billing_answers_too_late_is_retried_with_the_same_ids_and_values(
     replicas: Callable[[int], Awaitable[list[Replica]]],
     receiver: Receiver,
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    aiohttp_server: ServerFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(pusher, "PUSH_TIMEOUT", aiohttp.ClientTimeout(total=0.2))
-    await listen(aiohttp_server, receiver, stall=2)
+    receiver.stall_first = 2  # stored, then answered after the push timeout
+    await listen(aiohttp_server, receiver)
     (replica,) = await replicas(1)
     admitted = await send([replica], 20)
     await drain([replica], receiver, admitted)

@@ -23,19 +23,18 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.store.redis.embedded import EmbeddedRedis
-from tests.conftest import Upstream, key_hash, write_policy
 from tests.e2e.conftest import ACME, PROBE_TIMEOUT, READY_TIMEOUT, Launcher, Sidecar
+from tests.helpers import ServerFactory, Upstream, key_hash, serve, used_today, write_policy
 
 BOB = "bob-key-1"
 STORE_TIMEOUT = "0.05"
@@ -253,12 +252,6 @@ def record(mode: str, fault: Fault, answers: list[Answer]) -> None:
     print(f"latency: {mode}, redis {fault.kind}: worst {worst(answers) * 1000:.1f} ms of {len(answers)}")
 
 
-async def used_today(session: aiohttp.ClientSession, sidecar: Sidecar, customer: str = "acme") -> int:
-    async with session.get(f"http://{sidecar.admin}/admin/customers/{customer}/usage") as response:
-        assert response.status == 200, await response.text()
-        return int((await response.json())["limits"][0]["used"])
-
-
 async def usage_settles_at(
     session: aiohttp.ClientSession, sidecar: Sidecar, expected: int, customer: str = "acme"
 ) -> int:
@@ -268,12 +261,12 @@ async def usage_settles_at(
     used = -1
     while time.monotonic() < deadline:
         with contextlib.suppress(aiohttp.ClientError, AssertionError):
-            used = await used_today(session, sidecar, customer)
+            used = await used_today(session, sidecar.admin, customer)
             if used >= expected:
                 break
         await asyncio.sleep(0.1)
     await asyncio.sleep(1.5)  # the next merge cycle finds nothing left to merge
-    return await used_today(session, sidecar, customer)
+    return await used_today(session, sidecar.admin, customer)
 
 
 async def started(
@@ -319,7 +312,7 @@ async def test_fail_closed_answers_503_with_retry_after_within_the_budget_and_re
     assert len(upstream.seen) == 3  # nothing was forwarded during the outage
 
     await recovered(session, sidecar)
-    assert await used_today(session, sidecar) == 4  # the counters as Redis kept them, plus one
+    assert await used_today(session, sidecar.admin) == 4  # the counters as Redis kept them, plus one
 
 
 async def test_fail_open_admits_within_the_budget_and_merges_the_journal_once(
@@ -364,7 +357,7 @@ async def test_store_failure_on_a_plan_overrides_the_top_level_during_an_outage(
 
     admitted = 1 + len(answers[ACME])
     assert await usage_settles_at(session, sidecar, admitted) == admitted
-    assert await used_today(session, sidecar, "bob") == 1
+    assert await used_today(session, sidecar.admin, "bob") == 1
     assert len(upstream.seen) == admitted + 1
 
 
@@ -460,7 +453,7 @@ async def test_a_charge_the_store_misses_is_merged_from_the_journal_and_its_rese
     launch: Launcher,
     session: aiohttp.ClientSession,
     redis_to_fail: EmbeddedRedis,
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    aiohttp_server: ServerFactory,
     tmp_path: Path,
 ) -> None:
     assert redis_to_fail.pid is not None
@@ -474,9 +467,8 @@ async def test_a_charge_the_store_misses_is_merged_from_the_journal_and_its_rese
 
     app = web.Application()
     app.router.add_get("/v1/{how}", answer)
-    server = await aiohttp_server(app, host="127.0.0.1")
     sidecar = await launch(
-        tokens_policy(tmp_path), str(server.make_url("")).rstrip("/"), tmp_path / "data",
+        tokens_policy(tmp_path), await serve(aiohttp_server, app), tmp_path / "data",
         "--redis", redis_to_fail.url, "--store-timeout", STORE_TIMEOUT,
     )  # fmt: skip
     await sidecar.wait_ready(session)
@@ -490,4 +482,4 @@ async def test_a_charge_the_store_misses_is_merged_from_the_journal_and_its_rese
     await asyncio.sleep(1.1)  # past reserve_ttl: the next admission releases the stale hold
     async with session.get(f"{sidecar.proxy}/v1/plain", headers={"X-API-Key": ACME}) as response:
         assert response.status == 200
-    assert await used_today(session, sidecar) == 7 + 3
+    assert await used_today(session, sidecar.admin) == 7 + 3

@@ -9,25 +9,21 @@ reservation is settled only by a complete answer below 500, and released otherwi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.store.redis.embedded import free_port
-from tests.conftest import SidecarFactory, key_hash, write_policy
+from tests.conftest import SidecarFactory
 from tests.e2e.test_proxy_fidelity import Served, served_like_sidecar_run
+from tests.helpers import Client, ServerFactory, key_hash, serve, write_policy
 
 KEY = "acme-key-1"
 HEADERS = {"X-API-Key": KEY}
 BODY = b"x" * 1000
 MB = 1024 * 1024
-
-Client = TestClient[web.Request, web.Application]
-ServerFactory = Callable[..., Awaitable[TestServer]]
 
 
 @pytest.fixture
@@ -90,8 +86,7 @@ async def upstream(aiohttp_server: ServerFactory) -> str:
     app = web.Application()
     for path, handler in {**ROUTES, "/v1/endless": endless}.items():
         app.router.add_get(path, handler)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    return str(server.make_url("")).rstrip("/")
+    return await serve(aiohttp_server, app)
 
 
 async def usage(admin: Client) -> dict[str, int]:

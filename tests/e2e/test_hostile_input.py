@@ -17,16 +17,15 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from sidecar.http.app import build_proxy_app
 from sidecar.http.components import Components
 from sidecar.http.intake import GuardedSite
-from tests.conftest import key_hash, make_components, write_policy
+from tests.conftest import make_components
+from tests.helpers import ServerFactory, answering, key_hash, serve, write_policy
 
 KEY = "acme-key-1"
 READ_TIMEOUT = 5.0
-ServerFactory = Callable[..., Awaitable[TestServer]]
 
 
 @dataclass
@@ -54,10 +53,8 @@ class Recorder:
 async def recorder(aiohttp_server: ServerFactory) -> Recorder:
     recorder = Recorder()
     # The upstream, too, leaves bodies undecoded: what it records is what the sidecar sent.
-    app = web.Application(handler_args={"auto_decompress": False})
-    app.router.add_route("*", "/{tail:.*}", recorder.handle)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    recorder.url = str(server.make_url("")).rstrip("/")
+    app = answering(recorder.handle, handler_args={"auto_decompress": False})
+    recorder.url = await serve(aiohttp_server, app)
     return recorder
 
 

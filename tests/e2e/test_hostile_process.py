@@ -11,17 +11,16 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from sidecar.store.redis.embedded import free_port
-from tests.conftest import key_hash, write_policy
 from tests.e2e.conftest import Launcher, child_environment
+from tests.helpers import Receiver, ServerFactory, answering, key_hash, listen, write_policy
 
 API_KEY = "sk-live-acme-7f3a9c2e1b"
 WRONG_KEY = "sk-live-wrong-55d0e8"
@@ -31,7 +30,6 @@ BILLING_SECRET = "whsec-5e8c1d9a"
 BILLING_TOKEN = "bt-2c7f0e4d"
 SECRETS = (API_KEY, WRONG_KEY, ADMIN_TOKEN, WRONG_ADMIN_TOKEN, BILLING_SECRET, BILLING_TOKEN)
 CLI_TIMEOUT = 30.0
-ServerFactory = Callable[..., Awaitable[TestServer]]
 
 
 def policy_text(billing_url: str = "") -> str:
@@ -123,19 +121,6 @@ async def test_sidecar_run_cuts_off_a_slowloris_at_the_header_timeout(
 
 
 @dataclass
-class Billing:
-    """A billing endpoint that is down for good (500), recording what each push carried."""
-
-    url: str = ""
-    pushes: list[dict[str, str]] = field(default_factory=list)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        await request.read()
-        self.pushes.append(dict(request.headers))
-        return web.json_response({"error": "unavailable"}, status=500)
-
-
-@dataclass
 class Process:
     process: asyncio.subprocess.Process
     stdout: Path
@@ -201,13 +186,8 @@ async def test_no_api_key_admin_token_or_billing_secret_ever_reaches_the_logs_at
     process: Callable[[Sequence[str], dict[str, str]], Awaitable[Process]],
     session: aiohttp.ClientSession,
 ) -> None:
-    billing = Billing()
-    billing_app = web.Application()
-    billing_app.router.add_post("/usage", billing.handle)
-    billing.url = str((await aiohttp_server(billing_app, host="127.0.0.1")).make_url("/usage"))
-    upstream_app = web.Application()
-    upstream_app.router.add_route("*", "/{tail:.*}", ok)
-    upstream = await aiohttp_server(upstream_app, host="127.0.0.1")
+    billing = await listen(aiohttp_server, Receiver(fail_first=10**9))  # down for good: 500
+    upstream = await aiohttp_server(answering(ok), host="127.0.0.1")
     policy = write_policy(tmp_path, policy_text(billing.url))
     port, admin = free_port(), f"127.0.0.1:{free_port()}"
     args = [
@@ -252,14 +232,14 @@ async def test_no_api_key_admin_token_or_billing_secret_ever_reaches_the_logs_at
     await upstream.close()
     await status("GET", proxy, {"X-API-Key": API_KEY})  # upstream down
     deadline = time.monotonic() + 15
-    while not billing.pushes and time.monotonic() < deadline:
+    while not billing.requests and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     child.process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(child.process.wait(), 15) == 0
     assert statuses == [200, 200, 401, 401, 200, 401, 200, 400, 400, 400, 431, 502]
-    assert billing.pushes, "the billing push (which fails) never happened"
-    assert billing.pushes[0]["Authorization"] == f"Bearer {BILLING_TOKEN}"
-    assert "Sidecar-Signature" in billing.pushes[0]
+    assert billing.requests, "the billing push (which fails) never happened"
+    assert billing.requests[0].headers["Authorization"] == f"Bearer {BILLING_TOKEN}"
+    assert "Sidecar-Signature" in billing.requests[0].headers
     output = child.output()
     assert " DEBUG " in output and "billing push" in output  # the most verbose level, errors included
     leaked = [secret for secret in SECRETS if secret in output]

@@ -9,19 +9,18 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import SidecarFactory, key_hash, write_policy
+from tests.conftest import SidecarFactory
+from tests.helpers import Client, ServerFactory, key_hash, serve, write_policy
+from tests.topologies import on_topologies
 
 KEY = "acme-key-1"
 HEADERS = {"X-API-Key": KEY}
-Client = TestClient[web.Request, web.Application]
 
 
 async def _completion(request: web.Request) -> web.StreamResponse:
@@ -47,11 +46,10 @@ async def _slow_stream(request: web.Request, tokens: int) -> web.StreamResponse:
 
 
 @pytest.fixture
-async def llm(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> str:
+async def llm(aiohttp_server: ServerFactory) -> str:
     app = web.Application()
     app.router.add_post("/v1/completions", _completion)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    return str(server.make_url("")).rstrip("/")
+    return await serve(aiohttp_server, app)
 
 
 def credits_policy(tmp_path: Path, allowance: str = "") -> Path:
@@ -258,6 +256,7 @@ async def test_a_request_past_the_allowance_and_the_credit_is_refused_by_the_cre
     assert response.headers["Retry-After"] == "60"  # a grant lifts it, not the month's end
 
 
+@on_topologies("single", "cluster")
 async def test_concurrent_reserved_requests_on_two_replicas_never_overdraw(
     sidecar: SidecarFactory, tmp_path: Path, llm: str
 ) -> None:
@@ -272,6 +271,7 @@ async def test_concurrent_reserved_requests_on_two_replicas_never_overdraw(
     assert (row["used"], row["remaining"]) == (980, 20)
 
 
+@on_topologies("single", "cluster")
 async def test_concurrent_requests_that_use_less_than_they_hold_are_charged_exactly_what_they_used(
     sidecar: SidecarFactory, tmp_path: Path, llm: str
 ) -> None:

@@ -15,31 +15,36 @@ import hashlib
 import json
 import logging
 import resource
-import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from sidecar.http.app import build_proxy_app
 from sidecar.http.components import COMPONENTS, Components
 from sidecar.metrics import Metrics
-from tests.conftest import SidecarFactory, key_hash, make_components, raw_exchange, write_policy
+from sidecar.store.redis.embedded import free_port
+from tests.conftest import SidecarFactory, make_components
+from tests.helpers import (
+    Client,
+    Handler,
+    ServerFactory,
+    answering,
+    key_hash,
+    raw_exchange,
+    serve,
+    write_policy,
+)
 
 ACME, BOB = "acme-key-1", "bob-key-1"
 MB = 1024 * 1024
 PATTERN = bytes(range(256)) * (MB // 256)  # 1 MB, every byte value, so a shifted chunk shows
 MEMORY_GROWTH_LIMIT = 100 * MB
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-ServerFactory = Callable[..., Awaitable[TestServer]]
-Client = TestClient[web.Request, web.Application]
 
 
 @pytest.fixture
@@ -64,23 +69,9 @@ def policy(tmp_path: Path) -> Path:
     )
 
 
-async def serve(aiohttp_server: ServerFactory, handler: Handler) -> str:
-    """A real upstream on loopback answering every method and path with `handler`."""
-    app = web.Application(client_max_size=1024**3)
-    app.router.add_route("*", "/{tail:.*}", handler)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    return str(server.make_url("")).rstrip("/")
-
-
 def raw_url(client: Client, raw_path_qs: str) -> URL:
     """The sidecar's URL for a path and query sent exactly as written, never re-quoted."""
     return URL(f"http://127.0.0.1:{client.port}{raw_path_qs}", encoded=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def upstream_errors(client: Client, kind: str) -> float:
@@ -159,7 +150,7 @@ async def test_large_response_streams_through_without_buffering(
         await response.write_eof()
         return response
 
-    client = await sidecar(policy, await serve(aiohttp_server, stream_200mb))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(stream_200mb)))
     memory = PeakMemory()
     digest, length = hashlib.sha256(), 0
     async with asyncio.timeout(20):
@@ -201,7 +192,7 @@ async def test_large_request_body_streams_to_upstream_intact(
             memory.sample()
             yield PATTERN
 
-    client = await sidecar(policy, await serve(aiohttp_server, hash_upload))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(hash_upload)))
     headers = {"X-API-Key": ACME, "Content-Type": "application/octet-stream"}
     if declared_length:
         headers["Content-Length"] = str(chunks * MB)
@@ -240,7 +231,7 @@ async def echo_request_line(request: web.Request) -> web.Response:
 async def test_query_string_is_forwarded_byte_for_byte(
     sidecar: SidecarFactory, policy: Path, aiohttp_server: ServerFactory, query: str
 ) -> None:
-    client = await sidecar(policy, await serve(aiohttp_server, echo_request_line))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(echo_request_line)))
     response = await client.session.get(raw_url(client, f"/files/q?{query}"), headers={"X-API-Key": ACME})
     assert response.status == 200
     assert (await response.json())["raw_path"] == f"/files/q?{query}"
@@ -255,7 +246,7 @@ async def test_query_string_is_forwarded_byte_for_byte(
 async def test_path_percent_encoding_is_preserved(
     sidecar: SidecarFactory, policy: Path, aiohttp_server: ServerFactory, raw_path: str
 ) -> None:
-    client = await sidecar(policy, await serve(aiohttp_server, echo_request_line))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(echo_request_line)))
     response = await client.session.get(raw_url(client, raw_path), headers={"X-API-Key": ACME})
     assert response.status == 200
     assert (await response.json())["raw_path"] == raw_path
@@ -264,7 +255,7 @@ async def test_path_percent_encoding_is_preserved(
 async def test_absolute_form_request_target_forwards_its_path_and_query(
     sidecar: SidecarFactory, policy: Path, aiohttp_server: ServerFactory
 ) -> None:
-    client = await sidecar(policy, await serve(aiohttp_server, echo_request_line))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(echo_request_line)))
     status, body = await raw_exchange(
         client.port,
         "GET http://elsewhere.example/files/a%2Fb?x=%7E+1 HTTP/1.1\r\nHost: sidecar\r\n"
@@ -277,7 +268,7 @@ async def test_absolute_form_request_target_forwards_its_path_and_query(
 async def test_method_and_body_reach_the_upstream(
     sidecar: SidecarFactory, policy: Path, aiohttp_server: ServerFactory, method: str
 ) -> None:
-    client = await sidecar(policy, await serve(aiohttp_server, echo_request_line))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(echo_request_line)))
     response = await client.request(
         method, "/files/doc", data=f"body of {method} ✓", headers={"X-API-Key": ACME}
     )
@@ -304,7 +295,7 @@ async def status_from_path(request: web.Request) -> web.Response:
 async def test_upstream_status_reason_and_body_pass_back_unchanged(
     sidecar: SidecarFactory, policy: Path, aiohttp_server: ServerFactory, status: int
 ) -> None:
-    client = await sidecar(policy, await serve(aiohttp_server, status_from_path))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(status_from_path)))
     response = await client.get(f"/files/{status}", headers={"X-API-Key": ACME})
     assert (response.status, response.reason) == (status, f"Upstream says {status}")
     assert await response.read() == (b"" if status in (204, 304) else f"status {status}".encode())
@@ -313,7 +304,7 @@ async def test_upstream_status_reason_and_body_pass_back_unchanged(
 async def test_upstream_response_headers_pass_back_including_repeated_ones(
     sidecar: SidecarFactory, policy: Path, aiohttp_server: ServerFactory
 ) -> None:
-    client = await sidecar(policy, await serve(aiohttp_server, status_from_path))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(status_from_path)))
     response = await client.get("/files/200", headers={"X-API-Key": ACME})
     assert response.headers.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/; HttpOnly"]
     assert response.headers.getall("X-Multi") == ["one", "two"]
@@ -331,7 +322,7 @@ async def test_upstream_body_is_not_decompressed(
             body=compressed, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"}
         )
 
-    client = await sidecar(policy, await serve(aiohttp_server, gzipped))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(gzipped)))
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         response = await session.get(client.make_url("/files/log"), headers={"X-API-Key": ACME})
         body = await response.read()
@@ -346,7 +337,7 @@ async def test_head_gets_upstream_headers_and_no_body(
     async def document(request: web.Request) -> web.Response:
         return web.Response(body=b"x" * 1234, headers={"ETag": '"v1"', "X-Method": request.method})
 
-    client = await sidecar(policy, await serve(aiohttp_server, document))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(document)))
     head = await client.head("/files/doc", headers={"X-API-Key": ACME})
     assert (head.status, head.headers["ETag"], head.headers["X-Method"]) == (200, '"v1"', "HEAD")
     assert head.headers["Content-Length"] == "1234"
@@ -361,7 +352,7 @@ async def test_head_gets_upstream_headers_and_no_body(
 async def test_spoofed_identity_headers_never_reach_the_upstream(
     sidecar: SidecarFactory, policy: Path, aiohttp_server: ServerFactory
 ) -> None:
-    client = await sidecar(policy, await serve(aiohttp_server, headers_seen))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(headers_seen)))
     status, body = await raw_exchange(
         client.port,
         "GET /files/me HTTP/1.1\r\nHost: sidecar\r\nConnection: close\r\n"
@@ -377,7 +368,7 @@ async def test_spoofed_identity_headers_never_reach_the_upstream(
 async def test_repeated_headers_spelled_differently_all_reach_the_upstream(
     sidecar: SidecarFactory, policy: Path, aiohttp_server: ServerFactory
 ) -> None:
-    client = await sidecar(policy, await serve(aiohttp_server, headers_seen))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(headers_seen)))
     _, body = await raw_exchange(
         client.port,
         "GET /files/me HTTP/1.1\r\nHost: sidecar\r\nConnection: close\r\n"
@@ -390,7 +381,7 @@ async def test_repeated_headers_spelled_differently_all_reach_the_upstream(
 async def test_upstream_sees_no_header_the_client_did_not_send(
     sidecar: SidecarFactory, policy: Path, aiohttp_server: ServerFactory
 ) -> None:
-    client = await sidecar(policy, await serve(aiohttp_server, headers_seen))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(headers_seen)))
     _, body = await raw_exchange(
         client.port,
         "POST /files/me HTTP/1.1\r\nHost: sidecar\r\nConnection: close\r\n"
@@ -404,7 +395,7 @@ async def test_upstream_sees_no_header_the_client_did_not_send(
 async def test_hop_by_hop_request_headers_are_dropped_end_to_end_kept(
     sidecar: SidecarFactory, policy: Path, aiohttp_server: ServerFactory
 ) -> None:
-    client = await sidecar(policy, await serve(aiohttp_server, headers_seen))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(headers_seen)))
     response = await client.get(
         "/files/hop",
         headers={
@@ -439,7 +430,7 @@ async def test_hop_by_hop_response_headers_are_dropped(
         }
         return web.Response(text="ok", headers=headers)
 
-    client = await sidecar(policy, await serve(aiohttp_server, hop_headers))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(hop_headers)))
     response = await client.get("/files/hop", headers={"X-API-Key": ACME})
     assert "X-Secret-Hop" not in response.headers
     assert "Keep-Alive" not in response.headers
@@ -472,7 +463,7 @@ async def test_x_forwarded_headers_are_appended_to(
     forwarded_for: str,
     forwarded_proto: str,
 ) -> None:
-    client = await sidecar(policy, await serve(aiohttp_server, headers_seen))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(headers_seen)))
     response = await client.get("/files/xff", headers=[("X-API-Key", ACME), *sent])
     seen = lower_headers((await response.json())["headers"])
     assert seen["x-forwarded-for"] == [forwarded_for]
@@ -490,7 +481,7 @@ async def test_upstream_cookies_are_not_shared_between_customers(
         response.set_cookie("session", "acme-secret", path="/")
         return response
 
-    client = await sidecar(policy, await serve(aiohttp_server, sets_a_cookie))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(sets_a_cookie)))
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
         first = await session.get(client.make_url("/files/a"), headers={"X-API-Key": ACME})
         second = await session.get(client.make_url("/files/a"), headers={"X-API-Key": BOB})
@@ -517,7 +508,7 @@ async def test_slow_upstream_is_504_within_the_upstream_timeout(
         await asyncio.sleep(2)
         return web.Response(text="too late")
 
-    client = await sidecar(policy, await serve(aiohttp_server, slow), upstream_timeout=0.3)
+    client = await sidecar(policy, await serve(aiohttp_server, answering(slow)), upstream_timeout=0.3)
     started = time.perf_counter()
     response = await client.get("/files/slow", headers={"X-API-Key": ACME})
     elapsed = time.perf_counter() - started
@@ -538,7 +529,7 @@ async def test_upstream_dying_mid_body_cuts_the_client_connection(
         request.transport.close()
         return response
 
-    client = await sidecar(policy, await serve(aiohttp_server, dies))
+    client = await sidecar(policy, await serve(aiohttp_server, answering(dies)))
     async with client.get("/files/broken", headers={"X-API-Key": ACME}) as response:
         assert response.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
@@ -605,7 +596,9 @@ async def test_client_leaving_mid_response_stops_the_upstream_and_is_not_an_upst
         finally:
             upstream_stopped.set()  # also when cancelled: TestServer cancels handlers of lost clients
 
-    async with served_like_sidecar_run(policy, await serve(aiohttp_server, endless), redis_url) as served:
+    async with served_like_sidecar_run(
+        policy, await serve(aiohttp_server, answering(endless)), redis_url
+    ) as served:
         reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
         writer.write(f"GET /files/endless HTTP/1.1\r\nHost: sidecar\r\nX-API-Key: {ACME}\r\n\r\n".encode())
         await asyncio.wait_for(reader.readexactly(4 * MB), 5)
@@ -625,7 +618,9 @@ async def test_client_leaving_mid_upload_is_not_an_upstream_error(
         await request.read()
         return web.Response(text="read it all")
 
-    async with served_like_sidecar_run(policy, await serve(aiohttp_server, slurp), redis_url) as served:
+    async with served_like_sidecar_run(
+        policy, await serve(aiohttp_server, answering(slurp)), redis_url
+    ) as served:
         _, writer = await asyncio.open_connection("127.0.0.1", served.port)
         writer.write(
             f"PUT /files/up HTTP/1.1\r\nHost: sidecar\r\nX-API-Key: {ACME}\r\n"

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from sidecar.http.app import build_admin_app, build_proxy_app
 from sidecar.http.components import COMPONENTS
-from tests.conftest import Upstream, key_hash, make_components, write_policy
+from tests.conftest import make_components
+from tests.helpers import Client, ClientFactory, Upstream, key_hash, loopback_client, write_policy
 
 KEY = "acme-key-1"
-Client = TestClient[web.Request, web.Application]
 
 
 def policy_text(limit: str) -> str:
@@ -29,15 +26,13 @@ def policy_text(limit: str) -> str:
 
 @pytest.fixture
 async def pair(
-    aiohttp_client: Callable[..., Awaitable[Client]], redis_url: str, upstream: Upstream, tmp_path: Path
+    aiohttp_client: ClientFactory, redis_url: str, upstream: Upstream, tmp_path: Path
 ) -> tuple[Client, Client, Path]:
     """A proxy and an admin app sharing one set of components, as `sidecar run` builds them."""
     path = write_policy(tmp_path, policy_text("meter: requests, limit: 1"))
     components = make_components(path, upstream.url, redis_url)
-    proxy = await aiohttp_client(build_proxy_app(components), server_kwargs={"host": "127.0.0.1"})
-    admin_app = build_admin_app(components)
-    admin_app.on_cleanup.append(lambda _: components.store.close())
-    admin = await aiohttp_client(admin_app, server_kwargs={"host": "127.0.0.1"})
+    proxy = await loopback_client(aiohttp_client, build_proxy_app(components))
+    admin = await loopback_client(aiohttp_client, build_admin_app(components), closing=components.store)
     return proxy, admin, path
 
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from sidecar.http.components import COMPONENTS
-from tests.conftest import SidecarFactory, key_hash, write_policy
+from tests.conftest import SidecarFactory
+from tests.helpers import ServerFactory, key_hash, serve, write_policy
 
 KEY = "acme-key-1"
 HEADERS = {"X-API-Key": KEY}
@@ -25,11 +24,10 @@ async def _completion(request: web.Request) -> web.Response:
 
 
 @pytest.fixture
-async def llm(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> str:
+async def llm(aiohttp_server: ServerFactory) -> str:
     app = web.Application()
     app.router.add_route("*", "/v1/completions", _completion)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    return str(server.make_url("")).rstrip("/")
+    return await serve(aiohttp_server, app)
 
 
 def policy_with(tmp_path: Path, source: str, *, billing: bool = False) -> Path:

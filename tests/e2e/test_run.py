@@ -18,9 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from tests.conftest import key_hash, write_policy
 from tests.e2e.conftest import (
     ACME,
     Launcher,
@@ -30,36 +28,30 @@ from tests.e2e.conftest import (
     live_group_members,
     timing,
 )
+from tests.helpers import ServerFactory, key_hash, serve, upstream_app, write_policy
 
 pytestmark = pytest.mark.slow
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "policies"
 SLOW_UPSTREAM_SECONDS = 1.5
 
-ENTERED = web.AppKey("entered", asyncio.Event)
 
-
-async def _search(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True})
-
-
-async def _slow(request: web.Request) -> web.Response:
-    request.app[ENTERED].set()
-    await asyncio.sleep(SLOW_UPSTREAM_SECONDS)
-    return web.json_response({"slow": True})
+@pytest.fixture
+def entered() -> asyncio.Event:
+    """Set when a request reaches the upstream's GET /v1/slow."""
+    return asyncio.Event()
 
 
 @pytest.fixture
-async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> TestServer:
-    app = web.Application()
-    app[ENTERED] = asyncio.Event()
-    app.router.add_get("/v1/search", _search)
-    app.router.add_get("/v1/slow", _slow)
-    return await aiohttp_server(app, host="127.0.0.1")
+async def upstream(aiohttp_server: ServerFactory, entered: asyncio.Event) -> str:
+    """The recording upstream, whose GET /v1/slow answers after SLOW_UPSTREAM_SECONDS."""
 
+    async def slow(request: web.Request) -> web.Response:
+        entered.set()
+        await asyncio.sleep(SLOW_UPSTREAM_SECONDS)
+        return web.json_response({"slow": True})
 
-def upstream_url(server: TestServer) -> str:
-    return str(server.make_url("")).rstrip("/")
+    return await serve(aiohttp_server, upstream_app(lambda app: app.router.add_get("/v1/slow", slow)))
 
 
 @pytest.fixture
@@ -111,10 +103,10 @@ async def cli_usage(customer: str, admin: str) -> dict[str, object]:
 
 
 async def test_embedded_store_serves_and_a_monthly_counter_survives_a_restart(
-    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+    launch: Launcher, policy: Path, upstream: str, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     data_dir = tmp_path / "data"
-    first = await launch(policy, upstream_url(upstream), data_dir)
+    first = await launch(policy, upstream, data_dir)
     timing("startup, cold, embedded redis", await first.wait_ready(session))
     assert [(await get(session, f"{first.proxy}/v1/search"))[0] for _ in range(2)] == [200, 200]
     assert (data_dir / "redis").is_dir()
@@ -124,7 +116,7 @@ async def test_embedded_store_serves_and_a_monthly_counter_survives_a_restart(
     assert code == 0, first.stderr
     assert live_group_members(first.process.pid) == [], "the embedded redis-server outlived the sidecar"
 
-    second = await launch(policy, upstream_url(upstream), data_dir)
+    second = await launch(policy, upstream, data_dir)
     timing("startup, restart on the same data dir", await second.wait_ready(session))
     document = await cli_usage("acme", second.admin)
     assert (document["customer"], document["plan"]) == ("acme", "pro")
@@ -148,13 +140,18 @@ async def test_embedded_store_serves_and_a_monthly_counter_survives_a_restart(
 
 
 async def test_sigterm_lets_an_in_flight_request_finish_then_exits_0(
-    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+    launch: Launcher,
+    policy: Path,
+    upstream: str,
+    entered: asyncio.Event,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
 ) -> None:
-    sidecar = await launch(policy, upstream_url(upstream), tmp_path / "data")
+    sidecar = await launch(policy, upstream, tmp_path / "data")
     await sidecar.wait_ready(session)
     in_flight = asyncio.create_task(get(session, f"{sidecar.proxy}/v1/slow"))
     try:
-        await asyncio.wait_for(upstream.app[ENTERED].wait(), 5)
+        await asyncio.wait_for(entered.wait(), 5)
         sent = time.monotonic()
         sidecar.process.send_signal(signal.SIGTERM)
         status, _, body = await asyncio.wait_for(in_flight, 10)
@@ -172,11 +169,11 @@ async def test_sigterm_lets_an_in_flight_request_finish_then_exits_0(
 
 
 async def test_bad_policy_makes_run_exit_1_with_the_located_error(
-    launch: Launcher, upstream: TestServer, tmp_path: Path
+    launch: Launcher, upstream: str, tmp_path: Path
 ) -> None:
     bad = FIXTURES / "bad_misspelled_limit_key.yaml"
     data_dir = tmp_path / "data"
-    sidecar = await launch(bad, upstream_url(upstream), data_dir)
+    sidecar = await launch(bad, upstream, data_dir)
     code = await sidecar.wait_exit(30)
     assert code == 1
     assert f"{bad}:13:27: plans.free.limits[0].limt: unknown key 'limt'" in sidecar.stderr
@@ -187,12 +184,12 @@ async def test_bad_policy_makes_run_exit_1_with_the_located_error(
 
 
 async def test_second_run_on_the_same_data_dir_fails_clearly_and_the_first_keeps_serving(
-    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+    launch: Launcher, policy: Path, upstream: str, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     data_dir = tmp_path / "data"
-    first = await launch(policy, upstream_url(upstream), data_dir)
+    first = await launch(policy, upstream, data_dir)
     await first.wait_ready(session)
-    second = await launch(policy, upstream_url(upstream), data_dir)
+    second = await launch(policy, upstream, data_dir)
     code = await second.wait_exit(30)
     assert code == 2
     assert str(data_dir) in second.stderr
@@ -202,19 +199,19 @@ async def test_second_run_on_the_same_data_dir_fails_clearly_and_the_first_keeps
 
 
 async def test_restart_after_a_crash_never_runs_two_redis_servers_on_one_data_dir(
-    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+    launch: Launcher, policy: Path, upstream: str, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """A crashed (SIGKILLed, OOM-killed) sidecar leaves its redis-server behind. The next sidecar on
     that data dir must either take the data dir back (the old server gone, nothing lost) or refuse
     clearly; it must never start a second redis-server on the same append-only files."""
     data_dir = tmp_path / "data"
-    crashed = await launch(policy, upstream_url(upstream), data_dir)
+    crashed = await launch(policy, upstream, data_dir)
     await crashed.wait_ready(session)
     assert [(await get(session, f"{crashed.proxy}/v1/search"))[0] for _ in range(2)] == [200, 200]
     os.kill(crashed.process.pid, signal.SIGKILL)
     await crashed.wait_exit()
 
-    restarted = await launch(policy, upstream_url(upstream), data_dir)
+    restarted = await launch(policy, upstream, data_dir)
     code = await restarted.ready_or_exit(session)
     if code is not None:
         assert code == 2, restarted.stderr
@@ -229,9 +226,9 @@ async def test_restart_after_a_crash_never_runs_two_redis_servers_on_one_data_di
 
 
 async def test_sigint_stops_run_like_sigterm(
-    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+    launch: Launcher, policy: Path, upstream: str, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    sidecar = await launch(policy, upstream_url(upstream), tmp_path / "data")
+    sidecar = await launch(policy, upstream, tmp_path / "data")
     await sidecar.wait_ready(session)
     sidecar.process.send_signal(signal.SIGINT)
     assert await sidecar.wait_exit() == 0, sidecar.stderr
@@ -242,9 +239,9 @@ async def test_sigint_stops_run_like_sigterm(
 
 
 async def test_usage_command_prints_the_table(
-    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+    launch: Launcher, policy: Path, upstream: str, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    sidecar = await launch(policy, upstream_url(upstream), tmp_path / "data")
+    sidecar = await launch(policy, upstream, tmp_path / "data")
     await sidecar.wait_ready(session)
     assert (await get(session, f"{sidecar.proxy}/v1/search"))[0] == 200
     code, out, err = await sidecar_cli("usage", "acme", "--admin", sidecar.admin)
@@ -256,9 +253,9 @@ async def test_usage_command_prints_the_table(
 
 
 async def test_usage_command_for_an_unknown_customer_exits_1_with_the_404(
-    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+    launch: Launcher, policy: Path, upstream: str, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    sidecar = await launch(policy, upstream_url(upstream), tmp_path / "data")
+    sidecar = await launch(policy, upstream, tmp_path / "data")
     await sidecar.wait_ready(session)
     code, out, err = await sidecar_cli("usage", "mallory", "--admin", sidecar.admin)
     assert (code, out) == (1, "")
@@ -270,9 +267,9 @@ async def test_usage_command_for_an_unknown_customer_exits_1_with_the_404(
 
 
 async def test_sighup_puts_an_edited_policy_in_force_and_a_broken_one_is_refused(
-    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+    launch: Launcher, policy: Path, upstream: str, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    sidecar = await launch(policy, upstream_url(upstream), tmp_path / "data")
+    sidecar = await launch(policy, upstream, tmp_path / "data")
     await sidecar.wait_ready(session)
     assert "q=10;" in await policy_header(session, sidecar)
     policy.write_text(policy.read_text().replace("limit: 10,", "limit: 20,"))
@@ -300,9 +297,9 @@ async def eventually(probe: Callable[[], Awaitable[str]], expected: str, seconds
 
 
 async def test_an_edited_policy_file_is_put_in_force_without_a_signal(
-    launch: Launcher, policy: Path, upstream: TestServer, session: aiohttp.ClientSession, tmp_path: Path
+    launch: Launcher, policy: Path, upstream: str, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    sidecar = await launch(policy, upstream_url(upstream), tmp_path / "data")
+    sidecar = await launch(policy, upstream, tmp_path / "data")
     await sidecar.wait_ready(session)
     assert "q=10;" in await policy_header(session, sidecar)
     policy.write_text(policy.read_text().replace("limit: 10,", "limit: 40,"))

@@ -10,7 +10,8 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
 from sidecar.http.components import COMPONENTS
-from tests.conftest import SidecarFactory, Upstream, key_hash, write_policy
+from tests.conftest import SidecarFactory
+from tests.helpers import Upstream, key_hash, write_policy
 
 KEY = "acme-key-1"
 

@@ -11,57 +11,35 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from sidecar.http.app import build_proxy_app
 from sidecar.http.components import COMPONENTS
 from sidecar.store.redis.embedded import EmbeddedRedis
-from tests.conftest import Upstream, key_hash, make_components, write_policy
+from tests.conftest import make_components
+from tests.helpers import ACME, Client, ClientFactory, Upstream, loopback_client, quota_policy
 
-KEY = "acme-key-1"
 STORE_TIMEOUT = 0.05
 # The answer must come within the store timeout plus the sidecar's own work; generous for CI.
 ANSWER_BUDGET = 0.25
 
-Client = TestClient[web.Request, web.Application]
-
-
-def policy(tmp_path: Path, store_failure: str) -> Path:
-    return write_policy(
-        tmp_path,
-        f"""
-        version: 1
-        meters: {{requests: {{aggregation: count}}}}
-        features: [{{name: search, match: {{path: /v1/search}}}}]
-        plans: {{p: {{features: [search], limits: [{{meter: requests, limit: 100, period: day}}]}}}}
-        customers: {{acme: {{plan: p, api_keys: ["{key_hash(KEY)}"]}}}}
-        store_failure: {store_failure}
-        """,
-    )
-
 
 @pytest.fixture
 def make_client(
-    aiohttp_client: Callable[..., Awaitable[Client]],
-    outage_redis: EmbeddedRedis,
-    upstream: Upstream,
-    tmp_path: Path,
+    aiohttp_client: ClientFactory, outage_redis: EmbeddedRedis, upstream: Upstream, tmp_path: Path
 ) -> Callable[[str], Awaitable[Client]]:
+    """A proxy on the test's own redis-server, under a policy with the given store_failure."""
+
     async def make(store_failure: str) -> Client:
-        components = make_components(
-            policy(tmp_path, store_failure), upstream.url, outage_redis.url, store_timeout=STORE_TIMEOUT
-        )
-        app = build_proxy_app(components)
-        app.on_cleanup.append(lambda _: components.store.close())
-        return await aiohttp_client(app, server_kwargs={"host": "127.0.0.1"})
+        policy = quota_policy(tmp_path, 100, "day", extra=f"store_failure: {store_failure}")
+        components = make_components(policy, upstream.url, outage_redis.url, store_timeout=STORE_TIMEOUT)
+        return await loopback_client(aiohttp_client, build_proxy_app(components), closing=components.store)
 
     return make
 
 
 async def timed_get(client: Client) -> tuple[int, float, dict[str, str]]:
     started = time.perf_counter()
-    response = await client.get("/v1/search", headers={"X-API-Key": KEY})
+    response = await client.get("/v1/search", headers={"X-API-Key": ACME})
     await response.read()
     return response.status, time.perf_counter() - started, dict(response.headers)
 

@@ -6,48 +6,23 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from sidecar.store.redis.pipeline import CLIENT_NAME
-from tests.conftest import key_hash, write_policy
 from tests.e2e.conftest import ACME, Launcher, live_group_members, timing
+from tests.helpers import Upstream, quota_policy
 
 pytestmark = pytest.mark.slow
 QUOTA = 30
 
 
-async def _search(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True})
-
-
-@pytest.fixture
-async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> str:
-    app = web.Application()
-    app.router.add_get("/v1/search", _search)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    return str(server.make_url("")).rstrip("/")
-
-
 @pytest.fixture
 def policy(tmp_path: Path) -> Path:
-    return write_policy(
-        tmp_path,
-        f"""
-        version: 1
-        meters: {{requests: {{aggregation: count}}}}
-        features: [{{name: search, match: {{method: GET, path: /v1/search}}}}]
-        plans: {{pro: {{features: [search], limits: [{{meter: requests, limit: {QUOTA}, period: month}}]}}}}
-        customers:
-          acme: {{plan: pro, api_keys: ["{key_hash(ACME)}"]}}
-        """,
-    )
+    return quota_policy(tmp_path, QUOTA)
 
 
 async def one_request_on_a_new_connection(url: str) -> int:
@@ -67,12 +42,12 @@ def children(pid: int) -> list[int]:
 async def test_two_workers_both_answer_exactly_and_sigterm_stops_all(
     launch: Launcher,
     session: aiohttp.ClientSession,
-    upstream: str,
+    upstream: Upstream,
     policy: Path,
     redis_url: str,
     tmp_path: Path,
 ) -> None:
-    sidecar = await launch(policy, upstream, tmp_path / "data", "--redis", redis_url, "--workers", "2")
+    sidecar = await launch(policy, upstream.url, tmp_path / "data", "--redis", redis_url, "--workers", "2")
     timing("ready with 2 workers", await sidecar.wait_ready(session))
     workers = children(sidecar.process.pid)
     assert len(workers) == 2
@@ -93,9 +68,9 @@ async def test_two_workers_both_answer_exactly_and_sigterm_stops_all(
 
 
 async def test_workers_share_the_embedded_store_and_stop_it_last(
-    launch: Launcher, session: aiohttp.ClientSession, upstream: str, policy: Path, tmp_path: Path
+    launch: Launcher, session: aiohttp.ClientSession, upstream: Upstream, policy: Path, tmp_path: Path
 ) -> None:
-    sidecar = await launch(policy, upstream, tmp_path / "data", env={"SIDECAR_WORKERS": "3"})
+    sidecar = await launch(policy, upstream.url, tmp_path / "data", env={"SIDECAR_WORKERS": "3"})
     await sidecar.wait_ready(session)
     assert len(children(sidecar.process.pid)) == 4, "three workers and the redis-server"
     statuses = await asyncio.gather(*(one_request_on_a_new_connection(sidecar.proxy) for _ in range(40)))
@@ -108,12 +83,12 @@ async def test_workers_share_the_embedded_store_and_stop_it_last(
 async def test_a_worker_that_dies_stops_the_sidecar_with_exit_1(
     launch: Launcher,
     session: aiohttp.ClientSession,
-    upstream: str,
+    upstream: Upstream,
     policy: Path,
     redis_url: str,
     tmp_path: Path,
 ) -> None:
-    sidecar = await launch(policy, upstream, tmp_path / "data", "--redis", redis_url, "--workers", "2")
+    sidecar = await launch(policy, upstream.url, tmp_path / "data", "--redis", redis_url, "--workers", "2")
     await sidecar.wait_ready(session)
     first, second = children(sidecar.process.pid)
     os.kill(second, signal.SIGKILL)

@@ -1,66 +1,21 @@
-"""The store on a real 3-master Redis Cluster: the exactness and billing tests, run again against
-the cluster, and what only a cluster does (keys spread over masters, slots that move)."""
+"""What only a Redis Cluster does: keys spread over masters, calls pipelined per master, slots
+that move. The exactness and billing tests run on the cluster too, as parameters of their own
+suites (tests/topologies.py, on_topologies): tests/store/test_contract.py, tests/e2e/test_admission.py,
+test_billing.py and test_prepaid.py."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
 
-import pytest
 from redis.crc import key_slot
 
 from sidecar.store.port import LimitCharge, MeterRequest, Outcome, UsageCharge
 from sidecar.store.redis.store import RedisStore, script_arguments
-from tests.e2e.test_admission import test_quota_of_n_admits_exactly_n_across_two_replicas_under_concurrency
-from tests.e2e.test_billing import (
-    policy,
-    receiver,
-    replicas,
-    test_a_permanent_refusal_is_dead_lettered_and_a_redrive_delivers_it,
-    test_billing_failures_are_retried_until_delivered_with_the_same_ids_and_values,
-    test_every_admitted_unit_reaches_billing_once_per_customer_and_meter,
-    test_three_replicas_on_one_redis_deliver_each_unit_once,
-)
-from tests.e2e.test_prepaid import (
-    llm,
-    test_concurrent_requests_that_use_less_than_they_hold_are_charged_exactly_what_they_used,
-    test_concurrent_reserved_requests_on_two_replicas_never_overdraw,
-)
-from tests.store.test_check_and_meter import (
-    month_charge,
-    test_calendar_quota_admits_exactly_its_limit,
-    test_concurrent_calls_admit_exactly_the_quota,
-    test_one_refusing_limit_charges_no_other_limit,
-    test_weighted_cost_is_all_or_nothing,
-)
-from tests.store.test_prepaid_credit import test_concurrent_reservations_never_overdraw
-from tests.topologies import Cluster, node_client
+from tests.helpers import month_charge
+from tests.topologies import Cluster, node_client, on_topologies
 
-# Run here against the cluster, through the redis_url fixture below (imported names are collected).
-__all__ = [
-    "llm",
-    "policy",
-    "receiver",
-    "replicas",
-    "test_a_permanent_refusal_is_dead_lettered_and_a_redrive_delivers_it",
-    "test_billing_failures_are_retried_until_delivered_with_the_same_ids_and_values",
-    "test_calendar_quota_admits_exactly_its_limit",
-    "test_concurrent_calls_admit_exactly_the_quota",
-    "test_concurrent_requests_that_use_less_than_they_hold_are_charged_exactly_what_they_used",
-    "test_concurrent_reservations_never_overdraw",
-    "test_concurrent_reserved_requests_on_two_replicas_never_overdraw",
-    "test_every_admitted_unit_reaches_billing_once_per_customer_and_meter",
-    "test_one_refusing_limit_charges_no_other_limit",
-    "test_quota_of_n_admits_exactly_n_across_two_replicas_under_concurrency",
-    "test_three_replicas_on_one_redis_deliver_each_unit_once",
-    "test_weighted_cost_is_all_or_nothing",
-]
-
-
-@pytest.fixture
-def redis_url(cluster: Cluster) -> str:
-    cluster.flush()
-    return cluster.url
+pytestmark = on_topologies("cluster")  # the store fixture is on the cluster
 
 
 def customers_on_every_master(cluster: Cluster, per_master: int) -> dict[int, list[str]]:
