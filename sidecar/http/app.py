@@ -26,7 +26,8 @@ def build_proxy_app(components: Components) -> web.Application:
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_stored_customers)
     app.router.add_get(selfservice.PATH, selfservice.own_usage)
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    # 100 Continue only once admitted: aiohttp's default Expect handler would send it before admission.
+    app.router.add_route("*", "/{tail:.*}", proxy.handle, expect_handler=intake.expect_after_admission)
     return app
 
 
