@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.admission.identity import hash_key
 from sidecar.billing.signing import verify
-from sidecar.config.policy.model import Limit, OnExceed
+from sidecar.config.policy.model import Customer, Limit, OnExceed, Policy
 from sidecar.config.policy.windows import Period, calendar_window
 from sidecar.store.port import LimitCharge, MeterRequest, Store, UsageCharge
 
@@ -64,6 +64,24 @@ def quota_policy(directory: Path, limit: int, period: str = "month", *, extra: s
         {extra}
         """,
     )
+
+
+class PolicyCustomers:
+    """Customers looked up in the policy alone (admission's CustomerLookup, no stored customers)."""
+
+    def by_key_hash(self, key_hash: str, policy: Policy) -> Customer | None:
+        customer_id = policy.customer_by_key_hash.get(key_hash)
+        return None if customer_id is None else policy.customers[customer_id]
+
+
+class ManualClock:
+    """A clock that moves only when told (``now += seconds``); 2026-01-01T00:00:00Z to begin with."""
+
+    def __init__(self, now: float = 1_767_225_600.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 # --- servers and clients on loopback --------------------------------------------------------------
@@ -323,6 +341,17 @@ def day_charge(limit: int, *, now: float, soft: bool = False) -> LimitCharge:
 def rate_charge(limit: int, period: Period = Period.SECOND, amount: int = 1, burst: int = 0) -> LimitCharge:
     """A moving window's charge (second, minute or hour)."""
     return LimitCharge(Limit(meter="requests", limit=limit, period=period, burst=burst), amount, None, True)
+
+
+def without_windows(fields: dict[str, int]) -> dict[str, int]:
+    """Billing usage fields ("<window>|<meter>|<feature>", a unique meter's value
+    "u|<window>|<meter>|<feature>|<value>") summed over their windows: a test may straddle one's end."""
+    summed: dict[str, int] = {}
+    for name, value in fields.items():
+        parts = name.split("|")
+        del parts[1 if parts[0] == "u" else 0]
+        summed["|".join(parts)] = summed.get("|".join(parts), 0) + value
+    return summed
 
 
 def request_for(

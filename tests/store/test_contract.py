@@ -34,7 +34,14 @@ from sidecar.store.port import (
 )
 from sidecar.store.redis import keys
 from sidecar.store.redis.store import RedisStore
-from tests.helpers import TEST_STORE_TIMEOUT, day_charge, month_charge, rate_charge
+from tests.helpers import (
+    TEST_STORE_TIMEOUT,
+    ManualClock,
+    day_charge,
+    month_charge,
+    rate_charge,
+    without_windows,
+)
 from tests.topologies import ALL_TOPOLOGIES, clean_url
 
 CUSTOMER = "acme"
@@ -307,16 +314,6 @@ CASES = [
 ]
 
 
-def without_windows(fields: dict[str, int]) -> dict[str, int]:
-    """Usage fields summed over billing windows (a case may straddle a window's end)."""
-    summed: dict[str, int] = {}
-    for name, value in fields.items():
-        kept = name.split("|")
-        del kept[1 if kept[0] == "u" else 0]
-        summed["|".join(kept)] = summed.get("|".join(kept), 0) + value
-    return summed
-
-
 async def read(store: Store, case: Case, now: float) -> Admission:
     credits = (credit(0),) if case.balance is not None else ()
     request = MeterRequest(CUSTOMER, tuple(c(now) for c in case.read), (), 60, credits)
@@ -457,18 +454,8 @@ async def test_the_memory_store_answers_every_call_as_redis_does(store: RedisSto
 # --- the memory store's own clock ------------------------------------------------------------------
 
 
-class Clock:
-    """A clock that moves only when told."""
-
-    def __init__(self, now: float = 1_767_225_600.0) -> None:  # 2026-01-01T00:00:00Z
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def test_a_moving_window_admits_its_limit_in_any_window_of_its_length() -> None:
-    clock = Clock()
+    clock = ManualClock()
     store = MemoryStore(clock=clock)
     start, request = clock.now, Call("check", (rate(3),)).request(clock.now)
     outcomes = []
@@ -479,7 +466,7 @@ async def test_a_moving_window_admits_its_limit_in_any_window_of_its_length() ->
 
 
 async def test_a_calendar_window_ends_with_its_month_and_the_next_starts_empty() -> None:
-    clock = Clock(1_769_903_999.5)  # 2026-01-31T23:59:59.5Z
+    clock = ManualClock(1_769_903_999.5)  # 2026-01-31T23:59:59.5Z
     store = MemoryStore(clock=clock)
     january = Call("check", (month(1),)).request(clock.now)
     assert [await run(store, Call("check", (month(1),)), clock.now) for _ in range(2)] == ["A", "R"]
@@ -489,7 +476,7 @@ async def test_a_calendar_window_ends_with_its_month_and_the_next_starts_empty()
 
 
 async def test_an_expired_grant_stops_counting_and_an_expired_reservation_is_released() -> None:
-    clock = Clock()
+    clock = ManualClock()
     store = MemoryStore(clock=clock)
     expiring = Grant(id="trial", meter="tokens", amount=100, expires_at=int(clock.now) + 10)
     await store.grant(CUSTOMER, expiring)

@@ -13,9 +13,10 @@ It mirrors lib.lua, check_and_meter.lua, charge.lua, read_limits.lua and grant.l
   that the next grant pays off; reservations are undone when settled, released or expired.
 
 Each call runs to its end without awaiting, so it is atomic under asyncio as a script is in
-Redis. The clock (``clock``, epoch seconds) is injectable; windows are judged by it. Out of
-scope: journal replay (lost replies exist only across a network), the billing outbox and stored
-customers, which only RedisStore has.
+Redis. The clock (``clock``, epoch seconds) is injectable; windows are judged by it. Stored
+customers are kept in memory too (customers.py), so ``compose`` builds the components around it.
+Out of scope: journal replay (lost replies exist only across a network) and the billing outbox,
+which only RedisStore has.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sidecar.config.policy.model import Algorithm
 from sidecar.errors import StoreUnavailable
+from sidecar.store.memory.customers import MemoryCustomers
 from sidecar.store.memory.limits import MICRO, LimitKind, LimitRead, Now, Undo, limit_kinds, needed
 from sidecar.store.port import (
     Admission,
@@ -39,8 +42,10 @@ from sidecar.store.port import (
     Hold,
     LimitCharge,
     MeterRequest,
+    OutboxStore,
     Outcome,
     Replayed,
+    Store,
     UsageCharge,
 )
 
@@ -141,9 +146,20 @@ class MemoryStore:
         self._grant_records: dict[tuple[str, str], str] = {}
         self._holds: dict[str, dict[str, _Held]] = {}
         self._usage: dict[str, dict[str, int]] = {}
+        self._customers = MemoryCustomers()
 
     def time(self) -> float:
         return self._clock()
+
+    @property
+    def customers(self) -> MemoryCustomers:
+        return self._customers
+
+    @property
+    def outbox(self) -> OutboxStore:
+        raise NotImplementedError(
+            "MemoryStore has no billing outbox: billing closes windows in Redis scripts; use RedisStore"
+        )
 
     @property
     def circuit_open(self) -> bool:
@@ -329,3 +345,7 @@ def _beyond(entry: UsageCharge, current: int | None) -> bool:
     if current is None:
         return True
     return entry.amount > current if entry.op == "max" else entry.amount < current
+
+
+if TYPE_CHECKING:  # mypy checks that MemoryStore is a Store
+    _PORT: Store = MemoryStore()
