@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
@@ -31,6 +32,7 @@ from tests.conftest import make_components
 from tests.helpers import (
     ACME,
     BILLING_SECRET,
+    TEST_STORE_TIMEOUT,
     Client,
     ClientFactory,
     Receiver,
@@ -95,6 +97,17 @@ class Sidecar:
 
 # launch(policies, upstream_url, data_dir, *extra_cli_args, env={...}) -> Sidecar
 Launcher = Callable[..., Awaitable[Sidecar]]
+
+
+def store_args(url: str) -> tuple[str, ...]:
+    """`sidecar run`'s arguments for the store ``url`` names (a cluster's said with the flag, not
+    the query, as an operator may), with the tests' store timeout: the default 50 ms is short for
+    a loaded 2-core machine, and a 503 there is no test of exactness."""
+    parts = urlsplit(url)
+    timeout = ("--store-timeout", str(TEST_STORE_TIMEOUT))
+    if "cluster" in parse_qs(parts.query):
+        return "--redis", parts._replace(query="").geturl(), "--redis-cluster", *timeout
+    return "--redis", url, *timeout
 
 
 def child_environment() -> dict[str, str]:

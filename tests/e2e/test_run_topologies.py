@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import Launcher, get
-from tests.helpers import TEST_STORE_TIMEOUT, Upstream, quota_policy
+from tests.e2e.conftest import Launcher, get, store_args
+from tests.helpers import Upstream, quota_policy
 from tests.topologies import on_topologies
 
 pytestmark = pytest.mark.slow
-
-
-def store_args(url: str) -> tuple[str, ...]:
-    """--redis for the URL (a cluster's said with the flag, not the query, as an operator may), and
-    the tests' store timeout: the default 50 ms is short for a loaded 2-core machine."""
-    parts = urlsplit(url)
-    timeout = ("--store-timeout", str(TEST_STORE_TIMEOUT))
-    if "cluster" in parse_qs(parts.query):
-        return "--redis", parts._replace(query="").geturl(), "--redis-cluster", *timeout
-    return "--redis", url, *timeout
 
 
 @on_topologies("cluster", "sentinel")

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import ACME, Launcher
+from tests.e2e.conftest import ACME, Launcher, store_args
 from tests.e2e.test_workers import QUOTA, children, one_request_on_a_new_connection
 from tests.helpers import Upstream, quota_policy
 
@@ -43,11 +43,11 @@ async def test_metrics_of_two_workers_count_every_request(
     redis_url: str,
     tmp_path: Path,
 ) -> None:
-    sidecar = await launch(policy, upstream.url, tmp_path / "data", "--redis", redis_url, "--workers", "2")
+    sidecar = await launch(policy, upstream.url, tmp_path / "data", *store_args(redis_url), "--workers", "2")
     await sidecar.wait_ready(session)
     assert len(children(sidecar.process.pid)) == 2
     statuses = await asyncio.gather(*(one_request_on_a_new_connection(sidecar.proxy) for _ in range(SENT)))
-    assert statuses.count(200) == QUOTA
+    assert statuses.count(200) == QUOTA, statuses
     totals = await scrape(session, sidecar.admin)
     assert totals["sidecar_requests_total"] == SENT, "worker 0's /metrics counts both workers"
     assert totals["sidecar_overhead_seconds_count"] == QUOTA, "one observation per forwarded request"

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from sidecar.store.redis.pipeline import CLIENT_NAME
-from tests.e2e.conftest import ACME, Launcher, live_group_members, timing
+from tests.e2e.conftest import ACME, Launcher, live_group_members, store_args, timing
 from tests.helpers import Upstream, quota_policy
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ async def test_two_workers_both_answer_exactly_and_sigterm_stops_all(
     redis_url: str,
     tmp_path: Path,
 ) -> None:
-    sidecar = await launch(policy, upstream.url, tmp_path / "data", "--redis", redis_url, "--workers", "2")
+    sidecar = await launch(policy, upstream.url, tmp_path / "data", *store_args(redis_url), "--workers", "2")
     timing("ready with 2 workers", await sidecar.wait_ready(session))
     workers = children(sidecar.process.pid)
     assert len(workers) == 2
