@@ -135,8 +135,15 @@ class Metrics:
             "sidecar_journal_recorded",
             "Usage kept in the local journal because the store was unreachable, by source "
             "(admission: admitted under store_failure open; charge: a response-time charge; void: "
-            "a request answered 503 whose metering call may have run, to undo).",
+            "a request answered 503 whose metering call may have run, to undo; record: a usage record).",
             ["source"],
+            registry=self.registry,
+        )
+        self.records = Counter(
+            "sidecar_records",
+            "Usage records (POST /admin/events) by result: accepted, duplicate, refused, invalid, "
+            "unavailable (503, store_failure closed) or journaled (accepted into the local journal).",
+            ["result"],
             registry=self.registry,
         )
         self.journal_merged = Counter(

@@ -25,8 +25,8 @@ async def usage_document(policy: Policy, store: Store, customer: Customer) -> di
     return {
         "customer": customer.id,
         "plan": customer.plan,
-        "limits": [_row(state, admission.store_time) for state in admission.limits]
-        + [_credit_row(state) for state in admission.credits],
+        "limits": [limit_row(state, admission.store_time) for state in admission.limits]
+        + [credit_row(state) for state in admission.credits],
     }
 
 
@@ -44,7 +44,8 @@ async def _read(policy: Policy, store: Store, customer: Customer) -> Admission:
     return await at_store_time(store, store.read_limits, request_at)
 
 
-def _row(state: LimitState, now: float) -> dict[str, Any]:
+def limit_row(state: LimitState, now: float) -> dict[str, Any]:
+    """One limit's row: used, remaining and when its window resets."""
     limit = state.charge.limit
     window = state.charge.window
     reset = window[1] if window else now + state.reset_seconds
@@ -59,7 +60,7 @@ def _row(state: LimitState, now: float) -> dict[str, Any]:
     }
 
 
-def _credit_row(state: CreditState) -> dict[str, Any]:
+def credit_row(state: CreditState) -> dict[str, Any]:
     """Credit in force: granted (limit), drawn (used) and left (remaining, below zero by at most
     what requests in flight used); it does not reset."""
     return {

@@ -13,7 +13,7 @@ from sidecar.admission.usage import usage_document
 from sidecar.config.policy.model import Customer, Policy
 from sidecar.config.policy.windows import rfc3339
 from sidecar.errors import StoreUnavailable
-from sidecar.http import problems
+from sidecar.http import check_api, events_api, problems
 from sidecar.http.components import COMPONENTS, Components
 from sidecar.http.reloading import reload_policy
 from sidecar.store.port import GrantOutcome
@@ -189,6 +189,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/customers/{customer}/usage", customer_usage)
     app.router.add_put("/admin/customers/{customer}", put_customer)
     app.router.add_post("/admin/customers/{customer}/grants", post_grant)
+    app.router.add_post("/admin/customers/{customer}/check", check_api.post_check)
+    app.router.add_post("/admin/events", events_api.post_events)
     app.router.add_post("/admin/reload", reload)
     app.router.add_get("/admin/billing/dead-letters", dead_letters)
     app.router.add_post("/admin/billing/dead-letters/redrive", redrive)

@@ -17,6 +17,11 @@ arguments out when it merges, store/redis/store.py replay_arguments):
                             "distinct": ""}]}}
     {"v": 3, "id": "<hex>", "customer": "acme", "at": 1767225600.0, "void": ["<token>", 9, 0]}
 
+A usage record's entry (POST /admin/events, kept under ``store_failure: open`` while the store was
+down) also has ``"record": {"key": "<24 hex digits>", "seconds": 86400}``, its Dedupe: it merges
+as a record, once per key (store/redis/store.py). A release that does not know the member merges
+it as plain usage, once per entry.
+
 A limit is written as what identifies it (meter, feature, period: its name, requests-month, is
 built from them as the policy builds it) and its ceiling, not as the policy's Limit; ``window``
 is null for a moving window. Versions 1 and 2 (the release before) kept the scripts' KEYS and
@@ -34,6 +39,7 @@ from sidecar.config.policy.windows import Period
 from sidecar.errors import UnansweredCall
 from sidecar.store.port import (
     CreditCharge,
+    Dedupe,
     Hold,
     JournalEntry,
     LimitCharge,
@@ -57,7 +63,9 @@ def encode(entry: UsageEntry | VoidEntry) -> str:
     head = {"v": VERSION, "id": entry.id, "customer": entry.customer_id, "at": entry.at}
     if isinstance(entry, VoidEntry):
         return json.dumps({**head, "void": entry.call.fields()})
-    named = {} if entry.call is None else {"call": entry.call.fields()}
+    named: dict[str, object] = {} if entry.call is None else {"call": entry.call.fields()}
+    if entry.dedupe is not None:
+        named["record"] = {"key": entry.dedupe.key.hex(), "seconds": entry.dedupe.seconds}
     return json.dumps({**head, **named, "request": _request_fields(entry.request)})
 
 
@@ -80,7 +88,12 @@ def _read_current(fields: dict[str, Any]) -> JournalEntry:
     if "void" in fields:
         return _void(fields)
     request = _request(str(fields["customer"]), fields["request"])
-    return UsageEntry(str(fields["id"]), float(fields["at"]), request, _call(fields.get("call")))
+    entry_id, at, call = str(fields["id"]), float(fields["at"]), _call(fields.get("call"))
+    return UsageEntry(entry_id, at, request, call, _dedupe(fields.get("record")))
+
+
+def _dedupe(fields: dict[str, Any] | None) -> Dedupe | None:
+    return None if fields is None else Dedupe(bytes.fromhex(str(fields["key"])), int(fields["seconds"]))
 
 
 def _read_earlier(fields: dict[str, Any]) -> JournalEntry:

@@ -33,7 +33,7 @@ from sidecar import tasks
 from sidecar.errors import StoreUnavailable, UnansweredCall
 from sidecar.ledger.entry import UnreadableEntry, decode, encode
 from sidecar.metrics import Metrics
-from sidecar.store.port import JournalEntry, MeterRequest, UsageEntry, VoidEntry
+from sidecar.store.port import Dedupe, JournalEntry, MeterRequest, UsageEntry, UsageRecord, VoidEntry
 
 log = logging.getLogger("sidecar.ledger.journal")
 
@@ -59,10 +59,18 @@ class Journal:
         self._voids: set[tuple[str, UnansweredCall]] = set()  # recorded here, not merged yet
         directory.mkdir(parents=True, exist_ok=True)
 
-    def record(self, request: MeterRequest, at: float, unanswered: UnansweredCall | None = None) -> None:
+    def record(
+        self,
+        request: MeterRequest,
+        at: float,
+        unanswered: UnansweredCall | None = None,
+        dedupe: Dedupe | None = None,
+    ) -> None:
         """Keep one request's usage; written to disk by the next flush. ``unanswered``: the
-        metering call for it was sent, and may have run (then this usage is not merged)."""
-        self._buffer.append(UsageEntry(uuid.uuid4().hex, at, request, unanswered))
+        metering call for it was sent, and may have run (then this usage is not merged).
+        ``dedupe``: a usage record's, merged once per its key (it may reach the store through
+        another replica meanwhile)."""
+        self._buffer.append(UsageEntry(uuid.uuid4().hex, at, request, unanswered, dedupe))
 
     def void(self, customer_id: str, unanswered: UnansweredCall, at: float) -> None:
         """Keep a call to undo, if the store ran it: the request it metered was refused."""
@@ -239,6 +247,17 @@ def keep_in_journal(
         return
     journal.record(request, clock(), unanswered)
     metrics.journal_recorded.labels(source).inc()
+
+
+def keep_record_in_journal(journal: Journal | None, metrics: Metrics, record: UsageRecord) -> bool:
+    """Keep a usage record the store could not take (``store_failure: open``), at its own time,
+    to be merged once per its key when the store answers; False when there is no journal."""
+    if journal is None:
+        log.warning("no journal: a usage record of %s is lost", record.request.customer_id)
+        return False
+    journal.record(record.request, record.at, dedupe=record.dedupe)
+    metrics.journal_recorded.labels("record").inc()
+    return True
 
 
 def void_in_journal(

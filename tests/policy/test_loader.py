@@ -50,7 +50,7 @@ BAD = [
     (
         "unknown_top_key",
         "14:1: quotas: unknown key 'quotas'; valid keys are version, identity, "
-        "meters, features, plans, customers, billing, store_failure",
+        "meters, features, plans, customers, billing, store_failure, events",
     ),
     ("misspelled_limit_key", "13:27: plans.free.limits[0].limt: unknown key 'limt'; did you mean 'limit'?"),
     ("duplicate_key", "17:5: customers.acme.plan: duplicate key 'plan' (first at line 16)"),
@@ -70,7 +70,7 @@ BAD = [
         "source",
         "3:38: meters.tokens.source: invalid source 'response.heder:X-Usage-Tokens'; "
         "expected request, request.bytes, response.bytes, response.duration_ms, "
-        "request.header:NAME, response.header:NAME or response.json:a.b.c",
+        "request.header:NAME, response.header:NAME, response.json:a.b.c or event",
     ),
     (
         "count_source",
@@ -240,6 +240,22 @@ BAD = [
     ),
     ("billing_interval", "4:13: billing.interval: expected an integer >= 1, got 0"),
     ("store_failure", "2:16: store_failure: unknown store_failure 'sometimes'; expected one of closed, open"),
+    (
+        "event_unique",
+        "3:40: meters.users.source: a meter fed by usage records (source: event) takes count, sum, "
+        "max or min, not 'unique'",
+    ),
+    (
+        "event_rate_limit",
+        "7:51: plans.free.limits[0].period: meter 'gpu_seconds' is fed only by usage records "
+        "(source: event), which rate limits do not count; use period day, week or month, not 'hour'",
+    ),
+    (
+        "event_limit_feature",
+        "10:65: plans.free.limits[0].feature: meter 'gpu_seconds' is fed only by usage records "
+        "(source: event), which name no feature; a limit on it cannot be scoped to one",
+    ),
+    ("events_dedupe_hours", "3:24: events.dedupe_hours: expected an integer from 1 to 168, got 200"),
     ("yaml_syntax", "4:9: invalid YAML: while parsing a flow mapping, expected ',' or '}', but got ':'"),
     ("empty", "1:1: empty policy file; expected a mapping with version: 1"),
     ("not_mapping", "1:1: expected a mapping, got a list"),

@@ -29,6 +29,7 @@ def test_the_hints_list_each_allowed_spelling_in_table_order() -> None:
         "request.header:NAME",
         "response.header:NAME",
         "response.json:a.b.c",
+        "event",
     ]
     assert spellings(is_reserve_source) == ["request.header:NAME", "request.json:a.b.c"]
 
@@ -38,6 +39,15 @@ def test_only_the_request_itself_is_charged_at_admission() -> None:
     assert at_admission == [SourceKind.REQUEST]
     assert Source(kind=SourceKind.REQUEST).at_request_time
     assert not Source(kind=SourceKind.REQUEST_HEADER, argument="X-Units").at_request_time
+
+
+def test_an_event_meter_is_fed_by_records_alone() -> None:
+    event = Source(kind=SourceKind.EVENT)
+    assert parse_source("event", is_meter_source) == event
+    assert parse_source("event:x", is_meter_source) is None
+    assert event.from_records and not event.measured and not event.at_request_time
+    assert not is_reserve_source(event.traits)
+    assert Source(kind=SourceKind.RESPONSE_BYTES).measured
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Generic, TypeVar
 
+from sidecar.config.policy.events import Events
 from sidecar.config.policy.model import Billing, Customer, Feature, Identity, Meter, Plan, StoreFailure
 from sidecar.config.policy.nodes import At, read_items, read_str
 from sidecar.errors import PolicyError
@@ -43,6 +44,7 @@ class Draft:
     identity: Identity = field(default_factory=Identity)
     billing: Billing | None = None
     store_failure: StoreFailure = StoreFailure.CLOSED
+    events: Events = field(default_factory=Events)
     meters: dict[str, Def[Meter]] = field(default_factory=dict)
     features: dict[str, Def[Feature]] = field(default_factory=dict)
     plans: dict[str, Def[Plan]] = field(default_factory=dict)

@@ -8,7 +8,8 @@ one file may name a meter defined in another.
 
 This module reads the files and the top level (version, identity, store_failure); each other
 section has its reader: meter_section.py, feature_section.py, plan_section.py (limits and
-prepaid credit), customer_section.py and billing_section.py, all writing into one Draft.
+prepaid credit), customer_section.py, billing_section.py and events_section.py (usage
+records), all writing into one Draft.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from yaml.nodes import SequenceNode
 from sidecar.config.policy.billing_section import read_billing
 from sidecar.config.policy.customer_section import read_customers
 from sidecar.config.policy.draft import Draft, values
+from sidecar.config.policy.events_section import read_events
 from sidecar.config.policy.feature_section import read_features
 from sidecar.config.policy.meter_section import read_meters
 from sidecar.config.policy.meter_sources import HEADER_NAME
@@ -50,8 +52,9 @@ _TOP_KEYS = (
     "customers",
     "billing",
     "store_failure",
+    "events",
 )
-_ONCE = ("identity", "billing", "store_failure")
+_ONCE = ("identity", "billing", "store_failure", "events")
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
@@ -59,7 +62,8 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
 
     A directory's files are read in sorted filename order and merged: ``meters``, ``plans`` and
     ``customers`` merge by name (a name defined twice is an error), ``features`` concatenate in
-    file order, and ``identity``, ``billing`` and ``store_failure`` may appear in one file only.
+    file order, and ``identity``, ``billing``, ``store_failure`` and ``events`` may appear in one
+    file only.
     Every file must say ``version: 1``. Unknown keys and duplicate keys are errors at every level.
 
     Nothing is returned unless the whole policy is valid: otherwise ``PolicyInvalid`` is raised
@@ -91,6 +95,7 @@ def _build(draft: Draft) -> Policy:
         billing=draft.billing,
         store_failure=draft.store_failure,
         sources=tuple(draft.sources),
+        events=draft.events,
     )
 
 
@@ -163,4 +168,5 @@ _SECTIONS: dict[str, Callable[[Draft, At], None]] = {
     "customers": read_customers,
     "billing": read_billing,
     "store_failure": _store_failure,
+    "events": read_events,
 }

@@ -1,5 +1,8 @@
 """The ``meters:`` section: each meter's aggregation, its source and what it reserves.
 
+A meter with ``source: event`` is fed only by usage records: count, sum, max or min, and no
+reservation (nothing is measured from a response to settle one).
+
 Which sources exist, what they take after the colon and when they are charged is the table in
 meter_sources.py; the hints below are written from it.
 """
@@ -72,6 +75,8 @@ def _aggregation(at: At) -> Aggregation | None:
 
 
 def _fits(aggregation: Aggregation, source: Source, at: At) -> bool:
+    if source.from_records:
+        return _fits_records(aggregation, at)
     if aggregation is Aggregation.COUNT and not source.at_request_time:
         at.error(f"aggregation 'count' counts requests; use 'sum' to add up {source}")
         return False
@@ -80,6 +85,14 @@ def _fits(aggregation: Aggregation, source: Source, at: At) -> bool:
             f"aggregation '{aggregation.value}' needs a measured source such as request.bytes "
             "or request.header:NAME, not 'request'"
         )
+        return False
+    return True
+
+
+def _fits_records(aggregation: Aggregation, at: At) -> bool:
+    """A record reports one amount; a distinct value is not something it carries."""
+    if aggregation is Aggregation.UNIQUE:
+        at.error("a meter fed by usage records (source: event) takes count, sum, max or min, not 'unique'")
         return False
     return True
 
@@ -100,7 +113,7 @@ def _reserve(fields: dict[str, At], aggregation: Aggregation, source: Source) ->
             fields[key].error(f"{key} applies only together with reserve")
     if reserve_at is None:
         return None
-    if aggregation is not Aggregation.SUM or source.at_request_time:
+    if aggregation is not Aggregation.SUM or not source.measured:
         reserve_at.error("reserve applies to a 'sum' meter measured from the response, such as tokens")
         return None
     ttl = read_optional(fields, "reserve_ttl", partial(read_int, minimum=1), DEFAULT_RESERVE_TTL)

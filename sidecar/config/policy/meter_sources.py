@@ -1,5 +1,6 @@
 """The meter sources a policy may name, one row each: what follows the colon, when it is charged,
-whether a reservation may read it, and whether it reads a JSON body.
+whether a reservation may read it, and whether it reads a JSON body. ``event`` is the one source
+no exchange reads: usage records (POST /admin/events) alone feed it.
 
 This table is all the policy knows of a source: the loader reads its names, arguments and
 hints from it, and the policy reads its phase. How a source is read from an exchange is
@@ -25,6 +26,7 @@ class SourceKind(enum.Enum):
     RESPONSE_HEADER = "response.header"
     RESPONSE_JSON = "response.json"
     REQUEST_JSON = "request.json"
+    EVENT = "event"  # fed only by usage records (POST /admin/events), never by an exchange
 
 
 class Phase(enum.Enum):
@@ -32,6 +34,7 @@ class Phase(enum.Enum):
 
     REQUEST = "request"  # at admission, atomically with the check: the amount is the feature's cost
     RESPONSE = "response"  # when the exchange ends, with what it measured
+    RECORD = "record"  # only when a usage record reports it; an exchange charges none of it
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,7 @@ SOURCE_KINDS: Mapping[SourceKind, SourceTraits] = MappingProxyType(
         SourceKind.RESPONSE_HEADER: SourceTraits(argument=HEADER_NAME, phase=Phase.RESPONSE),
         SourceKind.RESPONSE_JSON: SourceTraits(argument=JSON_PATH, phase=Phase.RESPONSE, body=True),
         SourceKind.REQUEST_JSON: SourceTraits(argument=JSON_PATH, phase=None, reserve=True, body=True),
+        SourceKind.EVENT: SourceTraits(phase=Phase.RECORD),
     }
 )
 _BY_NAME = {kind.value: kind for kind in SOURCE_KINDS}
@@ -91,6 +95,16 @@ class Source:
     def at_request_time(self) -> bool:
         """Known before forwarding, so it is checked and charged atomically at admission."""
         return SOURCE_KINDS[self.kind].phase is Phase.REQUEST
+
+    @property
+    def measured(self) -> bool:
+        """Read from an exchange when it ends (the proxy measures it and charges it then)."""
+        return SOURCE_KINDS[self.kind].phase is Phase.RESPONSE
+
+    @property
+    def from_records(self) -> bool:
+        """Fed only by usage records: a limit on it gates requests while records leave it room."""
+        return SOURCE_KINDS[self.kind].phase is Phase.RECORD
 
     def __str__(self) -> str:
         return self.kind.value if self.argument is None else f"{self.kind.value}:{self.argument}"

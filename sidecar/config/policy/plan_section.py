@@ -113,6 +113,10 @@ def _limit(draft: Draft, at: At, plan: str, features: tuple[str, ...]) -> Limit 
     feature = read_optional(fields, "feature", partial(read_str, what="a feature name"), None)
     _limit_references(draft, fields, meter, feature, plan, features)
     algorithm = None if period is None else _algorithm(period)
+    if meter is not None and period is not None and algorithm is not None and not algorithm.calendar:
+        draft.later(_rate_on_records, draft, fields["period"], meter, period)
+    if meter is not None and feature is not None:
+        draft.later(_scoped_on_records, draft, fields["feature"], meter)
     burst = _burst(fields, period, algorithm)
     on_exceed = read_optional(fields, "on_exceed", _on_exceed, OnExceed.REJECT)
     shadow = read_optional(fields, "shadow", read_bool, False)
@@ -181,6 +185,29 @@ def _limit_meter(draft: Draft, at: At, name: str) -> None:
         at.error(
             f"meter '{name}': a limit on a 'unique' meter is not supported by this version: it would "
             "not be enforced, so it is refused"
+        )
+
+
+def _rate_on_records(draft: Draft, at: At, name: str, period: Period) -> None:
+    """Usage records charge calendar quotas and credit, never moving windows (README, "Usage
+    records"), so a rate limit on a meter only they feed would never count anything."""
+    found = draft.meters.get(name)
+    meter = found.value if found is not None else None
+    if meter is not None and meter.source.from_records:
+        at.error(
+            f"meter '{name}' is fed only by usage records (source: event), which rate limits do not "
+            f"count; use period day, week or month, not '{period.value}'"
+        )
+
+
+def _scoped_on_records(draft: Draft, at: At, name: str) -> None:
+    """Usage records name no feature, so a limit scoped to one never counts them."""
+    found = draft.meters.get(name)
+    meter = found.value if found is not None else None
+    if meter is not None and meter.source.from_records:
+        at.error(
+            f"meter '{name}' is fed only by usage records (source: event), which name no feature; "
+            "a limit on it cannot be scoped to one"
         )
 
 

@@ -25,7 +25,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,9 +44,12 @@ from sidecar.store.port import (
     MeterRequest,
     OutboxStore,
     Outcome,
+    Recorded,
+    RecordOutcome,
     Replayed,
     Store,
     UsageCharge,
+    UsageRecord,
 )
 
 MAX_RELEASED = 32  # expired reservations released per call, as lib.lua release_expired_holds
@@ -146,6 +149,7 @@ class MemoryStore:
         self._grant_records: dict[tuple[str, str], str] = {}
         self._holds: dict[str, dict[str, _Held]] = {}
         self._usage: dict[str, dict[str, int]] = {}
+        self._seen: dict[str, dict[int, set[bytes]]] = {}  # usage records' keys by dedupe bucket
         self._customers = MemoryCustomers()
 
     def time(self) -> float:
@@ -227,6 +231,34 @@ class MemoryStore:
         self._grant_records[(customer_id, grant.id)] = record
         self._grants.setdefault((customer_id, grant.meter), _Grants()).add(grant)
         return GrantOutcome.ADDED
+
+    async def record(self, records: Sequence[UsageRecord]) -> list[Recorded]:
+        """record.lua's semantics: each record once per key (kept per customer in buckets of its
+        dedupe seconds), charged at its own time; an enforced one only if everything has room."""
+        if self.down or self.closed:
+            return [Recorded(RecordOutcome.UNAVAILABLE)] * len(records)
+        now = self._now()
+        return [self._record_one(record, now) for record in records]
+
+    def _record_one(self, record: UsageRecord, now: Now) -> Recorded:
+        request, at = record.request, Now(int(record.at) * MICRO)
+        bucket = now.s // record.dedupe.seconds
+        seen = self._seen.setdefault(request.customer_id, {})
+        if any(record.dedupe.key in seen.get(b, ()) for b in (bucket, bucket - 1)):
+            return Recorded(RecordOutcome.DUPLICATE, now.at)
+        limits, credits = self._read(request, at)
+        states = tuple(s.state() for s in limits), tuple(c.state() for c in credits)
+        if record.enforce and (any(s.refuses for s in limits) or any(c.refuses for c in credits)):
+            return Recorded(RecordOutcome.REFUSED, now.at, *states)
+        for limit in limits:
+            if limit.charge.amount > 0 and not limit.charge.allowance:
+                self._charge_limit(limit, limit.charge.amount, at)
+        for credit in credits:
+            if credit.charge.amount > 0:
+                self._draw(credit, limits, at, [])
+        self._record_usage(request, at)
+        seen.setdefault(bucket, set()).add(record.dedupe.key)
+        return Recorded(RecordOutcome.ACCEPTED, now.at, *states)
 
     async def replay(self, entry: object) -> Replayed:
         raise NotImplementedError(

@@ -87,6 +87,13 @@ def void_fence(customer_id: str) -> str:
     return f"{customer_tag(customer_id)}:vh"
 
 
+def records_seen(customer_id: str, bucket: int) -> str:
+    """Set of the keys (12-byte digests of source and id) of the usage records counted in one
+    bucket of events.dedupe_hours of the store's clock, kept until the next bucket ends;
+    record.lua builds this name from the usage key's."""
+    return f"{customer_tag(customer_id)}:rs:{bucket}"
+
+
 def revisions(customer_id: str) -> str:
     """Hash "<window_start>|<meter>|<feature>" → how many times that window has been closed."""
     return f"{customer_tag(customer_id)}:rev"

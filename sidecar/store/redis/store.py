@@ -27,13 +27,17 @@ from typing import Any, TypeVar
 from sidecar.errors import OutcomeUnknown, StoreUnavailable, UnansweredCall
 from sidecar.store.port import (
     Admission,
+    Dedupe,
     Grant,
     GrantOutcome,
     JournalEntry,
     MeterRequest,
+    Recorded,
+    RecordOutcome,
     Replayed,
     ScriptEntry,
     UsageEntry,
+    UsageRecord,
     VoidEntry,
 )
 from sidecar.store.redis import codec as replies
@@ -45,6 +49,7 @@ from sidecar.store.redis.customers import RedisCustomers
 from sidecar.store.redis.limit_kinds import LIMIT_KINDS
 from sidecar.store.redis.outbox import Outbox, fence_member
 from sidecar.store.redis.pipeline import Script, ScriptBatcher
+from sidecar.store.redis.records import by_customer, read_reply
 from sidecar.store.redis.topology import StoreClient, Topology, close_client
 
 T = TypeVar("T")
@@ -60,6 +65,7 @@ MAX_DEADLINE_WAIT = 0.25  # seconds a merge waits for the deadline of the call i
 _REPLAYED = {1: Replayed.MERGED, 0: Replayed.REPEATED, 2: Replayed.RAN}
 _VOIDED = {1: Replayed.UNDONE, 0: Replayed.NOT_RUN, 2: Replayed.BILLED}
 _GRANT_OUTCOMES = {1: GrantOutcome.ADDED, 0: GrantOutcome.REPEATED, -1: GrantOutcome.CONFLICT}
+_UNANSWERED = Recorded(RecordOutcome.UNAVAILABLE)
 
 
 class RedisStore:
@@ -76,6 +82,8 @@ class RedisStore:
         self._grant = client.register_script(load_script("grant", shared=False))
         self._replay = client.register_script(load_script("replay"))
         self._void = client.register_script(load_script("void"))
+        # Usage records: not named, since a record's key makes a second count of it a duplicate.
+        self._record = self.batcher.register(load_script("record"))
         self.outbox = Outbox(client)
         self.customers = RedisCustomers(client)
 
@@ -134,6 +142,26 @@ class RedisStore:
         )
         return _GRANT_OUTCOMES[int(reply)]
 
+    async def record(self, records: Sequence[UsageRecord]) -> list[Recorded]:
+        """One record.lua call per customer, all in this loop turn's pipeline (records.py)."""
+        groups = list(by_customer(records).values())
+        replies = await asyncio.gather(*(self._record_group([records[i] for i in group]) for group in groups))
+        results: list[Recorded] = [_UNANSWERED] * len(records)
+        for group, answered in zip(groups, replies, strict=True):
+            for index, result in zip(group, answered, strict=True):
+                results[index] = result
+        return results
+
+    async def _record_group(self, records: list[UsageRecord]) -> list[Recorded]:
+        key_list, args = record_arguments(records)
+        try:
+            reply = await self._call(lambda: self._record(key_list, args))
+        except StoreUnavailable:
+            return [_UNANSWERED] * len(records)
+        results = read_reply(reply, records)
+        self._clock.learn(results[0].store_time)
+        return results
+
     async def replay(self, entry: JournalEntry) -> Replayed:
         """Merge one journal entry (ledger/journal.py) once, or undo the call a void entry names.
         An entry whose call could still run waits for that call's deadline, up to
@@ -149,6 +177,8 @@ class RedisStore:
 
     async def _replay_once(self, entry: JournalEntry) -> Replayed | None:
         """What merging the entry did; None while the call it names could still run."""
+        if isinstance(entry, UsageEntry) and entry.dedupe is not None:
+            return await self._replay_record(entry, entry.dedupe)
         if isinstance(entry, VoidEntry):
             key_list, args = void_arguments(entry)
             voided = await self._call(lambda: self._void(keys=key_list, args=args), counted=False)
@@ -156,6 +186,14 @@ class RedisStore:
         key_list, args = replay_arguments(entry)
         replayed = await self._call(lambda: self._replay(keys=key_list, args=args), counted=False)
         return _REPLAYED.get(int(replayed))
+
+    async def _replay_record(self, entry: UsageEntry, dedupe: Dedupe) -> Replayed:
+        """A usage record kept while the store was down is merged as a record: once per its key,
+        also when the same record reached the store through another replica meanwhile."""
+        key_list, args = record_arguments([UsageRecord(dedupe, entry.at, entry.request)])
+        reply = await self._call(lambda: self._record(key_list, args), counted=False)
+        outcome = read_reply(reply, [UsageRecord(dedupe, entry.at, entry.request)])[0].outcome
+        return Replayed.MERGED if outcome is RecordOutcome.ACCEPTED else Replayed.REPEATED
 
     async def ping(self) -> None:
         await self._call(lambda: self.client.ping())
@@ -218,6 +256,20 @@ def void_arguments(entry: VoidEntry) -> tuple[list[str], list[Any]]:
     call, customer = entry.call, entry.customer_id
     key_list = [keys.call_records(customer, call.token), keys.void_fence(customer)]
     return key_list, [call.seq, call.deadline_us, fence_member(call)]
+
+
+def record_arguments(records: Sequence[UsageRecord]) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of record.lua for records of one customer: per record its key, time,
+    enforce flag, dedupe seconds and the size of its request, then the request's own layout."""
+    key_list: list[str] = []
+    args: list[Any] = [len(records)]
+    for record in records:
+        request_keys, request_args = script_arguments(record.request)
+        dedupe, enforce = record.dedupe, "1" if record.enforce else "0"
+        args += (dedupe.key, int(record.at), enforce, dedupe.seconds, len(request_keys), len(request_args))
+        args += request_args
+        key_list += request_keys
+    return key_list, args
 
 
 def replay_arguments(entry: UsageEntry | ScriptEntry) -> tuple[list[str], list[Any]]:

@@ -1,0 +1,177 @@
+"""POST /admin/events: usage records from the rest of the stack, as CloudEvents (SPEC §8).
+
+The body is one record (``application/cloudevents+json``) or a batch (``application/
+cloudevents-batch+json``, a JSON array of at most MAX_RECORDS, in at most MAX_BODY_BYTES). Each
+record gets its own result, in order: ``accepted``, ``duplicate`` (its source and id were counted
+within events.dedupe_hours), ``refused`` (enforced, with ``violated-policies``) or ``invalid``
+(with the field and the reason). The whole body is answered 400 only when it cannot be read as
+that JSON, 413 past the limits and 415 for another content type.
+
+The store takes a batch in one round trip (store/redis/records.py). When it does not answer for a
+record, its customer's ``store_failure`` decides: ``closed`` answers that record ``unavailable``
+and the whole response 503 with Retry-After, so an emitter sends the batch again, which counts
+each record once (the ones counted come back ``duplicate``); ``open`` accepts it into the local
+journal, which merges it once per its key when the store answers (ledger/journal.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import StreamReader, web
+
+from sidecar.admission.records import Event, Invalid, read_event, usage_record
+from sidecar.config.policy.model import Policy, StoreFailure
+from sidecar.http import problems
+from sidecar.http.components import COMPONENTS, Components
+from sidecar.ledger.journal import keep_record_in_journal
+from sidecar.store.port import Recorded, RecordOutcome, UsageRecord
+
+SINGLE = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+MAX_RECORDS = 1000
+MAX_BODY_BYTES = 4 * 1024 * 1024
+_ENFORCE = {None: False, "true": True, "false": False}
+
+
+async def post_events(request: web.Request) -> web.Response:
+    """Take one record or a batch; 200 with every result, 503 when the store missed some."""
+    raws = await _records(request)
+    if isinstance(raws, web.Response):
+        return raws
+    enforce = _ENFORCE.get(request.query.get("enforce"))
+    if enforce is None:
+        return problems.bad_request("enforce must be true or false")
+    results = await take_records(request.app[COMPONENTS], raws, enforce=enforce)
+    return _answer(results)
+
+
+async def take_records(
+    components: Components, raws: Sequence[object], *, enforce: bool
+) -> list[dict[str, Any]]:
+    """Each record's result, in order: read, counted by the store in one round trip, and the
+    ones it missed journaled or answered unavailable by their store_failure."""
+    policy = components.holder.current
+    known, now = components.directory.all(policy), components.store.time()
+    events = [read_event(raw, policy, known.get, now) for raw in raws]
+    valid = [(i, e) for i, e in enumerate(events) if isinstance(e, Event)]
+    records = [usage_record(policy, event, enforce=enforce) for _, event in valid]
+    recorded = await components.store.record(records) if records else []
+    results = [_invalid(i, raw, e) for i, (raw, e) in enumerate(zip(raws, events, strict=True))]
+    for (index, event), record, outcome in zip(valid, records, recorded, strict=True):
+        results[index] = _settled(components, policy, event, record, outcome) | {
+            "index": index,
+            "id": event.id,
+        }
+    _count(components, results)
+    return results
+
+
+def _invalid(index: int, raw: object, event: Event | Invalid) -> dict[str, Any]:
+    if not isinstance(event, Invalid):
+        return {}  # filled in once the store has answered
+    record_id = raw.get("id") if isinstance(raw, dict) else None
+    answer = {"index": index, "id": record_id if isinstance(record_id, str) else None, "result": "invalid"}
+    return answer | {
+        "field": event.field,
+        "reason": f"{event.field}: {event.reason}" if event.field else event.reason,
+    }
+
+
+def _settled(
+    components: Components, policy: Policy, event: Event, record: UsageRecord, recorded: Recorded
+) -> dict[str, Any]:
+    outcome = recorded.outcome
+    if outcome is RecordOutcome.ACCEPTED:
+        if policy.billing is not None and record.request.usage:
+            components.marks.note(event.customer.id, event.at, policy.billing)
+        return {"result": "accepted"}
+    if outcome is RecordOutcome.DUPLICATE:
+        return {"result": "duplicate"}
+    if outcome is RecordOutcome.REFUSED:
+        return _refused(recorded)
+    return _missed(components, policy, event, record)
+
+
+def _refused(recorded: Recorded) -> dict[str, Any]:
+    limits = [s.charge.limit.name for s in recorded.limits if s.over and s.charge.enforced]
+    credits = [c.charge.name for c in recorded.credits if c.over and c.charge.enforced]
+    policies = limits + credits
+    detail = f"enforced, and {', '.join(policies)} has no room for it; nothing was counted"
+    return {"result": "refused", "violated-policies": policies, "detail": detail}
+
+
+def _missed(components: Components, policy: Policy, event: Event, record: UsageRecord) -> dict[str, Any]:
+    """The store did not answer for this record: journaled under open, 503 under closed."""
+    failure = event.plan.store_failure or policy.store_failure
+    if failure is StoreFailure.OPEN and keep_record_in_journal(
+        components.journal, components.metrics, record
+    ):
+        return {"result": "accepted", "journaled": True}
+    return {"result": "unavailable", "status": 503}
+
+
+def _count(components: Components, results: list[dict[str, Any]]) -> None:
+    tally = collections.Counter("journaled" if r.get("journaled") else r["result"] for r in results)
+    for result, count in tally.items():
+        components.metrics.records.labels(result).inc(count)
+    if tally["unavailable"] or tally["journaled"]:
+        components.metrics.store_errors.labels("record").inc()
+
+
+def _answer(results: list[dict[str, Any]]) -> web.Response:
+    tally = collections.Counter(r["result"] for r in results)
+    body = {"results": results, **{name: tally[name] for name in _RESULTS}}
+    if tally["unavailable"]:
+        headers = {"Retry-After": str(problems.STORE_RETRY_AFTER)}
+        return web.json_response(body, status=503, headers=headers)
+    return web.json_response(body)
+
+
+_RESULTS = ("accepted", "duplicate", "refused", "invalid", "unavailable")
+
+
+async def _records(request: web.Request) -> list[object] | web.Response:
+    """The records the body holds, or the answer for a body that cannot be taken."""
+    kind = request.content_type
+    if kind not in (SINGLE, BATCH):
+        detail = f"send {SINGLE} (one record) or {BATCH} (an array of records), not {kind}"
+        return problems.problem(415, "Unsupported Media Type", detail)
+    declared = request.content_length
+    data = None if declared is not None and declared > MAX_BODY_BYTES else await _capped(request.content)
+    if data is None:
+        return _too_large(f"a body of at most {MAX_BODY_BYTES} bytes")
+    try:
+        raw = json.loads(data)
+    except ValueError:
+        return problems.bad_request("the body is not JSON (UTF-8)")
+    return _shaped(raw, single=kind == SINGLE)
+
+
+def _shaped(raw: object, *, single: bool) -> list[object] | web.Response:
+    if single:
+        return [raw] if isinstance(raw, dict) else problems.bad_request(f"{SINGLE} is one JSON object")
+    if not isinstance(raw, list):
+        return problems.bad_request(f"{BATCH} is a JSON array of records")
+    if len(raw) > MAX_RECORDS:
+        return _too_large(f"at most {MAX_RECORDS} records a batch, got {len(raw)}")
+    return raw
+
+
+def _too_large(what: str) -> web.Response:
+    return problems.problem(413, "Content Too Large", f"send {what}; split the batch")
+
+
+async def _capped(stream: StreamReader) -> bytes | None:
+    """The whole body, or None once it passes MAX_BODY_BYTES (the rest is not read)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in stream.iter_any():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
