@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 
 from sidecar.billing.pusher import LEASE_MS
-from tests.e2e.conftest import Launcher, Sidecar, timing
+from tests.e2e.conftest import Launcher, Sidecar, store_args, timing
 from tests.helpers import Receiver, Upstream, key_hash, write_policy
 
 pytestmark = pytest.mark.slow
@@ -137,7 +137,7 @@ async def test_a_replica_killed_right_after_traffic_leaves_nothing_unbilled_and_
     session: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
-    a = await launch(policy, upstream.url, tmp_path / "data-a", "--redis", redis_url)
+    a = await launch(policy, upstream.url, tmp_path / "data-a", *store_args(redis_url))
     await a.wait_ready(session)
     admitted = await send_traffic(session, a, REQUESTS)
     os.kill(a.process.pid, signal.SIGKILL)
@@ -149,7 +149,7 @@ async def test_a_replica_killed_right_after_traffic_leaves_nothing_unbilled_and_
     figure("units delivered by A before it was killed", before_b)
     assert before_b < REQUESTS, "A delivered everything before it died: the crash tested nothing"
 
-    b = await launch(policy, upstream.url, tmp_path / "data-b", "--redis", redis_url)
+    b = await launch(policy, upstream.url, tmp_path / "data-b", *store_args(redis_url))
     started = time.monotonic()
     figure("B started at (unix time)", f"{time.time():.3f}")
     timing("sidecar B startup after A was killed", await b.wait_ready(session))
@@ -169,7 +169,7 @@ async def test_a_replica_stopped_while_billing_fails_exits_0_and_another_deliver
     tmp_path: Path,
 ) -> None:
     receiver.fail_first = FAILED_PUSHES
-    a = await launch(policy, upstream.url, tmp_path / "data-a", "--redis", redis_url)
+    a = await launch(policy, upstream.url, tmp_path / "data-a", *store_args(redis_url))
     await a.wait_ready(session)
     admitted = await send_traffic(session, a, REQUESTS)
     assert sum(admitted.values()) == REQUESTS, f"traffic was refused: {admitted}\n{a.stderr}"
@@ -182,7 +182,7 @@ async def test_a_replica_stopped_while_billing_fails_exits_0_and_another_deliver
     figure("POSTs to billing by A (refused)", f"{receiver.posts} ({len(receiver.refused)})")
     assert before_b < REQUESTS, "A delivered everything before it exited: the hand-over tested nothing"
 
-    b = await launch(policy, upstream.url, tmp_path / "data-b", "--redis", redis_url)
+    b = await launch(policy, upstream.url, tmp_path / "data-b", *store_args(redis_url))
     started = time.monotonic()
     figure("B started at (unix time)", f"{time.time():.3f}")
     timing("sidecar B startup after A exited", await b.wait_ready(session))
@@ -205,7 +205,7 @@ async def test_a_replica_killed_while_billing_holds_its_last_push_is_resent_with
     those summaries stay in the outbox, leased to a dead replica. B must resend them once the lease
     ends — each with the id and value billing already has — and nothing else."""
     receiver.hold_at_units = REQUESTS
-    a = await launch(policy, upstream.url, tmp_path / "data-a", "--redis", redis_url)
+    a = await launch(policy, upstream.url, tmp_path / "data-a", *store_args(redis_url))
     try:
         await a.wait_ready(session)
         admitted = await send_traffic(session, a, REQUESTS)
@@ -219,7 +219,7 @@ async def test_a_replica_killed_while_billing_holds_its_last_push_is_resent_with
     held = [r for r in receiver.receipts if r.post == receiver.posts]
     figure("summaries in the push A never saw answered", len(held))
 
-    b = await launch(policy, upstream.url, tmp_path / "data-b", "--redis", redis_url)
+    b = await launch(policy, upstream.url, tmp_path / "data-b", *store_args(redis_url))
     started = time.monotonic()
     figure("B started at (unix time)", f"{time.time():.3f}")
     timing("sidecar B startup after A was killed", await b.wait_ready(session))

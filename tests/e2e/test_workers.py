@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from sidecar.store.redis.pipeline import CLIENT_NAME
 from tests.e2e.conftest import ACME, Launcher, live_group_members, store_args, timing
-from tests.helpers import Upstream, quota_policy
+from tests.helpers import TEST_STORE_TIMEOUT, Upstream, quota_policy
 
 pytestmark = pytest.mark.slow
 QUOTA = 30
@@ -70,11 +70,12 @@ async def test_two_workers_both_answer_exactly_and_sigterm_stops_all(
 async def test_workers_share_the_embedded_store_and_stop_it_last(
     launch: Launcher, session: aiohttp.ClientSession, upstream: Upstream, policy: Path, tmp_path: Path
 ) -> None:
-    sidecar = await launch(policy, upstream.url, tmp_path / "data", env={"SIDECAR_WORKERS": "3"})
+    timeout = ("--store-timeout", str(TEST_STORE_TIMEOUT))  # the embedded store, with the tests' timeout
+    sidecar = await launch(policy, upstream.url, tmp_path / "data", *timeout, env={"SIDECAR_WORKERS": "3"})
     await sidecar.wait_ready(session)
     assert len(children(sidecar.process.pid)) == 4, "three workers and the redis-server"
     statuses = await asyncio.gather(*(one_request_on_a_new_connection(sidecar.proxy) for _ in range(40)))
-    assert statuses.count(200) == QUOTA
+    assert statuses.count(200) == QUOTA, statuses
     code, _ = await sidecar.terminate()
     assert code == 0, sidecar.stderr
     assert live_group_members(sidecar.process.pid) == []
