@@ -13,7 +13,7 @@ only when the store could not answer within its timeout; the caller then applies
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -143,6 +143,48 @@ class Admission:
     credits: tuple[CreditState, ...] = ()
 
 
+class RecordOutcome(enum.Enum):
+    """What the store did with one usage record (Store.record)."""
+
+    ACCEPTED = "accepted"  # counted, and its key remembered
+    DUPLICATE = "duplicate"  # its key was seen within the dedupe window: counted then, not again
+    REFUSED = "refused"  # enforced, and a limit or credit had no room: nothing written or remembered
+    UNAVAILABLE = "unavailable"  # no answer: it may have been counted; sent again, it counts once
+
+
+@dataclass(frozen=True, slots=True)
+class Dedupe:
+    """A usage record's identity: ``key``, a digest of its source and id (admission/records.py),
+    is remembered for at least ``seconds`` (at most twice that) once the record is counted."""
+
+    key: bytes
+    seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One usage record as the store takes it. ``request`` names the calendar windows its time
+    ``at`` falls in (never a moving window: records are not rates), and its usage lands in the
+    billing window of ``at``. ``enforce``: every enforced limit and credit is checked first, and
+    the record is counted only if all have room, like a proxied request."""
+
+    dedupe: Dedupe
+    at: float
+    request: MeterRequest
+    enforce: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """One record's outcome; for an enforced record, its limits and credits as the check saw them
+    (``over`` naming what refused it)."""
+
+    outcome: RecordOutcome
+    store_time: float = 0.0
+    limits: tuple[LimitState, ...] = ()
+    credits: tuple[CreditState, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
     """Prepaid credit for one meter; ``expires_at`` (unix seconds) None for never."""
@@ -181,6 +223,9 @@ class UsageEntry:
     at: float  # when the usage happened (store clock, unix seconds)
     request: MeterRequest
     call: UnansweredCall | None = None
+    # A usage record's: merged as a record (Store.record), once per its key within the dedupe
+    # window, so a record also sent again to another replica counts once.
+    dedupe: Dedupe | None = None
 
     @property
     def customer_id(self) -> str:
@@ -315,6 +360,11 @@ class Store(Protocol):
 
     async def grant(self, customer_id: str, grant: Grant) -> GrantOutcome:
         """Add prepaid credit once per grant id; one round trip."""
+
+    async def record(self, records: Sequence[UsageRecord]) -> list[Recorded]:
+        """Count usage records, each once per its key (Dedupe) and each on its own: an enforced one
+        all or nothing. One round trip for them all. Never raises for the store being down: a
+        record the store did not answer for is UNAVAILABLE (its customer's others too)."""
 
     async def replay(self, entry: JournalEntry) -> Replayed:
         """Merge one journal entry once (or undo the call a void entry names); one round trip, or

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from types import MappingProxyType
 
+from sidecar.config.policy.events import Events
 from sidecar.config.policy.meter_sources import SOURCE_KINDS
 from sidecar.config.policy.meter_sources import Source as Source  # re-exported: the model's vocabulary
 from sidecar.config.policy.meter_sources import SourceKind as SourceKind
@@ -300,9 +301,7 @@ def resolve_charges(
     )
     drawn = {spec.limit.meter for spec in limits} | {credit.meter.name for credit in credits}
     measured = tuple(
-        meter
-        for meter in meters.values()
-        if not meter.source.at_request_time and (billing or meter.name in drawn)
+        meter for meter in meters.values() if meter.source.measured and (billing or meter.name in drawn)
     )
     reserves = tuple(m for m in measured if m.reserve is not None and m.name in drawn)
     return ChargeSpec(tuple(limits), usage, measured, tuple(credits), reserves)
@@ -323,6 +322,7 @@ class Policy:
     routes: RouteTable[Feature]
     customer_by_key_hash: Mapping[str, str]
     charges: Mapping[tuple[str, str], ChargeSpec]
+    events: Events = field(default_factory=Events)  # how usage records are taken (SPEC §8)
 
     @classmethod
     def build(
@@ -336,6 +336,7 @@ class Policy:
         billing: Billing | None,
         store_failure: StoreFailure,
         sources: tuple[str, ...],
+        events: Events | None = None,
     ) -> Policy:
         """Freeze the sections and precompute the route table and the key-hash index."""
         key_index = {h: c.id for c in customers.values() for h in c.api_key_hashes}
@@ -357,6 +358,7 @@ class Policy:
             routes=RouteTable.compile(features),
             customer_by_key_hash=MappingProxyType(key_index),
             charges=MappingProxyType(charges),
+            events=events or Events(),
         )
 
     @property
