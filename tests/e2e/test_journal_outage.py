@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from sidecar.store.redis.embedded import EmbeddedRedis
-from tests.conftest import Upstream, key_hash, write_policy
 from tests.e2e.conftest import ACME, PROBE_TIMEOUT, READY_TIMEOUT, Launcher, Sidecar, get
+from tests.helpers import Upstream, key_hash, used_today, write_policy
 
 STORE_TIMEOUT = "0.05"
 
@@ -46,11 +46,6 @@ async def wait_healthy(session: aiohttp.ClientSession, sidecar: Sidecar) -> None
     pytest.fail(f"sidecar not healthy:\n{sidecar.stderr}")
 
 
-async def used_today(session: aiohttp.ClientSession, sidecar: Sidecar) -> int:
-    async with session.get(f"http://{sidecar.admin}/admin/customers/acme/usage") as response:
-        return int((await response.json())["limits"][0]["used"])
-
-
 async def test_usage_admitted_during_an_outage_survives_a_restart_and_is_merged_once(
     launch: Launcher,
     session: aiohttp.ClientSession,
@@ -80,9 +75,9 @@ async def test_usage_admitted_during_an_outage_survives_a_restart_and_is_merged_
     os.kill(outage_redis.pid, signal.SIGCONT)
     await second.wait_ready(session)
     deadline = time.monotonic() + 10
-    while (used := await used_today(session, second)) < 23 and time.monotonic() < deadline:
+    while (used := await used_today(session, second.admin)) < 23 and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert used == 23
     await asyncio.sleep(1.5)  # another merge cycle finds nothing left to merge
-    assert await used_today(session, second) == 23
+    assert await used_today(session, second.admin) == 23
     assert len(upstream.seen) == 23

@@ -9,19 +9,12 @@ from pathlib import Path
 import pytest
 
 from sidecar import tasks
-from sidecar.config.policy.model import Limit
-from sidecar.config.policy.windows import Period, calendar_window
 from sidecar.errors import StoreUnavailable, UnansweredCall
 from sidecar.ledger.journal import MERGE_LANES, SEGMENT_SUFFIX, Journal
-from sidecar.store.port import JournalEntry, LimitCharge, MeterRequest, Replayed, UsageCharge
+from sidecar.store.port import JournalEntry, Replayed
 from sidecar.store.redis.embedded import free_port
 from sidecar.store.redis.store import RedisStore
-
-
-def request_at(now: float, customer: str = "acme") -> MeterRequest:
-    limit = Limit(meter="requests", limit=100, period=Period.MONTH)
-    charge = LimitCharge(limit, 1, calendar_window(Period.MONTH, now), True)
-    return MeterRequest(customer, (charge,), (UsageCharge("requests", "search", 1, "+"),), 60)
+from tests.helpers import request_at
 
 
 async def used(store: RedisStore, now: float) -> int:

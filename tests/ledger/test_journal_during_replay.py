@@ -16,21 +16,14 @@ import asyncio
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from sidecar.config.policy.model import Limit
-from sidecar.config.policy.windows import Period, calendar_window
 from sidecar.errors import UnansweredCall
 from sidecar.ledger.journal import FLUSH_INTERVAL, SEGMENT_SUFFIX, Journal
 from sidecar.ledger.merger import MERGE_INTERVAL, Merger, run_ledger
 from sidecar.metrics import Metrics
-from sidecar.store.port import JournalEntry, LimitCharge, MeterRequest, Replayed, UsageCharge
+from sidecar.store.port import JournalEntry, Replayed
+from tests.helpers import request_at
 
 SLOW_MERGE_SECONDS = 2.0
-
-
-def request_at(customer: str, now: float) -> MeterRequest:
-    limit = Limit(meter="requests", limit=100, period=Period.MONTH)
-    charge = LimitCharge(limit, 1, calendar_window(Period.MONTH, now), True)
-    return MeterRequest(customer, (charge,), (UsageCharge("requests", "search", 1, "+"),), 60)
 
 
 class SlowStore:
@@ -61,11 +54,11 @@ async def test_an_entry_recorded_during_a_slow_merge_is_on_disk_within_a_few_flu
 ) -> None:
     store = SlowStore()
     journal = Journal(tmp_path / "journal")
-    journal.record(request_at("first", 0.0), 0.0)
+    journal.record(request_at(0.0, "first"), 0.0)
     async with AsyncExitStack() as stack:
         await run_ledger(stack, Merger(journal, store, Metrics(), lambda _, __: None), fences=NoVoids())
         await asyncio.wait_for(store.merging.wait(), MERGE_INTERVAL + 1)
-        journal.record(request_at("second", 0.0), 0.0)
+        journal.record(request_at(0.0, "second"), 0.0)
         await asyncio.sleep(5 * FLUSH_INTERVAL)
         assert '"customer": "second"' in on_disk(tmp_path / "journal")
         await asyncio.wait_for(store.merged.wait(), SLOW_MERGE_SECONDS)  # stop between merges
