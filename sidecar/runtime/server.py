@@ -14,11 +14,11 @@ import time
 from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 
-import aiohttp
 from aiohttp import web
 
 from sidecar import tasks
 from sidecar.billing.pusher import Pusher
+from sidecar.billing.sender import http_session
 from sidecar.config.policy.holder import PolicyHolder, freeze_heap
 from sidecar.config.settings import Settings
 from sidecar.http.app import build_admin_app, build_proxy_app
@@ -80,7 +80,7 @@ async def _share_store_traffic(metrics: Metrics) -> None:
 async def _pusher(stack: AsyncExitStack, components: Components) -> None:
     """Run the billing pusher beside the servers; on shutdown (after the proxy drained, so every
     charge is in) it stops, and one last cycle pushes whatever windows have closed."""
-    session = aiohttp.ClientSession(trust_env=False)
+    session = http_session()
     stack.push_async_callback(session.close)
     pusher = Pusher(
         holder=components.holder,

@@ -297,6 +297,9 @@ class OutboxStore(Protocol):
     async def reschedule(self, schedule: str, customer: str, seen: int, new: int | None) -> bool:
         """Remove (``new`` None) or reschedule a member, only if nobody changed it since ``seen``."""
 
+    async def reschedule_many(self, schedule: str, moves: Sequence[tuple[str, int, int | None]]) -> int:
+        """``reschedule`` for each (customer, seen, new) in one call; how many changed."""
+
     async def schedule_push(self, customer: str, at_ms: int) -> None:
         """Due for pushing at ``at_ms``; overrides a lease, so new summaries are never left behind."""
 
@@ -305,6 +308,10 @@ class OutboxStore(Protocol):
 
     async def summaries(self, customer: str) -> list[Summary]:
         """The summaries waiting in a customer's outbox."""
+
+    async def summaries_of(self, customers: Sequence[str]) -> list[list[Summary]]:
+        """The summaries waiting in each customer's outbox, in order, read in one round trip
+        (a pusher's round of customers)."""
 
     async def settle(self, customer: str, ids: tuple[str, ...], *, dead_reason: str | None = None) -> int:
         """Delete delivered summaries, or dead-letter them with a reason; returns how many remain."""

@@ -9,13 +9,26 @@ from __future__ import annotations
 import json
 import random
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+import jsonschema  # type: ignore[import-untyped]
 import pytest
 
-from sidecar.billing.formats import FORMATS, Delivery, PushRequest, UnknownCustomer, encode, idempotency_key
-from sidecar.config.policy.model import Billing, BillingFormat, Customer
+from sidecar.billing.formats import (
+    FORMATS,
+    STRIPE_APIS,
+    Delivery,
+    Format,
+    Limits,
+    PushRequest,
+    UnknownCustomer,
+    encode,
+    format_for,
+    idempotency_key,
+)
+from sidecar.config.policy.model import Billing, BillingFormat, Customer, StripeApi
 from sidecar.store.summaries import Summary, summary_id
 
 JSON, STRIPE, LAGO, OPENMETER = (
@@ -443,3 +456,114 @@ def test_the_traits_the_loader_checks() -> None:
         "lago": ("lago_subscription_id", 100),
         "openmeter": (None, None),
     }
+
+
+# -- Stripe's v2 meter event stream (billing.stripe_api: v2) -------------------------------------
+
+SCHEMAS = Path(__file__).parent.parent / "fixtures" / "schemas" / "stripe"
+STREAM_URL = "https://meter-events.stripe.com/v2/billing/meter_event_stream"
+V2 = Billing(url=STREAM_URL, format=STRIPE, stripe_api=StripeApi.V2)
+
+
+def stream_schema() -> jsonschema.Draft202012Validator:
+    schema = json.loads((SCHEMAS / "meter_event_stream.request.json").read_text())
+    return jsonschema.Draft202012Validator(
+        schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+
+
+def test_v2_is_chosen_by_stripe_api_and_v1_stays_the_default() -> None:
+    assert format_for(V2) is STRIPE_APIS[StripeApi.V2]
+    assert format_for(Billing(url=URLS[STRIPE], format=STRIPE)) is FORMATS[STRIPE]
+    assert format_for(Billing(url=URLS[LAGO], format=LAGO)) is FORMATS[LAGO]
+
+
+def test_v2_batches_up_to_100_events_that_match_stripes_published_schema() -> None:
+    summaries = [make(customer=("acme", "globex")[n % 2], value=n, start=T0 + 60 * n) for n in range(100)]
+    (request,) = encode(V2, summaries, CUSTOMERS, token="ek_session_token")
+    document = json.loads(request.body)
+    stream_schema().validate(document)
+    assert len(document["events"]) == 100 == format_for(V2).max_batch
+    assert [event["identifier"] for event in document["events"]] == sorted(s.id for s in summaries)
+
+
+def test_v2_event_fields() -> None:
+    (request,) = encode(V2, [ONE], CUSTOMERS, token="ek_session_token")
+    (event,) = json.loads(request.body)["events"]
+    assert event == {
+        "event_name": "requests",
+        "identifier": ONE.id,
+        "timestamp": "2026-03-15T10:00:00Z",
+        "payload": {"stripe_customer_id": "cus_ACME", "value": "42"},
+    }
+    assert datetime.fromisoformat(event["timestamp"]).timestamp() == T0
+
+
+def test_v2_requests_carry_the_session_token_and_the_api_version() -> None:
+    (request,) = encode(V2, BATCH, CUSTOMERS, token="ek_session_token")
+    assert request.url == STREAM_URL
+    assert request.headers["Authorization"] == "Bearer ek_session_token"
+    assert request.headers["Stripe-Version"] == "2024-09-30.acacia"
+    assert request.headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    "url, session",
+    [
+        case("stripe", STREAM_URL, "https://api.stripe.com/v2/billing/meter_event_session"),
+        case(
+            "loopback",
+            "http://127.0.0.1:8099/v2/billing/meter_event_stream",
+            "http://127.0.0.1:8099/v2/billing/meter_event_session",
+        ),
+    ],
+)
+def test_v2_sessions_come_from_the_api_host(url: str, session: str) -> None:
+    assert format_for(V2).session_url(url) == session
+
+
+def test_only_v2_needs_a_session() -> None:
+    assert all(fmt.session_url(URLS[kind]) is None for kind, fmt in FORMATS.items())
+
+
+def test_v2_retries_an_expired_session() -> None:
+    assert format_for(V2).classify(401, b'{"error": {"code": "billing_meter_event_session_expired"}}') is R
+    assert format_for(V2).classify(200, b"{}") is D
+    assert format_for(V2).classify(400, b"{}") is X
+
+
+# -- what each system takes: batch sizes, rates, lanes -------------------------------------------
+
+LIMITS = [
+    case("json", FORMATS[JSON], None, Limits()),
+    case("lago", FORMATS[LAGO], None, Limits(requests_per_second=500)),
+    case("openmeter", FORMATS[OPENMETER], None, Limits()),
+    case("stripe-live", FORMATS[STRIPE], "sk_live_x", Limits(in_flight=128, requests_per_second=1000)),
+    case("stripe-test", FORMATS[STRIPE], "sk_test_x", Limits(in_flight=128, requests_per_second=25)),
+    case(
+        "stripe-restricted-test", FORMATS[STRIPE], "rk_test_x", Limits(in_flight=128, requests_per_second=25)
+    ),
+    case("stripe-v2-live", STRIPE_APIS[StripeApi.V2], "sk_live_x", Limits(events_per_second=10_000)),
+    case("stripe-v2-test", STRIPE_APIS[StripeApi.V2], "sk_test_x", Limits(requests_per_second=25)),
+]
+
+
+@pytest.mark.parametrize("fmt, token, expected", LIMITS)
+def test_each_system_is_paced_at_its_documented_limit(
+    fmt: Format, token: str | None, expected: Limits
+) -> None:
+    assert fmt.limits(token) == expected
+
+
+def test_stripe_v1_lanes_are_a_stripe_customer_and_meter() -> None:
+    shared = dict(CUSTOMERS, globex=Customer(id="globex", plan="free", stripe_customer_id="cus_ACME"))
+    requests = encode(Billing(url=URLS[STRIPE], format=STRIPE), BATCH, shared)
+    by_id = {summary.id: summary for summary in BATCH}
+    assert {r.lane for r in requests} == {"cus_ACME|requests", "cus_ACME|tokens"}
+    for request in requests:
+        assert request.lane == f"cus_ACME|{by_id[request.summary_ids[0]].meter}"
+
+
+@pytest.mark.parametrize("fmt", BATCH_FORMATS)
+def test_batch_formats_have_no_lanes(fmt: BillingFormat) -> None:
+    assert only(fmt, BATCH).lane is None

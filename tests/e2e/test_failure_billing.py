@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 
-from sidecar.billing import pusher
+from sidecar.billing import sender
 from sidecar.store.redis.embedded import free_port
 from tests.e2e.conftest import Replica, drain, send
 from tests.helpers import Receiver, ServerFactory, listen
@@ -55,7 +55,7 @@ async def test_a_push_billing_answers_too_late_is_retried_with_the_same_ids_and_
     aiohttp_server: ServerFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(pusher, "PUSH_TIMEOUT", aiohttp.ClientTimeout(total=0.2))
+    monkeypatch.setattr(sender, "PUSH_TIMEOUT", aiohttp.ClientTimeout(total=0.2))
     receiver.stall_first = 2  # stored, then answered after the push timeout
     await listen(aiohttp_server, receiver)
     (replica,) = await replicas(1)

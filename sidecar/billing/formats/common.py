@@ -25,12 +25,33 @@ _RETRYABLE = frozenset({408, 425, 429})
 
 @dataclass(frozen=True, slots=True)
 class PushRequest:
-    """One POST to the billing endpoint. A 2xx answer delivers exactly ``summary_ids``."""
+    """One POST to the billing endpoint. A 2xx answer delivers exactly ``summary_ids``.
+
+    Requests of one ``lane`` are sent one after another, never side by side: Stripe's v1 meter
+    events take one concurrent call per customer and meter. None: no such rule.
+    """
 
     url: str
     headers: Mapping[str, str]  # Content-Type, Idempotency-Key, (Authorization when a token is given)
     body: bytes
     summary_ids: tuple[str, ...]
+    lane: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """What a billing system documents it takes from one account, which the sender keeps to.
+
+    ``in_flight``: requests at once (the pusher's own bound, enough to cover a 100 ms round trip
+    at the rate allowed). ``requests_per_second`` / ``events_per_second``: at most that many
+    begun in any one second (None: no documented limit; a 429 and its Retry-After still pace
+    the sender). The limits hold per replica: replicas sharing one account share its limit, and
+    the 429s past it are retried after their Retry-After.
+    """
+
+    in_flight: int = 16
+    requests_per_second: float | None = None
+    events_per_second: float | None = None
 
 
 class Delivery(enum.Enum):
@@ -79,14 +100,21 @@ def classify_status(status: int) -> Delivery:
 
 
 def push_request(
-    url: str, content_type: str, body: bytes, summaries: Sequence[Summary], token: str | None
+    url: str,
+    content_type: str,
+    body: bytes,
+    summaries: Sequence[Summary],
+    token: str | None,
+    *,
+    lane: str | None = None,
+    extra: Mapping[str, str] | None = None,
 ) -> PushRequest:
-    """The request for ``summaries``, keyed by their ids, its headers frozen."""
+    """The request for ``summaries``, keyed by their ids, its headers (and ``extra`` ones) frozen."""
     ids = tuple(summary.id for summary in summaries)
-    headers = {"Content-Type": content_type, "Idempotency-Key": idempotency_key(ids)}
+    headers = {"Content-Type": content_type, "Idempotency-Key": idempotency_key(ids), **(extra or {})}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    return PushRequest(url, MappingProxyType(headers), body, ids)
+    return PushRequest(url, MappingProxyType(headers), body, ids, lane)
 
 
 def external_ids(
@@ -139,6 +167,12 @@ class BaseFormat:
     @property
     def max_batch(self) -> int | None:
         return self.kind.max_batch
+
+    def limits(self, token: str | None) -> Limits:
+        return Limits()
+
+    def session_url(self, url: str) -> str | None:
+        return None
 
     def classify(self, status: int, body: bytes, *, sent: int | None = None) -> Delivery:
         return classify_status(status)

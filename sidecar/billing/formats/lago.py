@@ -5,6 +5,10 @@ https://getlago.com/docs/guide/events/ingesting-usage).
 Dedupe key: each event's ``transaction_id``. The customer is its ``lago_subscription_id``. Lago
 saves a batch all-or-nothing and names the events it already has, so a partly duplicate answer
 splits: those events are delivered, the rest are sent again without them.
+
+Limits (https://getlago.com/docs/api-reference/rate-limits): event ingestion takes 500 requests a
+second per organization by default; a 429 carries ``X-RateLimit-Reset`` (seconds until the
+window resets), which the sender waits out like a Retry-After.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from sidecar.billing.formats.common import (
     JSON,
     BaseFormat,
     Delivery,
+    Limits,
     PushRequest,
     classify_status,
     dump,
@@ -39,6 +44,9 @@ class Lago(BaseFormat):
         subscriptions = external_ids(summaries, customers, self.kind)
         events = [_lago_event(summary, subscriptions[summary.customer]) for summary in summaries]
         return [push_request(url, JSON, dump({"events": events}), summaries, token)]
+
+    def limits(self, token: str | None) -> Limits:
+        return Limits(requests_per_second=500)
 
     def classify(self, status: int, body: bytes, *, sent: int | None = None) -> Delivery:
         """The plain rule, plus a 422 whose errors are ONLY duplicate transaction ids

@@ -5,6 +5,10 @@ openmeterio/openmeter's ingest handler and Go client accept).
 
 Dedupe key: each CloudEvent's ``id`` (unique together with ``source``). The customer is ours,
 as the event's ``subject``.
+
+Limits (https://openmeter.io/docs/cloud/api/rate-limiting): ingestion is limited per plan, not
+published; a 429 carries Retry-After, which the sender keeps to. No batch limit is documented:
+``billing.batch_size`` (100 by default) events a request.
 """
 
 from __future__ import annotations

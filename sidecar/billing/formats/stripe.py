@@ -2,6 +2,13 @@
 
 Dedupe key: ``identifier`` (and ``Idempotency-Key`` = the same summary id). The customer is its
 ``stripe_customer_id``.
+
+Limits (https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api, "Rate
+limits"; https://docs.stripe.com/rate-limits): 1,000 calls a second per account in live mode,
+and one concurrent call per customer per meter (each request's ``lane``); in test mode and
+sandboxes the calls count toward the basic limit of 25 a second. A test-mode key (``sk_test_``,
+``rk_test_``) is paced at 25. More than 1,000 a second: ``billing.stripe_api: v2``
+(stripe_v2.py).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from sidecar.billing.formats.common import (
     FORM,
     BaseFormat,
     Delivery,
+    Limits,
     PushRequest,
     classify_status,
     external_ids,
@@ -31,10 +39,11 @@ class Stripe(BaseFormat):
         self, url: str, summaries: Sequence[Summary], customers: Mapping[str, Customer], token: str | None
     ) -> list[PushRequest]:
         stripe_ids = external_ids(summaries, customers, self.kind)
-        return [
-            push_request(url, FORM, _meter_event(summary, stripe_ids[summary.customer]), [summary], token)
-            for summary in summaries
-        ]
+        return [_request(url, summary, stripe_ids[summary.customer], token) for summary in summaries]
+
+    def limits(self, token: str | None) -> Limits:
+        """128 at once covers 1,000 a second at up to 128 ms a call; the rate is the real bound."""
+        return Limits(in_flight=128, requests_per_second=TEST_MODE_PER_SECOND if test_mode(token) else 1000)
 
     def classify(self, status: int, body: bytes, *, sent: int | None = None) -> Delivery:
         """The plain rule, plus 409 → RETRY: Stripe's answer for a concurrent request with the same
@@ -48,6 +57,21 @@ class Stripe(BaseFormat):
         replayed.
         """
         return Delivery.RETRY if status == 409 else classify_status(status)
+
+
+TEST_MODE_PER_SECOND = 25  # the basic limit meter events count toward outside live mode
+
+
+def test_mode(token: str | None) -> bool:
+    """A test-mode or sandbox secret or restricted key; no token: paced as live mode."""
+    return token is not None and token.startswith(("sk_test_", "rk_test_"))
+
+
+def _request(url: str, summary: Summary, stripe_customer_id: str, token: str | None) -> PushRequest:
+    """One event, in the lane of its Stripe customer and meter."""
+    body = _meter_event(summary, stripe_customer_id)
+    lane = f"{stripe_customer_id}|{summary.meter}"
+    return push_request(url, FORM, body, [summary], token, lane=lane)
 
 
 def _meter_event(summary: Summary, stripe_customer_id: str) -> bytes:

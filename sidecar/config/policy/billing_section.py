@@ -1,5 +1,5 @@
-"""The ``billing:`` section: where usage summaries go, in which format, how often and how many
-at once; and what the format asks of every customer (its id in the billing system)."""
+"""The ``billing:`` section: where usage summaries go, in which format (and Stripe API), how often
+and how many at once; and what the format asks of every customer (its id in the billing system)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ from functools import partial
 from urllib.parse import SplitResult, urlsplit
 
 from sidecar.config.policy.draft import Draft
-from sidecar.config.policy.model import DEFAULT_BILLING_INTERVAL, Billing, BillingFormat
+from sidecar.config.policy.model import (
+    DEFAULT_BILLING_INTERVAL,
+    Billing,
+    BillingFormat,
+    StripeApi,
+)
 from sidecar.config.policy.nodes import (
     At,
     read_choice,
@@ -18,7 +23,7 @@ from sidecar.config.policy.nodes import (
     read_str,
 )
 
-_BILLING_KEYS = ("url", "format", "interval", "grace", "batch_size")
+_BILLING_KEYS = ("url", "format", "interval", "grace", "batch_size", "stripe_api")
 
 
 def read_billing(draft: Draft, at: At) -> None:
@@ -26,21 +31,35 @@ def read_billing(draft: Draft, at: At) -> None:
     fields = read_fields(at, _BILLING_KEYS, required=("url",))
     if fields is None:
         return
-    url = read_required(fields, "url", _url)
-    billing_format = read_optional(fields, "format", _billing_format, BillingFormat.JSON)
-    interval = read_optional(fields, "interval", partial(read_int, minimum=1), DEFAULT_BILLING_INTERVAL)
-    grace = read_optional(fields, "grace", read_int, 5)
-    batch_size = read_optional(fields, "batch_size", partial(read_int, minimum=1), 100)
-    if url is not None and len(at.errors) == mark:
-        draft.billing = Billing(
-            url=url, format=billing_format, interval=interval, grace=grace, batch_size=batch_size
-        )
-        draft.later(_billing_ids, draft, billing_format)
-    most = billing_format.max_batch
-    if most is not None and batch_size > most:
+    billing = _read(fields)
+    _check_fit(at, fields, billing)
+    if billing.url and len(at.errors) == mark:
+        draft.billing = billing
+        draft.later(_billing_ids, draft, billing.format)
+
+
+def _read(fields: dict[str, At]) -> Billing:
+    """Every field, its default when absent (the url empty when it is not valid)."""
+    return Billing(
+        url=read_required(fields, "url", _url) or "",
+        format=read_optional(fields, "format", _billing_format, BillingFormat.JSON),
+        interval=read_optional(fields, "interval", partial(read_int, minimum=1), DEFAULT_BILLING_INTERVAL),
+        grace=read_optional(fields, "grace", read_int, 5),
+        batch_size=read_optional(fields, "batch_size", partial(read_int, minimum=1), 100),
+        stripe_api=read_optional(fields, "stripe_api", _stripe_api, StripeApi.V1),
+    )
+
+
+def _check_fit(at: At, fields: dict[str, At], billing: Billing) -> None:
+    """What the format takes: stripe_api only for Stripe, and its batch size."""
+    stripe = billing.format is BillingFormat.STRIPE
+    if "stripe_api" in fields and not stripe:
+        fields["stripe_api"].error(f"stripe_api applies to format stripe, not '{billing.format.value}'")
+    most = billing.stripe_api.max_batch if stripe else billing.format.max_batch
+    if most is not None and billing.batch_size > most:
+        name = "stripe (v2)" if stripe else billing.format.value
         fields["batch_size"].error(
-            f"billing format '{billing_format.value}' accepts at most {most} events per batch, "
-            f"got {batch_size}"
+            f"billing format '{name}' accepts at most {most} events per batch, got {billing.batch_size}"
         )
 
 
@@ -59,6 +78,10 @@ def _billing_ids(draft: Draft, billing_format: BillingFormat) -> None:
 
 def _billing_format(at: At) -> BillingFormat | None:
     return read_choice(at, BillingFormat, "format")
+
+
+def _stripe_api(at: At) -> StripeApi | None:
+    return read_choice(at, StripeApi, "stripe_api")
 
 
 def _url(at: At) -> str | None:

@@ -92,6 +92,17 @@ class BillingFormat(enum.Enum):
         self.max_batch: int | None = _MAX_BATCH.get(value)
 
 
+class StripeApi(enum.Enum):
+    """Which Stripe ingestion API ``format: stripe`` uses (``billing.stripe_api``): v1 meter
+    events, one a request; or the v2 meter event stream, ``max_batch`` events a request."""
+
+    V1 = "v1"
+    V2 = "v2"
+
+    def __init__(self, value: str) -> None:
+        self.max_batch: int | None = 100 if value == "v2" else None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Reserve:
     """What a response-time meter holds at admission, until the response tells the real amount.
@@ -198,13 +209,15 @@ class Identity:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Billing:
-    """Where and how usage summaries go. A window is pushed `grace` seconds after it closes."""
+    """Where and how usage summaries go. A window is pushed `grace` seconds after it closes.
+    ``stripe_api`` chooses Stripe's v1 or v2 API."""
 
     url: str
     format: BillingFormat = BillingFormat.JSON
     interval: int = 60
     grace: int = 5
     batch_size: int = 100
+    stripe_api: StripeApi = StripeApi.V1
 
 
 DEFAULT_BILLING_INTERVAL = 60

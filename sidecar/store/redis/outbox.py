@@ -14,7 +14,7 @@ store should delay it, not fail it (calls.py).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from sidecar.errors import UnansweredCall
@@ -95,8 +95,15 @@ class Outbox:
 
     async def reschedule(self, schedule: str, customer: str, seen: int, new: int | None) -> bool:
         """Remove (new None) or reschedule a member, only if nobody changed it since it was `seen`."""
-        args: list[str | int] = [customer, seen, "" if new is None else new]
-        return bool(await bounded(self._release(keys=[schedule], args=args), self._timeout))
+        return await self.reschedule_many(schedule, [(customer, seen, new)]) == 1
+
+    async def reschedule_many(self, schedule: str, moves: Sequence[tuple[str, int, int | None]]) -> int:
+        args: list[str | int] = []
+        for customer, seen, new in moves:
+            args += (customer, seen, "" if new is None else new)
+        if not args:
+            return 0
+        return int(await bounded(self._release(keys=[schedule], args=args), self._timeout))
 
     async def schedule_push(self, customer: str, at_ms: int) -> None:
         """Due for pushing at `at_ms`; overrides a lease, so new summaries are never left behind."""
@@ -110,6 +117,15 @@ class Outbox:
     async def summaries(self, customer: str) -> list[Summary]:
         stored = await bounded(self.client.hvals(keys.outbox(customer)), self._timeout)
         return [Summary(**json.loads(value)) for value in stored]
+
+    async def summaries_of(self, customers: Sequence[str]) -> list[list[Summary]]:
+        if not customers:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for customer in customers:
+            pipe.hvals(keys.outbox(customer))
+        stored = await bounded(pipe.execute(), self._timeout)
+        return [[Summary(**json.loads(value)) for value in values] for values in stored]
 
     async def settle(self, customer: str, ids: tuple[str, ...], *, dead_reason: str | None = None) -> int:
         """Delete delivered summaries, or dead-letter them with a reason; returns how many remain."""
