@@ -219,15 +219,14 @@ def dedupe_key(source: str, event_id: str) -> bytes:
 def usage_record(policy: Policy, event: Event, *, enforce: bool = False) -> UsageRecord:
     """What the store counts for ``event``; ``enforce`` (a query's) adds to the record's own."""
     dedupe = Dedupe(dedupe_key(event.source, event.id), policy.events.dedupe_seconds)
-    request = usage_request(policy, event.customer, event.plan, event.meter, event.at, event.amount)
-    return UsageRecord(dedupe, event.at, request, event.enforce or enforce)
+    return UsageRecord(dedupe, event.at, _memo(policy).request(event), event.enforce or enforce)
 
 
 def usage_request(
     policy: Policy, customer: Customer, plan: Plan, meter: Meter, at: float, amount: int
 ) -> MeterRequest:
     """The quotas, credit and billing usage one record of ``amount`` at ``at`` adds to."""
-    spec = _spec(policy, plan, meter)
+    spec = _memo(policy).spec(plan, meter)
     anchor = customer.billing_anchor
     limits = tuple(
         LimitCharge(
@@ -256,18 +255,50 @@ class _Spec:
     credit: tuple[bool, tuple[int, ...]] | None
 
 
-_SPECS: dict[tuple[str, str], _Spec] = {}
-_SPECS_POLICY: list[Policy] = []  # the policy _SPECS were built for; a reload starts afresh
+class _Memo:
+    """What records charge under one policy: a spec per (plan, meter), and the request per
+    (customer, meter, amount, UTC day). Every calendar window starts and ends at 00:00 UTC (a
+    month on its anchor day), so a customer's records of one amount on one day share one request,
+    which the store then encodes once (store/redis/records.py)."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.specs: dict[tuple[str, str], _Spec] = {}
+        self.requests: dict[tuple[object, ...], MeterRequest] = {}
+
+    def spec(self, plan: Plan, meter: Meter) -> _Spec:
+        spec = self.specs.get((plan.name, meter.name))
+        if spec is None:
+            spec = self.specs[(plan.name, meter.name)] = _build_spec(plan, meter)
+        return spec
+
+    def request(self, event: Event) -> MeterRequest:
+        customer, meter = event.customer, event.meter
+        key = (
+            customer.id,
+            customer.plan,
+            customer.billing_anchor,
+            meter.name,
+            event.amount,
+            int(event.at) // 86400,
+        )
+        request = self.requests.get(key)
+        if request is None:
+            if len(self.requests) >= REQUESTS_KEPT:
+                self.requests.clear()
+            request = usage_request(self.policy, customer, event.plan, meter, event.at, event.amount)
+            self.requests[key] = request
+        return request
 
 
-def _spec(policy: Policy, plan: Plan, meter: Meter) -> _Spec:
-    if not _SPECS_POLICY or _SPECS_POLICY[0] is not policy:
-        _SPECS.clear()
-        _SPECS_POLICY[:] = [policy]
-    spec = _SPECS.get((plan.name, meter.name))
-    if spec is None:
-        spec = _SPECS[(plan.name, meter.name)] = _build_spec(plan, meter)
-    return spec
+REQUESTS_KEPT = 100_000  # past it, the memo starts afresh
+_MEMO: list[_Memo] = []  # the memo of the policy in force; a reload starts afresh
+
+
+def _memo(policy: Policy) -> _Memo:
+    if not _MEMO or _MEMO[0].policy is not policy:
+        _MEMO[:] = [_Memo(policy)]
+    return _MEMO[0]
 
 
 def _build_spec(plan: Plan, meter: Meter) -> _Spec:

@@ -55,7 +55,11 @@ async def take_records(
     """Each record's result, in order: read, counted by the store in one round trip, and the
     ones it missed journaled or answered unavailable by their store_failure."""
     policy = components.holder.current
-    known, now = components.directory.all(policy), components.store.time()
+    subjects = [raw.get("subject") for raw in raws if isinstance(raw, dict)]
+    directory = components.directory.all(policy)
+    named = {s for s in subjects if isinstance(s, str)}
+    known = {s: directory[s] for s in named if s in directory}
+    now = components.store.time()
     events = [read_event(raw, policy, known.get, now) for raw in raws]
     valid = [(i, e) for i, e in enumerate(events) if isinstance(e, Event)]
     records = [usage_record(policy, event, enforce=enforce) for _, event in valid]

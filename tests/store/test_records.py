@@ -23,6 +23,7 @@ from sidecar.store.port import (
     UsageRecord,
 )
 from sidecar.store.redis import keys
+from sidecar.store.redis.records import Shapes, record_call
 from sidecar.store.redis.store import RedisStore
 
 DAY = 86400
@@ -119,18 +120,33 @@ async def test_a_record_that_is_not_enforced_is_counted_past_its_limit(store: Re
     assert await counter(store, quota(3, Period.MONTH, now, 2)) == 6
 
 
-async def test_a_batch_of_many_customers_is_one_round_trip_and_answers_in_order(store: RedisStore) -> None:
+async def test_a_batch_of_many_customers_is_one_round_trip_of_few_calls_answered_in_order(
+    store: RedisStore,
+) -> None:
     now = store.time()
     await store.connect()
     batch = [
         record(f"id-{i}", now, quota(100, Period.MONTH, now, 1), customer=f"c{i % 7}") for i in range(100)
     ]
     batch.append(record("id-3", now, quota(100, Period.MONTH, now, 1), customer="c3"))  # c3 already has id-3
-    trips = store.batcher.round_trips
+    trips, calls = store.batcher.round_trips, store.batcher.calls
     results = await store.record(batch)
     assert store.batcher.round_trips - trips == 1
+    assert store.batcher.calls - calls == 2  # one server: 100 records a call (RECORDS_PER_CALL)
     assert [r.outcome for r in results] == [RecordOutcome.ACCEPTED] * 100 + [RecordOutcome.DUPLICATE]
     assert sum([await counter(store, quota(100, Period.MONTH, now, 1), f"c{i}") for i in range(7)]) == 100
+
+
+async def test_a_customers_records_of_one_shape_carry_its_keys_once(store: RedisStore) -> None:
+    now = store.time()
+    month = quota(1000, Period.MONTH, now, 1)
+    shared = record("s-0", now, month).request  # admission builds one request per day and amount
+    batch = [UsageRecord(Dedupe(key(f"s-{i}"), HOUR_OF_DEDUPE), now, shared) for i in range(100)]
+    command = record_call(store._record.sha, batch, Shapes())
+    assert command.count(keys.quota("acme", "gpu-month", month.window[0]).encode()) == 1  # type: ignore[index]
+    results = await store.record(batch)
+    assert [r.outcome for r in results] == [RecordOutcome.ACCEPTED] * 100
+    assert await counter(store, month) == 100
 
 
 async def test_the_same_id_for_two_customers_counts_for_each(store: RedisStore) -> None:

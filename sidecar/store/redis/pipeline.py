@@ -116,6 +116,13 @@ class ScriptBatcher:
 
     def call(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> asyncio.Future[Any]:
         """Queue one EVALSHA for this loop turn's pipeline; the future holds its reply."""
+        command = resp.evalsha(script.sha, keys, args, NAME_ARGS if script.named else 0)
+        return self.send(script, command, keys[0] if keys else None)
+
+    def send(self, script: Script, command: bytes, first_key: str | None) -> asyncio.Future[Any]:
+        """Queue one EVALSHA encoded already (RESP; for a named script, its array length counts
+        the name the connection appends); ``first_key`` places it in a cluster. For calls that
+        share much of their encoding (store/redis/records.py)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if self._closed:
@@ -123,8 +130,7 @@ class ScriptBatcher:
             return future
         if not self._queue:
             loop.call_soon(self._flush)
-        slot = key_slot(keys[0].encode()) if keys and self.locator.sharded else 0
-        command = resp.evalsha(script.sha, keys, args, NAME_ARGS if script.named else 0)
+        slot = key_slot(first_key.encode()) if first_key and self.locator.sharded else 0
         self._queue.append(Call(future, script, command, slot))
         self.calls += 1
         return future

@@ -49,7 +49,7 @@ from sidecar.store.redis.customers import RedisCustomers
 from sidecar.store.redis.limit_kinds import LIMIT_KINDS
 from sidecar.store.redis.outbox import Outbox, fence_member
 from sidecar.store.redis.pipeline import Script, ScriptBatcher
-from sidecar.store.redis.records import by_customer, read_reply
+from sidecar.store.redis.records import Shapes, by_call, read_reply, record_call
 from sidecar.store.redis.topology import StoreClient, Topology, close_client
 
 T = TypeVar("T")
@@ -84,6 +84,7 @@ class RedisStore:
         self._void = client.register_script(load_script("void"))
         # Usage records: not named, since a record's key makes a second count of it a duplicate.
         self._record = self.batcher.register(load_script("record"))
+        self._shapes = Shapes()
         self.outbox = Outbox(client)
         self.customers = RedisCustomers(client)
 
@@ -143,24 +144,37 @@ class RedisStore:
         return _GRANT_OUTCOMES[int(reply)]
 
     async def record(self, records: Sequence[UsageRecord]) -> list[Recorded]:
-        """One record.lua call per customer, all in this loop turn's pipeline (records.py)."""
-        groups = list(by_customer(records).values())
-        replies = await asyncio.gather(*(self._record_group([records[i] for i in group]) for group in groups))
-        results: list[Recorded] = [_UNANSWERED] * len(records)
-        for group, answered in zip(groups, replies, strict=True):
-            for index, result in zip(group, answered, strict=True):
-                results[index] = result
+        """Few record.lua calls, all in this loop turn's pipeline (records.py, by_call); the
+        breaker is asked once for the batch, and told once how it went."""
+        if not records:
+            return []
+        if not self.breaker.allow():
+            return [_UNANSWERED] * len(records)
+        positions = by_call(records, sharded=self.batcher.locator.sharded)
+        groups = [[records[i] for i in group] for group in positions]
+        replies = await asyncio.gather(
+            *(self._record_call(group) for group in groups), return_exceptions=True
+        )
+        results = [_UNANSWERED] * len(records)
+        for group_positions, group, reply in zip(positions, groups, replies, strict=True):
+            if isinstance(reply, StoreUnavailable):
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            for position, result in zip(group_positions, read_reply(reply, group), strict=True):
+                results[position] = result
+        answered = [r for r in results if r is not _UNANSWERED]
+        if len(answered) == len(results):
+            self.breaker.succeeded()
+        else:
+            self.breaker.failed()
+        if answered:
+            self._clock.learn(answered[0].store_time)
         return results
 
-    async def _record_group(self, records: list[UsageRecord]) -> list[Recorded]:
-        key_list, args = record_arguments(records)
-        try:
-            reply = await self._call(lambda: self._record(key_list, args))
-        except StoreUnavailable:
-            return [_UNANSWERED] * len(records)
-        results = read_reply(reply, records)
-        self._clock.learn(results[0].store_time)
-        return results
+    def _record_call(self, records: Sequence[UsageRecord]) -> asyncio.Future[Any]:
+        command = record_call(self._record.sha, records, self._shapes)
+        return self.batcher.send(self._record, command, keys.usage(records[0].request.customer_id))
 
     async def replay(self, entry: JournalEntry) -> Replayed:
         """Merge one journal entry (ledger/journal.py) once, or undo the call a void entry names.
@@ -190,9 +204,9 @@ class RedisStore:
     async def _replay_record(self, entry: UsageEntry, dedupe: Dedupe) -> Replayed:
         """A usage record kept while the store was down is merged as a record: once per its key,
         also when the same record reached the store through another replica meanwhile."""
-        key_list, args = record_arguments([UsageRecord(dedupe, entry.at, entry.request)])
-        reply = await self._call(lambda: self._record(key_list, args), counted=False)
-        outcome = read_reply(reply, [UsageRecord(dedupe, entry.at, entry.request)])[0].outcome
+        record = UsageRecord(dedupe, entry.at, entry.request)
+        reply = await self._call(lambda: self._record_call([record]), counted=False)
+        outcome = read_reply(reply, [record])[0].outcome
         return Replayed.MERGED if outcome is RecordOutcome.ACCEPTED else Replayed.REPEATED
 
     async def ping(self) -> None:
@@ -256,20 +270,6 @@ def void_arguments(entry: VoidEntry) -> tuple[list[str], list[Any]]:
     call, customer = entry.call, entry.customer_id
     key_list = [keys.call_records(customer, call.token), keys.void_fence(customer)]
     return key_list, [call.seq, call.deadline_us, fence_member(call)]
-
-
-def record_arguments(records: Sequence[UsageRecord]) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of record.lua for records of one customer: per record its key, time,
-    enforce flag, dedupe seconds and the size of its request, then the request's own layout."""
-    key_list: list[str] = []
-    args: list[Any] = [len(records)]
-    for record in records:
-        request_keys, request_args = script_arguments(record.request)
-        dedupe, enforce = record.dedupe, "1" if record.enforce else "0"
-        args += (dedupe.key, int(record.at), enforce, dedupe.seconds, len(request_keys), len(request_args))
-        args += request_args
-        key_list += request_keys
-    return key_list, args
 
 
 def replay_arguments(entry: UsageEntry | ScriptEntry) -> tuple[list[str], list[Any]]:
