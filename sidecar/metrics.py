@@ -207,6 +207,12 @@ class Metrics:
             "Summaries billing refused for good (4xx), kept as dead letters for re-driving.",
             registry=self.registry,
         )
+        self.notifications = Counter(
+            "sidecar_notifications",
+            "Threshold notifications sent, by outcome (delivered, retry, rejected: dead-lettered).",
+            ["outcome"],
+            registry=self.registry,
+        )
 
     def sync_store_traffic(self) -> None:
         """Under --workers: add what the store client counted since the last call to the shared

@@ -59,7 +59,19 @@ def meter_request(
     )
     hold = _hold(spec, hold_id) if holding else None
     holds = bool(spec.credits or spec.reserves)
-    return MeterRequest(customer.id, limits, usage, policy.billing_interval, credits, hold, holds)
+    thresholds = _watched(policy, limits, credits)
+    return MeterRequest(
+        customer.id, limits, usage, policy.billing_interval, credits, hold, holds, customer.plan, thresholds
+    )
+
+
+def _watched(
+    policy: Policy, limits: tuple[LimitCharge, ...], credits: tuple[CreditCharge, ...]
+) -> tuple[int, ...]:
+    """The thresholds a metering call watches (SPEC §9): the policy's, when it charges a limit or a
+    credit; none when notifications are off (the store then sends no notification block)."""
+    notifications = policy.notifications
+    return notifications.thresholds if notifications is not None and (limits or credits) else ()
 
 
 # Windows remembered per limit: a month limit has at most 31 current windows (one per anchor day),
@@ -152,4 +164,8 @@ def response_request(
     )
     hold = Hold(hold_id, 0) if hold_id else None
     holds = bool(spec.credits or spec.reserves)
-    return MeterRequest(customer.id, tuple(limits), usage, policy.billing_interval, credits, hold, holds)
+    charged = tuple(limits)
+    thresholds = _watched(policy, charged, credits)
+    return MeterRequest(
+        customer.id, charged, usage, policy.billing_interval, credits, hold, holds, customer.plan, thresholds
+    )

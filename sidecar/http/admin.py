@@ -15,6 +15,7 @@ from sidecar.config.policy.windows import rfc3339
 from sidecar.errors import StoreUnavailable
 from sidecar.http import check_api, events_api, problems
 from sidecar.http.components import COMPONENTS, Components
+from sidecar.http.notifications_api import add_routes as add_notification_routes
 from sidecar.http.reloading import reload_policy
 from sidecar.store.port import GrantOutcome
 
@@ -194,3 +195,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/reload", reload)
     app.router.add_get("/admin/billing/dead-letters", dead_letters)
     app.router.add_post("/admin/billing/dead-letters/redrive", redrive)
+    add_notification_routes(app)

@@ -22,6 +22,10 @@ down) also has ``"record": {"key": "<24 hex digits>", "seconds": 86400}``, its D
 as a record, once per key (store/redis/store.py). A release that does not know the member merges
 it as plain usage, once per entry.
 
+A request that watches notification thresholds also has ``"notify": {"plan": "pro",
+"thresholds": [80, 100]}`` in its ``request``, so a merge records the crossings it makes (SPEC §9);
+a release that does not know the member merges the usage without them.
+
 A limit is written as what identifies it (meter, feature, period: its name, requests-month, is
 built from them as the policy builds it) and its ceiling, not as the policy's Limit; ``window``
 is null for a moving window. Versions 1 and 2 (the release before) kept the scripts' KEYS and
@@ -128,7 +132,7 @@ def _call(fields: list[str | int] | None) -> UnansweredCall | None:
 
 def _request_fields(request: MeterRequest) -> dict[str, Any]:
     hold = request.hold
-    return {
+    fields = {
         "billing_interval": request.billing_interval,
         "holds": request.holds,
         "hold": None if hold is None else {"id": hold.id, "ttl": hold.ttl},
@@ -136,6 +140,9 @@ def _request_fields(request: MeterRequest) -> dict[str, Any]:
         "credits": [_credit_fields(charge) for charge in request.credits],
         "usage": [_usage_fields(charge) for charge in request.usage],
     }
+    if request.thresholds:  # only then: an entry of a request watching none reads as it always did
+        fields["notify"] = {"plan": request.plan, "thresholds": list(request.thresholds)}
+    return fields
 
 
 def _request(customer_id: str, fields: dict[str, Any]) -> MeterRequest:
@@ -148,6 +155,8 @@ def _request(customer_id: str, fields: dict[str, Any]) -> MeterRequest:
         credits=tuple(_credit_charge(credit) for credit in fields["credits"]),
         hold=None if hold is None else Hold(str(hold["id"]), int(hold["ttl"])),
         holds=bool(fields["holds"]),
+        plan=str(fields.get("notify", {}).get("plan", "")),
+        thresholds=tuple(int(t) for t in fields.get("notify", {}).get("thresholds", ())),
     )
 
 

@@ -7,6 +7,7 @@ timeout), close the admin port, close the store client, stop the embedded redis-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import signal
@@ -17,10 +18,12 @@ from contextlib import AsyncExitStack
 from aiohttp import web
 
 from sidecar import tasks
+from sidecar.billing.notifier import Notifier
 from sidecar.billing.pusher import Pusher
 from sidecar.billing.sender import http_session
 from sidecar.config.policy.holder import PolicyHolder, freeze_heap
 from sidecar.config.settings import Settings
+from sidecar.errors import StoreUnavailable
 from sidecar.http.app import build_admin_app, build_proxy_app
 from sidecar.http.components import COMPONENTS, Components, open_components
 from sidecar.http.intake import GuardedSite
@@ -51,6 +54,7 @@ async def serve(settings: Settings, holder: PolicyHolder, *, admin: bool = True)
         store, metrics = components.store, components.metrics
         metrics.policy_loaded.set(time.time())
         await _pusher(stack, components)
+        await _notifier(stack, components)
         merger = Merger(journal, store, metrics, billed=functools.partial(_note_billing, components))
         await run_ledger(stack, merger, fences=components.outbox)
         await _background(stack, watch(components, stopping))
@@ -101,6 +105,31 @@ async def _pusher(stack: AsyncExitStack, components: Components) -> None:
         stopping.set()
         await task
         await pusher.cycle()
+
+    stack.push_async_callback(stop)
+
+
+async def _notifier(stack: AsyncExitStack, components: Components) -> None:
+    """Deliver threshold notifications beside the pusher; on shutdown one last cycle sends what
+    the drained requests recorded (what it cannot send waits in the store for the next replica)."""
+    session = http_session()
+    stack.push_async_callback(session.close)
+    notifier = Notifier(
+        holder=components.holder,
+        outbox=components.store.notifications,
+        session=session,
+        metrics=components.metrics,
+        clock=components.store.time,
+        secret=components.settings.billing_secret,
+    )
+    stopping = asyncio.Event()
+    task = asyncio.create_task(notifier.run(stopping))
+
+    async def stop() -> None:
+        stopping.set()
+        await task
+        with contextlib.suppress(StoreUnavailable):
+            await notifier.cycle()
 
     stack.push_async_callback(stop)
 

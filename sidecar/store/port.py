@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from sidecar.config.policy.model import Customer, Limit
 from sidecar.config.policy.windows import Window
 from sidecar.errors import UnansweredCall
+from sidecar.store.notifications import NotifyStore
 from sidecar.store.summaries import DEFAULT_NAMESPACE, Summary
 
 FENCED = -1  # OutboxStore.close moved nothing: a void fence keeps the customer's windows open
@@ -97,6 +98,10 @@ class MeterRequest:
     credits: tuple[CreditCharge, ...] = ()
     hold: Hold | None = None
     holds: bool = False
+    # Threshold notifications (SPEC §9): the percentages the call watches (none: it watches
+    # nothing) and the customer's plan, which each notification names.
+    plan: str = ""
+    thresholds: tuple[int, ...] = ()
 
 
 class Outcome(enum.Enum):
@@ -384,6 +389,10 @@ class Store(Protocol):
     @property
     def customers(self) -> CustomerStore:
         """The customers stored through the admin API, on the same connections."""
+
+    @property
+    def notifications(self) -> NotifyStore:
+        """The threshold notification outboxes, on the same connections."""
 
     @property
     def circuit_open(self) -> bool:

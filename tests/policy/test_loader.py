@@ -50,7 +50,7 @@ BAD = [
     (
         "unknown_top_key",
         "14:1: quotas: unknown key 'quotas'; valid keys are version, identity, "
-        "meters, features, plans, customers, billing, store_failure, events",
+        "meters, features, plans, customers, billing, store_failure, events, notifications, history_days",
     ),
     ("misspelled_limit_key", "13:27: plans.free.limits[0].limt: unknown key 'limt'; did you mean 'limit'?"),
     ("duplicate_key", "17:5: customers.acme.plan: duplicate key 'plan' (first at line 16)"),

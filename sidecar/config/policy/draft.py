@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 from sidecar.config.policy.events import Events
 from sidecar.config.policy.model import Billing, Customer, Feature, Identity, Meter, Plan, StoreFailure
 from sidecar.config.policy.nodes import At, read_items, read_str
+from sidecar.config.policy.notifications import DEFAULT_HISTORY_DAYS, Notifications
 from sidecar.errors import PolicyError
 
 T = TypeVar("T")
@@ -44,6 +45,8 @@ class Draft:
     identity: Identity = field(default_factory=Identity)
     billing: Billing | None = None
     store_failure: StoreFailure = StoreFailure.CLOSED
+    notifications: Notifications | None = None
+    history_days: int = DEFAULT_HISTORY_DAYS
     events: Events = field(default_factory=Events)
     meters: dict[str, Def[Meter]] = field(default_factory=dict)
     features: dict[str, Def[Feature]] = field(default_factory=dict)

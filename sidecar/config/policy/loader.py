@@ -40,6 +40,7 @@ from sidecar.config.policy.nodes import (
     read_str,
     unknown_key_message,
 )
+from sidecar.config.policy.notifications_section import read_history_days, read_notifications
 from sidecar.config.policy.plan_section import read_plans, read_store_failure
 from sidecar.errors import PolicyInvalid
 
@@ -53,8 +54,10 @@ _TOP_KEYS = (
     "billing",
     "store_failure",
     "events",
+    "notifications",
+    "history_days",
 )
-_ONCE = ("identity", "billing", "store_failure", "events")
+_ONCE = ("identity", "billing", "store_failure", "events", "notifications", "history_days")
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
@@ -96,6 +99,8 @@ def _build(draft: Draft) -> Policy:
         store_failure=draft.store_failure,
         sources=tuple(draft.sources),
         events=draft.events,
+        notifications=draft.notifications,
+        history_days=draft.history_days,
     )
 
 
@@ -169,4 +174,6 @@ _SECTIONS: dict[str, Callable[[Draft, At], None]] = {
     "billing": read_billing,
     "store_failure": _store_failure,
     "events": read_events,
+    "notifications": read_notifications,
+    "history_days": read_history_days,
 }

@@ -16,6 +16,7 @@ from sidecar.config.policy.events import Events
 from sidecar.config.policy.meter_sources import SOURCE_KINDS
 from sidecar.config.policy.meter_sources import Source as Source  # re-exported: the model's vocabulary
 from sidecar.config.policy.meter_sources import SourceKind as SourceKind
+from sidecar.config.policy.notifications import DEFAULT_HISTORY_DAYS, Notifications
 from sidecar.config.policy.routes import RouteTable
 from sidecar.config.policy.windows import Period
 
@@ -335,6 +336,8 @@ class Policy:
     routes: RouteTable[Feature]
     customer_by_key_hash: Mapping[str, str]
     charges: Mapping[tuple[str, str], ChargeSpec]
+    notifications: Notifications | None = None  # SPEC §9; None: no thresholds are watched
+    history_days: int = DEFAULT_HISTORY_DAYS  # days closed summaries are kept as usage history
     events: Events = field(default_factory=Events)  # how usage records are taken (SPEC §8)
 
     @classmethod
@@ -350,6 +353,8 @@ class Policy:
         store_failure: StoreFailure,
         sources: tuple[str, ...],
         events: Events | None = None,
+        notifications: Notifications | None = None,
+        history_days: int = DEFAULT_HISTORY_DAYS,
     ) -> Policy:
         """Freeze the sections and precompute the route table and the key-hash index."""
         key_index = {h: c.id for c in customers.values() for h in c.api_key_hashes}
@@ -371,6 +376,8 @@ class Policy:
             routes=RouteTable.compile(features),
             customer_by_key_hash=MappingProxyType(key_index),
             charges=MappingProxyType(charges),
+            notifications=notifications,
+            history_days=history_days,
             events=events or Events(),
         )
 

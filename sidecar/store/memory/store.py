@@ -33,6 +33,7 @@ from sidecar.config.policy.model import Algorithm
 from sidecar.errors import StoreUnavailable
 from sidecar.store.memory.customers import MemoryCustomers
 from sidecar.store.memory.limits import MICRO, LimitKind, LimitRead, Now, Undo, limit_kinds, needed
+from sidecar.store.notifications import NotifyStore
 from sidecar.store.port import (
     Admission,
     CreditCharge,
@@ -163,6 +164,12 @@ class MemoryStore:
     def outbox(self) -> OutboxStore:
         raise NotImplementedError(
             "MemoryStore has no billing outbox: billing closes windows in Redis scripts; use RedisStore"
+        )
+
+    @property
+    def notifications(self) -> NotifyStore:
+        raise NotImplementedError(
+            "MemoryStore records no notifications: the metering scripts decide them; use RedisStore"
         )
 
     @property

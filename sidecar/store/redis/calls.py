@@ -25,12 +25,17 @@ T = TypeVar("T")
 BACKGROUND_TIMEOUT = 2.0
 
 
+SHARED_SOURCES = ("lib.lua", "notify_lib.lua")
+
+
 def load_script(name: str, *, shared: bool = True) -> str:
-    """A script's source (lua/<name>.lua), with the shared lib.lua in front of it unless
+    """A script's source (lua/<name>.lua), with the shared SHARED_SOURCES in front of it unless
     ``shared`` is False."""
     lua = resources.files("sidecar.store.redis").joinpath("lua")
     source = lua.joinpath(f"{name}.lua").read_text()
-    return lua.joinpath("lib.lua").read_text() + "\n" + source if shared else source
+    if not shared:
+        return source
+    return "\n".join([*(lua.joinpath(part).read_text() for part in SHARED_SOURCES), source])
 
 
 async def bounded(operation: Awaitable[T], timeout: float) -> T:

@@ -116,6 +116,36 @@ def dead_letters(customer_id: str) -> str:
     return f"{customer_tag(customer_id)}:dl"
 
 
+# -- threshold notifications (store/notifications.py; lib.lua notify_crossings) --------------------
+
+
+def notify_outbox(customer_id: str) -> str:
+    """Hash crossing "<type>|<name>|<window>|<threshold>" → the notification's record, until the
+    receiver answers 2xx. The metering scripts build the marker and recent-list names from it."""
+    return f"{customer_tag(customer_id)}:no"
+
+
+def notify_marker(customer_id: str, crossing: str) -> str:
+    """Set once a crossing has been recorded, so no later call records it again; it expires a day
+    after its window ends (90 days for credit)."""
+    return f"{customer_tag(customer_id)}:nm:{crossing}"
+
+
+def notify_recent(customer_id: str) -> str:
+    """List of the customer's latest notification records, newest first (notifications.RECENT_KEPT)."""
+    return f"{customer_tag(customer_id)}:nr"
+
+
+def notify_dead(customer_id: str) -> str:
+    """Hash crossing → {record, reason} for notifications the receiver refused for good (4xx)."""
+    return f"{customer_tag(customer_id)}:nd"
+
+
+NOTIFY_PENDING = f"{PREFIX}:notify:pending"  # customers with notifications waiting, scored by due ms
+NOTIFY_DEAD = f"{PREFIX}:notify:dead"  # customers with notification dead letters
+NOTIFY_PATTERN = f"{PREFIX}:{{c:*}}:no"
+
+
 # Schedules shared by every replica: sorted sets of customer ids scored by when (epoch ms) each
 # is due. They are indexes only; a periodic scan of the per-customer keys rebuilds them.
 DIRTY = f"{PREFIX}:billing:dirty"  # customers with usage in windows not yet closed

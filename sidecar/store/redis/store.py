@@ -47,6 +47,7 @@ from sidecar.store.redis.calls import BACKGROUND_TIMEOUT, bounded, load_script
 from sidecar.store.redis.clock import StoreClock
 from sidecar.store.redis.customers import RedisCustomers
 from sidecar.store.redis.limit_kinds import LIMIT_KINDS
+from sidecar.store.redis.notify_outbox import NotifyOutbox
 from sidecar.store.redis.outbox import Outbox, fence_member
 from sidecar.store.redis.pipeline import Script, ScriptBatcher
 from sidecar.store.redis.records import Shapes, by_call, read_reply, record_call
@@ -87,6 +88,7 @@ class RedisStore:
         self._shapes = Shapes()
         self.outbox = Outbox(client)
         self.customers = RedisCustomers(client)
+        self.notifications = NotifyOutbox(client)
 
     @classmethod
     def open(cls, url: str, timeout: float) -> RedisStore:
@@ -118,10 +120,13 @@ class RedisStore:
         """One metering call; an OutcomeUnknown names the call and when it could last have run."""
         deadline = self._deadline()
         try:
-            return await self._call(lambda: script(*script_arguments(request, deadline=deadline)))
+            reply = await self._call(lambda: script(*script_arguments(request, deadline=deadline)))
         except OutcomeUnknown as error:
             error.call = dataclasses.replace(error.call, deadline_us=int(deadline * 1_000_000))
             raise
+        if request.thresholds and int(reply[0]) == 1 and int(reply[-1]) > 0:
+            self.notifications.note(request.customer_id)  # the reply's last value (check_and_meter.lua)
+        return reply
 
     async def read_limits(self, request: MeterRequest) -> Admission:
         reply = await self._call(lambda: self._read(*script_arguments(request, usage=False)))
@@ -199,6 +204,8 @@ class RedisStore:
             return _VOIDED.get(int(voided))
         key_list, args = replay_arguments(entry)
         replayed = await self._call(lambda: self._replay(keys=key_list, args=args), counted=False)
+        if int(replayed) == 1 and isinstance(entry, UsageEntry) and entry.request.thresholds:
+            self.notifications.note(entry.customer_id)  # it may have crossed one (replay.lua)
         return _REPLAYED.get(int(replayed))
 
     async def _replay_record(self, entry: UsageEntry, dedupe: Dedupe) -> Replayed:
@@ -290,15 +297,17 @@ def script_arguments(
     request: MeterRequest, *, usage: bool = True, deadline: float = 0.0
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of the metering scripts, in the layout lib.lua's parse_request reads;
-    ``deadline`` (store clock, 0 for none) is when the script must no longer write."""
+    ``deadline`` (store clock, 0 for none) is when the script must no longer write. A request that
+    watches thresholds ends with its notification block (flag 2), after the usage."""
     customer = request.customer_id
     hold = request.hold
+    notifies = usage and bool(request.thresholds)
     key_list: list[str] = []
     args: list[Any] = [
         request.billing_interval,
         hold.id if hold else "",
         hold.ttl * 1000 if hold else 0,
-        "1" if request.holds else "0",
+        str((1 if request.holds else 0) + (2 if notifies else 0)),
         len(request.limits),
         int(deadline * 1_000_000),
     ]
@@ -328,4 +337,7 @@ def script_arguments(
             if entry.op == "uniq":
                 suffix = f"{suffix}|{entry.distinct}"
             args += (suffix, entry.op, entry.amount)
+    if notifies:
+        key_list.append(keys.notify_outbox(customer))
+        args += (request.plan, *request.thresholds, len(request.thresholds))
     return key_list, args

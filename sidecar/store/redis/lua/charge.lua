@@ -8,9 +8,9 @@
 -- ceilings of allowances decide how much of a prepaid amount they cover), then the call's name
 -- (lib.lua call_name): the call leaves a record (remember_call), so that usage journaled for it
 -- when its reply is lost is not merged twice. A charge is never undone: its record holds no steps.
--- Returns {1, time_s, time_us}, or {-1, time_s, time_us} when a calendar window given does not
--- contain the store's time (nothing written; recompute and call again), or {-2, ...} when the
--- call came after its deadline (nothing written).
+-- Returns {1, time_s, time_us, notifications recorded (notify_lib.lua)}, or {-1, time_s, time_us}
+-- when a calendar window given does not contain the store's time (nothing written; recompute and
+-- call again), or {-2, ...} when the call came after its deadline (nothing written).
 local t, now_s, frac_us, now_us = store_clock()
 local req = parse_request(1, 1, #ARGV - 3)
 local early = cannot_run(req, t, now_s, now_us)
@@ -30,6 +30,7 @@ for _, c in ipairs(req.credits) do
     drop_expired_grants(c, now_s)
   end
 end
+local notified = notify_crossings(req, now_s)
 record_usage(req.usage_key, now_s - now_s % req.interval, req.usage_from, req.usage_to)
 remember_call(req, {})
-return {1, t[1], t[2]}
+return {1, t[1], t[2], notified}

@@ -6,7 +6,8 @@
 -- charging the real amount. An admitted call that wrote leaves a record of what undoes it
 -- (remember_call).
 -- Returns {status, time_s, time_us, then per limit: used, reset_us, over,
---          then per credit: granted, balance, over}
+--          then per credit: granted, balance, over[, then notifications recorded]}
+--   (the last only when the call watches thresholds: notify_lib.lua notify_crossings)
 --   status 1 admitted (used and balance include this request), 0 refused (no limit, credit or
 --   usage written; used and balance exclude it), -1 stale: a calendar window given does not
 --   contain the store's time; recompute and call again; -2 past the deadline: nothing written.
@@ -31,6 +32,7 @@ for _, c in ipairs(req.credits) do
   if c.over and c.mode == 'h' then refused = true end
 end
 
+local notified = 0  -- crossings recorded (notify_lib.lua): the reply's last value when watched
 local function answer(status)
   local reply = {status, t[1], t[2]}
   for _, l in ipairs(req.limits) do
@@ -43,6 +45,7 @@ local function answer(status)
     reply[#reply + 1] = c.balance
     reply[#reply + 1] = c.over and 1 or 0
   end
+  if req.notify then reply[#reply + 1] = notified end
   return reply
 end
 
@@ -62,6 +65,7 @@ for _, c in ipairs(req.credits) do
     drop_expired_grants(c, now_s)
   end
 end
+notified = notify_crossings(req, now_s)
 if keep_hold(req, held, math.floor(now_us / 1000)) then
   steps[#steps + 1] = {'h', req.holds, req.hold_expiries, req.hold}
 end

@@ -108,7 +108,9 @@ end
 
 -- The request every metering script is given (see store/redis.py, _arguments), read from
 -- KEYS[k..] and ARGV[a..] (both 1 unless a script puts its own values first):
--- ARGV: billing_interval, hold_id ('' for none), hold_ttl_ms, has_hold_keys ('1' | '0'), n_limits,
+-- ARGV: billing_interval, hold_id ('' for none), hold_ttl_ms, flags (1 when hold keys are given,
+--       plus 2 when a notification block is: '0' to '3'; a release before notifications sent only
+--       '1' or '0', which read as they did), n_limits,
 --       deadline_us (store clock; 0 for none: after it, check_and_meter and charge write nothing),
 --       per limit 6 values: kind ('r' rate | 'c' calendar), amount, ceiling,
 --         mode (first letter 'h' enforced | 's' soft or shadow | 'a' allowance of a prepaid meter;
@@ -116,13 +118,28 @@ end
 --         rate: window_us, 0   calendar: window_start_s, window_end_s,
 --       n_credits, per credit: amount, mode ('h' | 's', then 'r' when reserved), n_allowances,
 --         the allowances' indexes (1-based) among the limits,
---       then usage triples (field suffix "<meter>|<feature>", op, amount) up to ARGV[last].
+--       then usage triples (field suffix "<meter>|<feature>", op, amount), then, when the flags
+--       say so, the notification block (read_notify), ending at ARGV[last].
 -- KEYS: holds, hold expiries (when has_hold_keys); per limit rate: <log>, <total>, calendar: <counter>;
---       per credit: <grants left>, <grant expiries>, <overdraft>; then the usage hash (if any).
+--       per credit: <grants left>, <grant expiries>, <overdraft>; then the usage hash (if any), then
+--       the notification outbox (when the flags say so).
+
+-- The notification block, the request's last ARGV: plan, the thresholds (percent, ascending),
+-- their count. Appended (store.py script_arguments), so a request of a release before it reads as
+-- it did. Only where it is is noted (req.notify: the lowest threshold's index, req.notify_end: the
+-- highest's): a call that crosses nothing reads one threshold and allocates nothing.
+local function read_notify(req, key)
+  local last = req.usage_to
+  local n = tonumber(ARGV[last])
+  req.notify, req.notify_end, req.notify_key = last - n, last - 1, key
+  req.usage_to = last - n - 2
+end
+
 local function parse_request(k, a, last)
   k, a = k or 1, a or 1
   local req = {interval = tonumber(ARGV[a]), hold = ARGV[a + 1], ttl = tonumber(ARGV[a + 2]), limits = {}, credits = {}}
-  local has_holds = ARGV[a + 3] == '1'
+  local flags = tonumber(ARGV[a + 3])
+  local has_holds, notifies = flags % 2 == 1, flags >= 2
   local n_limits = tonumber(ARGV[a + 4])
   req.deadline_us = tonumber(ARGV[a + 5])
   a = a + 6
@@ -157,6 +174,7 @@ local function parse_request(k, a, last)
     k = k + 3
   end
   req.usage_key, req.usage_from, req.usage_to = KEYS[k], a, last or #ARGV
+  if notifies then read_notify(req, KEYS[k + 1]) end
   return req
 end
 
@@ -197,6 +215,7 @@ local function read_limit(l, now_s, now_us, frac_us)
     l.used = tonumber(redis.call('GET', l.key) or '0')
     l.reset = (l.p2 - now_s) * 1000000 - frac_us
   end
+  l.before = l.used
 end
 
 -- Adds `amount` to one limit; returns what undoes it, for a reservation.
@@ -228,6 +247,7 @@ local function read_credit(c, now_s)
   end
   c.ids, c.left, c.granted = ids, left, granted
   c.balance = balance - tonumber(redis.call('GET', c.overdraft_key) or '0')
+  c.before = c.balance
 end
 
 -- Forgets grants that have expired (their units no longer count).

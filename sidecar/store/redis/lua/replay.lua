@@ -25,10 +25,16 @@ if named and take_call(KEYS[2], seq) then return 2 end
 local at = tonumber(ARGV[1])
 local req = parse_request(named and 3 or 2, 6)
 for _, l in ipairs(req.limits) do
-  if l.kind == 'c' then l.used = tonumber(redis.call('GET', l.key) or '0') end
+  if l.kind == 'c' then
+    l.used = tonumber(redis.call('GET', l.key) or '0')
+    l.before = l.used
+  end
 end
 for _, l in ipairs(req.limits) do
-  if l.kind == 'c' and l.amount > 0 and l.mode ~= 'a' then charge_calendar(l.key, l.p2, l.amount) end
+  if l.kind == 'c' and l.amount > 0 and l.mode ~= 'a' then
+    charge_calendar(l.key, l.p2, l.amount)
+    l.used = l.used + l.amount
+  end
 end
 for _, c in ipairs(req.credits) do
   if c.amount > 0 then
@@ -36,5 +42,6 @@ for _, c in ipairs(req.credits) do
     draw(c, req.limits, c.amount, 0, nil)
   end
 end
+notify_crossings(req, at)  -- the store learns of them from the merge (store.py, _replay_once)
 record_usage(req.usage_key, at - at % req.interval, req.usage_from, req.usage_to)
 return 1
