@@ -212,6 +212,7 @@ class Pusher:
             now_ms // 1000 - billing.grace,
             aggregations,
             anchor_day=_anchor_day(known),
+            namespace=billing.namespace,
         )
         if moved == FENCED:  # due again next cycle, behind the customers due now
             await self.outbox.reschedule(keys.DIRTY, customer, seen, now_ms + int(TICK_SECONDS * 1000))

@@ -18,9 +18,10 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.config.policy.model import DEFAULT_NAMESPACE
 from sidecar.config.policy.windows import rfc3339
 
-DEFAULT_NAMESPACE = "quota-sidecar"
+__all__ = ["DEFAULT_NAMESPACE", "Summary", "id_namespace", "summary_id"]
 
 
 def id_namespace(namespace: str) -> str:

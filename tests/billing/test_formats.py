@@ -6,6 +6,8 @@ Field names follow: Stripe "Create a billing meter event" (POST /v1/billing/mete
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import random
 from datetime import UTC, datetime
@@ -567,3 +569,20 @@ def test_stripe_v1_lanes_are_a_stripe_customer_and_meter() -> None:
 @pytest.mark.parametrize("fmt", BATCH_FORMATS)
 def test_batch_formats_have_no_lanes(fmt: BillingFormat) -> None:
     assert only(fmt, BATCH).lane is None
+
+
+# -- billing.namespace ---------------------------------------------------------------------------
+
+
+def test_the_cloudevents_source_is_the_summarys_namespace() -> None:
+    summary = dataclasses.replace(ONE, namespace="acme-prod")
+    (event,) = decoded(OPENMETER, only(OPENMETER, [summary]).body)
+    assert event["source"] == "acme-prod"
+
+
+def test_the_default_namespace_keeps_the_ids_of_before() -> None:
+    before = hashlib.sha1(f"acme|requests|search|{T0}|1".encode()).hexdigest()
+    assert summary_id("acme", "requests", "search", T0, 1) == before
+    assert summary_id("acme", "requests", "search", T0, 1, namespace="quota-sidecar") == before
+    other = summary_id("acme", "requests", "search", T0, 1, namespace="acme-prod")
+    assert other == hashlib.sha1(f"acme-prod|acme|requests|search|{T0}|1".encode()).hexdigest()

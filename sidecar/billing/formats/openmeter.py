@@ -3,8 +3,9 @@ application/cloudevents-batch+json, POST /api/v1/events
 (https://openmeter.io/docs/concepts/usage-events; the batch content type is the one
 openmeterio/openmeter's ingest handler and Go client accept).
 
-Dedupe key: each CloudEvent's ``id`` (unique together with ``source``). The customer is ours,
-as the event's ``subject``.
+Dedupe key: each CloudEvent's ``id`` (unique together with ``source``, the summary's
+``billing.namespace``, frozen with it when its window closed, so a resend after the namespace
+changed still dedupes). The customer is ours, as the event's ``subject``.
 
 Limits (https://openmeter.io/docs/cloud/api/rate-limiting): ingestion is limited per plan, not
 published; a 429 carries Retry-After, which the sender keeps to. No batch limit is documented:
@@ -20,8 +21,6 @@ from sidecar.billing.formats.common import CLOUDEVENTS_BATCH, BaseFormat, PushRe
 from sidecar.config.policy.model import BillingFormat, Customer
 from sidecar.config.policy.windows import rfc3339
 from sidecar.store.summaries import Summary
-
-SOURCE = "quota-sidecar"  # the CloudEvents `source`; OpenMeter dedupes on (id, source)
 
 
 class OpenMeter(BaseFormat):
@@ -42,7 +41,7 @@ def _cloudevent(summary: Summary) -> dict[str, Any]:
     return {
         "specversion": "1.0",
         "id": summary.id,
-        "source": SOURCE,
+        "source": summary.namespace,  # OpenMeter dedupes on (id, source)
         "type": summary.meter,
         "subject": summary.customer,
         "time": rfc3339(summary.window_start),

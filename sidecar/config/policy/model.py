@@ -76,12 +76,23 @@ _PERIOD_ALGORITHMS = {
 _CUSTOMER_FIELDS = {"stripe": "stripe_customer_id", "lago": "lago_subscription_id"}
 # The most summaries one request may carry (none: the policy's batch_size alone bounds it).
 _MAX_BATCH = {"lago": 100}  # POST /api/v1/events/batch refuses more with 422 too_many_events
+# How old an event's timestamp (a summary's window start) may be when it arrives, in seconds:
+# Stripe takes meter events "within the past 35 calendar days".
+_MAX_EVENT_AGE = {"stripe": 35 * 86400}
+# Aggregations a system cannot bill from per-window summaries, and why: Stripe's meters only sum,
+# count or keep the last event; Lago's billable metrics take no minimum.
+_UNBILLABLE = {
+    "stripe": (frozenset({"max", "min"}), "Stripe meters only sum, count or keep the last event"),
+    "lago": (frozenset({"min"}), "Lago billable metrics take no minimum"),
+}
 
 
 class BillingFormat(enum.Enum):
     """A billing system's wire format, with what the loader and the customer directory check for
-    it: ``customer_field`` (the Customer field every customer must fill, or None) and
-    ``max_batch`` (the most summaries in one request, or None)."""
+    it: ``customer_field`` (the Customer field every customer must fill, or None), ``max_batch``
+    (the most summaries in one request, or None), ``max_event_age`` (seconds a summary may take to
+    arrive after its window starts, or None) and ``unbillable`` (the meter aggregations it cannot
+    bill, with ``unbillable_why``)."""
 
     JSON = "json"
     STRIPE = "stripe"
@@ -91,6 +102,8 @@ class BillingFormat(enum.Enum):
     def __init__(self, value: str) -> None:
         self.customer_field: str | None = _CUSTOMER_FIELDS.get(value)
         self.max_batch: int | None = _MAX_BATCH.get(value)
+        self.max_event_age: int | None = _MAX_EVENT_AGE.get(value)
+        self.unbillable, self.unbillable_why = _UNBILLABLE.get(value, (frozenset[str](), ""))
 
 
 class StripeApi(enum.Enum):
@@ -102,6 +115,10 @@ class StripeApi(enum.Enum):
 
     def __init__(self, value: str) -> None:
         self.max_batch: int | None = 100 if value == "v2" else None
+
+
+# billing.namespace when none is given: it enters no summary id (store/summaries.py)
+DEFAULT_NAMESPACE = "quota-sidecar"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -211,13 +228,15 @@ class Identity:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Billing:
     """Where and how usage summaries go. A window is pushed `grace` seconds after it closes.
-    ``stripe_api`` chooses Stripe's v1 or v2 API."""
+    ``namespace`` enters every summary id and is the CloudEvents source; ``stripe_api`` chooses
+    Stripe's v1 or v2 API."""
 
     url: str
     format: BillingFormat = BillingFormat.JSON
     interval: int = 60
     grace: int = 5
     batch_size: int = 100
+    namespace: str = DEFAULT_NAMESPACE
     stripe_api: StripeApi = StripeApi.V1
 
 
