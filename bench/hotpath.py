@@ -17,7 +17,7 @@ import tempfile
 import timeit
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
@@ -71,18 +71,23 @@ class StoreStub:
         return replies.admission(REPLY, request)
 
 
+T = TypeVar("T")
+
+
 class Directory:
-    def by_key_hash(self, key_hash: str, policy: Policy) -> Customer | None:
+    """A directory whose every key is in its cache: identify's lookup without I/O."""
+
+    async def by_key_hash(self, key_hash: str, policy: Policy) -> Customer | None:
         customer_id = policy.customer_by_key_hash.get(key_hash)
         return None if customer_id is None else policy.customers[customer_id]
 
 
-def run_once(coroutine: Coroutine[Any, Any, Verdict]) -> Verdict:
+def run_once(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine that never waits (the stub answers at once) without an event loop."""
     try:
         coroutine.send(None)
     except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+        return cast(T, done.value)
     raise RuntimeError("the coroutine waited")
 
 
@@ -122,7 +127,7 @@ def pieces(policy: Policy) -> dict[str, Callable[[], object]]:
             has_dot_segments("/hello"),
             policy.routes.feature_for("GET", "/hello"),
         ),
-        "identify (the key hashed and looked up)": lambda: identify(headers, policy, directory),
+        "identify (the key hashed and looked up)": lambda: run_once(identify(headers, policy, directory)),
         "meter_request (the windows and charges)": lambda: meter_request(
             policy, customer, feature.name, spec, NOW
         ),

@@ -1,4 +1,5 @@
-"""`sidecar run | check | hash-key | usage`: argument parsing, printing and exit codes, no logic."""
+"""`sidecar run | check | hash-key | usage | customers import`: argument parsing, printing and exit
+codes, no logic."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sidecar.errors import EmbeddedStoreFailed, PolicyInvalid, SettingsInvalid
 from sidecar.runtime import loops
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+IMPORT_TIMEOUT = 600  # seconds an import may take (a million lines take well under a minute)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,7 +43,19 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--admin", default=os.environ.get("SIDECAR_ADMIN", "127.0.0.1:9000"))
     usage.add_argument("--json", action="store_true", help="print the usage document as JSON")
     usage.set_defaults(command=usage_command)
+    _add_customers(commands)
     return parser
+
+
+def _add_customers(commands: Any) -> None:
+    customers = commands.add_parser("customers", help="stored customers, through the admin API")
+    actions = customers.add_subparsers(required=True, metavar="ACTION")
+    importing = actions.add_parser(
+        "import", help="import customers from NDJSON (a document with its id a line)"
+    )
+    importing.add_argument("file")
+    importing.add_argument("--admin", default=os.environ.get("SIDECAR_ADMIN", "127.0.0.1:9000"))
+    importing.set_defaults(command=import_command)
 
 
 def _add_run(commands: Any) -> None:
@@ -149,6 +163,46 @@ def usage_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(json.dumps(document, indent=2) if args.json else usage_table(document))
     return EXIT_OK
+
+
+def import_command(args: argparse.Namespace) -> int:
+    """Streams FILE to the running sidecar's POST /admin/customers/import; prints every refused
+    line as FILE:LINE: problems, then the counts. Exit 1 when a line was refused."""
+    url = f"http://{args.admin}/admin/customers/import"
+    try:
+        report = _post_file(url, args.file)
+    except urllib.error.HTTPError as error:
+        print(f"sidecar: {url}: {error.code} {_detail(error)}", file=sys.stderr)
+        return EXIT_INVALID
+    except urllib.error.URLError as error:
+        print(
+            f"sidecar: cannot reach the admin API at {args.admin} ({error}); is `sidecar run` up?",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    except OSError as error:
+        print(f"sidecar: {args.file}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_USAGE
+    for refused in report["errors"]:
+        print(f"{args.file}:{refused['line']}: {'; '.join(refused['errors'])}", file=sys.stderr)
+    counts = f"{report['lines']} lines, {report['bad']} refused"
+    print(f"{report['imported']} customers imported from {args.file} ({counts})")
+    return EXIT_INVALID if report["bad"] else EXIT_OK
+
+
+def _post_file(url: str, path: str) -> dict[str, Any]:
+    with open(path, "rb") as body:
+        headers = {
+            "Content-Type": "application/x-ndjson",
+            "Content-Length": str(os.fstat(body.fileno()).st_size),
+        }
+        request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+        token = os.environ.get("SIDECAR_ADMIN_TOKEN")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=IMPORT_TIMEOUT) as response:
+            report: dict[str, Any] = json.load(response)
+    return report
 
 
 def _detail(error: urllib.error.HTTPError) -> str:

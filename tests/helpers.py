@@ -69,7 +69,7 @@ def quota_policy(directory: Path, limit: int, period: str = "month", *, extra: s
 class PolicyCustomers:
     """Customers looked up in the policy alone (admission's CustomerLookup, no stored customers)."""
 
-    def by_key_hash(self, key_hash: str, policy: Policy) -> Customer | None:
+    async def by_key_hash(self, key_hash: str, policy: Policy) -> Customer | None:
         customer_id = policy.customer_by_key_hash.get(key_hash)
         return None if customer_id is None else policy.customers[customer_id]
 

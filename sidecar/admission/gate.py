@@ -45,7 +45,10 @@ async def admit(
         return Verdict(decision=Decision.NOT_FOUND)
     if feature.public:
         return Verdict(decision=Decision.PUBLIC, feature=feature)
-    customer = identify(headers, policy, customers)
+    try:
+        customer = await identify(headers, policy, customers)
+    except StoreUnavailable:  # an unknown key, and the store could not say whose it is
+        return Verdict(decision=Decision.UNAVAILABLE, feature=feature)
     if customer is None:
         return Verdict(decision=Decision.UNAUTHORIZED, feature=feature)
     plan = policy.plans.get(customer.plan)  # a stored customer may name a plan a reload removed

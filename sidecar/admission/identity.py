@@ -1,8 +1,8 @@
 """Who is calling: the API key from the configured headers, looked up by its SHA-256 digest.
 
-Keys are never kept or compared in clear. The lookup is a dictionary probe on the digest, so the
-only timing it can reveal is about a hash of the presented key, which says nothing usable about
-any stored key.
+Keys are never kept or compared in clear. The lookup is a probe on the digest (a cache, the
+store's owner entry), so the only timing it can reveal is about a hash of the presented key,
+which says nothing usable about any stored key.
 """
 
 from __future__ import annotations
@@ -36,11 +36,14 @@ def presented_key(headers: Mapping[str, str], header_names: tuple[str, ...]) -> 
 
 
 class CustomerLookup(Protocol):
-    """Finds a customer by key hash among the policy's and the stored customers."""
+    """Finds a customer by key hash among the policy's and the stored customers (the directory,
+    admission/customers.py: a cache hit answers without I/O, a miss asks the store)."""
 
-    def by_key_hash(self, key_hash: str, policy: Policy) -> Customer | None: ...
+    async def by_key_hash(self, key_hash: str, policy: Policy) -> Customer | None: ...
 
 
-def identify(headers: Mapping[str, str], policy: Policy, customers: CustomerLookup) -> Customer | None:
+async def identify(headers: Mapping[str, str], policy: Policy, customers: CustomerLookup) -> Customer | None:
+    """The customer the request's API key identifies; None without a key or for an unknown one.
+    Raises StoreUnavailable when the store had to be asked and did not answer."""
     key = presented_key(headers, policy.identity.api_key_headers)
-    return None if key is None else customers.by_key_hash(hash_key(key), policy)
+    return None if key is None else await customers.by_key_hash(hash_key(key), policy)

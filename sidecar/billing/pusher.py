@@ -182,9 +182,9 @@ class Pusher:
 
     async def _close_due(self, policy: Policy, billing: Billing, now_ms: int) -> None:
         aggregations = {name: meter.aggregation.value for name, meter in policy.meters.items()}
-        customers = self.directory.all(policy)
         held_back = self.held_back()
         due = await self.outbox.due_dirty(now_ms, _CUSTOMERS_PER_CYCLE)
+        customers = await self.directory.customers((c for c, _ in due), policy, retired=True)
 
         async def close(due_customer: tuple[str, int]) -> None:
             customer, seen = due_customer
@@ -253,7 +253,7 @@ class Pusher:
         """Each summary's outcome: sent in batches as large as the format takes, or refused here
         when its customer cannot be named to the billing system."""
         fmt = format_for(billing)
-        customers = self.directory.all(policy)
+        customers = await self.directory.customers({s.customer for s in summaries}, policy, retired=True)
         outcomes: dict[str, Outcome] = {}
         sendable = []
         for summary in summaries:

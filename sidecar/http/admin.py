@@ -7,13 +7,12 @@ import hmac
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from sidecar.admission.customers import parse_customer
 from sidecar.admission.grants import parse_grant
 from sidecar.admission.usage import usage_document
 from sidecar.config.policy.model import Customer, Policy
 from sidecar.config.policy.windows import rfc3339
 from sidecar.errors import StoreUnavailable
-from sidecar.http import check_api, events_api, problems
+from sidecar.http import check_api, customers_api, events_api, problems
 from sidecar.http.components import COMPONENTS, Components
 from sidecar.http.notifications_api import add_routes as add_notification_routes
 from sidecar.http.reloading import reload_policy
@@ -73,7 +72,10 @@ async def metrics(request: web.Request) -> web.Response:
 async def customer_usage(request: web.Request) -> web.Response:
     components = request.app[COMPONENTS]
     policy = components.holder.current
-    customer = components.directory.all(policy).get(request.match_info["customer"])
+    try:
+        customer = await components.directory.customer(request.match_info["customer"], policy)
+    except StoreUnavailable:
+        return problems.unavailable(problems.STORE_RETRY_AFTER)
     if customer is None:
         return problems.problem(404, "Not Found", f"no customer '{request.match_info['customer']}'")
     return await usage_answer(components, policy, customer)
@@ -89,31 +91,17 @@ async def usage_answer(components: Components, policy: Policy, customer: Custome
     return web.json_response(document)
 
 
-async def put_customer(request: web.Request) -> web.Response:
-    """Create or change a customer in Redis; every replica serves it within about a second."""
-    components = request.app[COMPONENTS]
-    policy = components.holder.current
-    try:
-        body = await request.json()
-    except ValueError:
-        body = None
-    parsed = parse_customer(request.match_info["customer"], body, policy, components.directory)
-    if isinstance(parsed, list):
-        return problems.problem(422, "Invalid customer", "the customer was not stored", errors=parsed)
-    try:
-        await components.directory.put(parsed)
-    except StoreUnavailable:
-        return problems.unavailable(problems.STORE_RETRY_AFTER)
-    return web.json_response({"customer": parsed.id, "plan": parsed.plan, "stored": True})
-
-
 async def post_grant(request: web.Request) -> web.Response:
     """Add prepaid credit: 201 added, 200 when this grant id was added before, 409 when the id
     names a different grant, 422 for a bad body."""
     components = request.app[COMPONENTS]
     policy = components.holder.current
     customer_id = request.match_info["customer"]
-    if customer_id not in components.directory.all(policy):
+    try:
+        known = await components.directory.customer(customer_id, policy)
+    except StoreUnavailable:
+        return problems.unavailable(problems.STORE_RETRY_AFTER)
+    if known is None:
         return problems.problem(404, "Not Found", f"no customer '{customer_id}'")
     try:
         body = await request.json()
@@ -188,11 +176,11 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/customers/{customer}/usage", customer_usage)
-    app.router.add_put("/admin/customers/{customer}", put_customer)
     app.router.add_post("/admin/customers/{customer}/grants", post_grant)
     app.router.add_post("/admin/customers/{customer}/check", check_api.post_check)
     app.router.add_post("/admin/events", events_api.post_events)
     app.router.add_post("/admin/reload", reload)
+    customers_api.add_routes(app)  # list, get, put, delete, keys, import (SPEC §7)
     app.router.add_get("/admin/billing/dead-letters", dead_letters)
     app.router.add_post("/admin/billing/dead-letters/redrive", redrive)
     add_notification_routes(app)

@@ -18,7 +18,7 @@ async def post_check(request: web.Request) -> web.Response:
     policy = components.holder.current
     customer_id = request.match_info["customer"]
     try:
-        customer = components.directory.all(policy).get(customer_id)
+        customer = await components.directory.customer(customer_id, policy)
     except StoreUnavailable:
         return problems.unavailable(problems.STORE_RETRY_AFTER)
     if customer is None:

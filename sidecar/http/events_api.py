@@ -56,9 +56,7 @@ async def take_records(
     ones it missed journaled or answered unavailable by their store_failure."""
     policy = components.holder.current
     subjects = [raw.get("subject") for raw in raws if isinstance(raw, dict)]
-    directory = components.directory.all(policy)
-    named = {s for s in subjects if isinstance(s, str)}
-    known = {s: directory[s] for s in named if s in directory}
+    known = await components.directory.customers((s for s in subjects if isinstance(s, str)), policy)
     now = components.store.time()
     events = [read_event(raw, policy, known.get, now) for raw in raws]
     valid = [(i, e) for i, e in enumerate(events) if isinstance(e, Event)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from sidecar.admission.identity import identify
+from sidecar.errors import StoreUnavailable
 from sidecar.http import problems
 from sidecar.http.admin import usage_answer
 from sidecar.http.components import COMPONENTS
@@ -18,7 +19,10 @@ PATH = "/_sidecar/usage"
 async def own_usage(request: web.Request) -> web.Response:
     components = request.app[COMPONENTS]
     policy = components.holder.current
-    customer = identify(request.headers, policy, components.directory)
+    try:
+        customer = await identify(request.headers, policy, components.directory)
+    except StoreUnavailable:
+        return problems.unavailable(problems.STORE_RETRY_AFTER)
     if customer is None:
         return problems.unauthorized(policy.identity.api_key_headers)
     return await usage_answer(components, policy, customer)

@@ -334,20 +334,118 @@ class OutboxStore(Protocol):
         """Find every usage and outbox anew and make sure each is scheduled."""
 
 
+class Written(enum.Enum):
+    """What the store did with one customer write (CustomerStore)."""
+
+    STORED = "stored"  # written; every replica drops what it cached of the customer
+    REPEATED = "repeated"  # a key added that the customer had already
+    CONFLICT = "conflict"  # a key belongs to another customer: nothing written
+    NOT_FOUND = "not_found"  # no such stored customer (or not one of its keys): nothing written
+    SLOW = "slow"  # the write took longer than a claim is safe for: nothing written, try again
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """One write's outcome; for a CONFLICT, each conflicting key's index in the customer's
+    ``api_key_hashes`` with the customer that holds it."""
+
+    outcome: Written
+    owners: tuple[tuple[int, str], ...] = ()
+
+
+class Deleted(enum.Enum):
+    """What DELETE did (CustomerStore.delete)."""
+
+    DELETED = "deleted"  # a live customer was deleted (and its purge scheduled, if asked)
+    ALREADY = "already"  # it was deleted before (a purge asked for now is scheduled)
+    NOT_FOUND = "not_found"
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerChange:
+    """One entry of the changes feed, written after every change: the customers whose cached
+    entries every replica drops, key hashes that were added (a replica may hold them as unknown)
+    and, for an import batch, that every cached unknown key goes."""
+
+    customers: tuple[str, ...] = ()
+    key_hashes: tuple[str, ...] = ()
+    unknown_keys: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FeedRead:
+    """What a read of the changes feed found after ``position``: the changes in order and the
+    new position; ``gap`` when changes may have been missed (trimmed while this replica could
+    not read), so everything cached must go."""
+
+    position: str
+    changes: tuple[CustomerChange, ...] = ()
+    gap: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPage:
+    """Stored customers with ids after a cursor, in id order; ``more`` when ids past the last
+    one may follow, ``last`` the last id looked at (the next page starts after it)."""
+
+    customers: tuple[Customer, ...]
+    last: str
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    """A purge that ran to its end: the customer and how many of its keys were erased."""
+
+    customer: str
+    keys: int
+
+
 class CustomerStore(Protocol):
-    """Customers stored through the admin API, shared by every replica through a version that
-    moves with every change (admission/customers.py polls it). Calls are off the request path:
-    they wait longer than a request can, and raise StoreUnavailable."""
+    """Customers stored through the admin API: a document per customer on the customer's own
+    slot, an owner entry per API key hash (fleet-wide, claimed so that two writers racing for
+    one key cannot both win), a listing index, and a feed of changes that every replica reads.
 
-    async def put(self, customer: Customer) -> None:
-        """Store one customer, replacing a stored one with its id, and move the version, in one
-        atomic step: a replica that reads the new version finds the customer."""
+    ``owner`` and ``get(hot=True)`` are a request's lookups, bounded by the store timeout; the
+    rest is admin and background work, bounded by a longer one. All raise StoreUnavailable."""
 
-    async def version(self) -> int:
-        """The stored customers' version (0: none stored yet); one cheap read."""
+    async def owner(self, key_hash: str) -> str | None:
+        """The id of the customer an API key's hash was claimed for; one round trip."""
 
-    async def read(self) -> Mapping[str, Customer]:
-        """Every stored customer by id."""
+    async def get(self, customer_id: str, *, hot: bool = False) -> Customer | None:
+        """A stored customer that is not deleted; one round trip."""
+
+    async def get_many(self, ids: Sequence[str], *, retired: bool = False) -> dict[str, Customer]:
+        """The stored customers among ``ids``; deleted ones too when ``retired`` (billing still
+        names them); one pipelined round trip."""
+
+    async def put_many(self, customers: Sequence[Customer]) -> list[WriteResult]:
+        """Store each customer, replacing a stored one with its id, each on its own: one whose key
+        belongs to another customer is not written at all. Announced on the feed."""
+
+    async def delete(self, customer_id: str, *, purge: bool) -> Deleted:
+        """Delete a customer and give back its keys; with ``purge``, its keys (counters, grants,
+        usage) are erased once nothing of it waits for billing (``purge_due``)."""
+
+    async def add_key(self, customer_id: str, key_hash: str) -> WriteResult:
+        """Add one API key to a stored customer (STORED, REPEATED, CONFLICT or NOT_FOUND)."""
+
+    async def revoke_key(self, customer_id: str, key_hash: str) -> WriteResult:
+        """Take one API key from a stored customer (STORED or NOT_FOUND)."""
+
+    async def page(self, prefix: str, after: str, limit: int, plan: str | None = None) -> StoredPage:
+        """Up to ``limit`` stored customers whose ids start with ``prefix``, after ``after``."""
+
+    async def feed_position(self) -> str:
+        """Where the changes feed ends now: a replica reads on from there."""
+
+    async def changes(self, after: str, wait: float, *, check_gap: bool = False) -> FeedRead:
+        """The changes after ``after``, waiting up to ``wait`` seconds for one; with
+        ``check_gap`` (after a failed read), also whether some were lost meanwhile."""
+
+    async def purge_due(self, *, wait_for_billing: bool) -> list[Purged]:
+        """Run the purges that are due: a customer whose usage, outbox and void fence are empty
+        (or any, without billing) has every key erased; the others are looked at again later."""
 
 
 class Store(Protocol):

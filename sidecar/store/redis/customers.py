@@ -1,61 +1,225 @@
-"""The CustomerStore of store/port.py over Redis: one hash of JSON documents and a version counter.
+"""The CustomerStore of store/port.py over Redis: documents, key owners, claims and their undoing.
 
-``put`` writes the customer's document and bumps the version in one script (put_customer.lua), so
-a replica that reads the new version finds the customer in the hash. Every call waits up to
-BACKGROUND_TIMEOUT, not the store timeout: the refresh is off the request path, and an admin
-PUT may wait for a busy store rather than fail (calls.py). The document keeps key hashes only,
-as ``sha256:<hex>``.
+Where things are (keys.py): one hash per customer on the customer's own slot, one owner entry per
+API key hash (each its own key, so a Cluster spreads the index as it spreads the counters), a
+listing index in INDEX_BUCKETS sorted sets (customer_listing.py), and a changes stream every
+replica reads (customer_feed.py). The purge is customer_purge.py.
+
+A key belongs to one customer fleet-wide. A write claims each of its keys first, with a
+compare-and-set on the key's owner entry (customer_claim.lua), then writes the document
+(customer_put.lua), then gives back the keys the document before had and this one has not. Two
+writers racing for one key: the first claim wins, the second finds the key held and writes
+nothing (its own claims undone). Each write stamps its claims with a token of its own and the
+document records it, so a give-back (customer_unclaim.lua) never takes a key that a later write
+of the same customer re-stamped. A writer that dies between claim and document leaves a claim
+its owner's document does not list: lookups ignore it, and a claim older than STALE_CLAIM_MS
+may be taken over (a write slower than WRITE_MS writes nothing, so it cannot race that).
+
+Lookups of a request (``owner``, ``get(hot=True)``) ride the hot path's script batcher, one
+EVALSHA each in the requests' own pipeline, under the store timeout. Everything else rides a
+batcher of its own with a longer deadline (BULK_TIMEOUT), so that an import's pipelines never
+share a deadline or a connection with requests.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from datetime import date
-from typing import Any, cast
+import asyncio
+import secrets
+import zlib
+from collections.abc import Sequence
+from typing import Any
 
 from sidecar.config.policy.model import Customer
+from sidecar.errors import StoreUnavailable
+from sidecar.store.port import CustomerChange, Deleted, FeedRead, Purged, StoredPage, WriteResult, Written
 from sidecar.store.redis import keys
-from sidecar.store.redis.calls import BACKGROUND_TIMEOUT, bounded, load_script
-from sidecar.store.redis.topology import StoreClient
+from sidecar.store.redis.breaker import CircuitBreaker
+from sidecar.store.redis.calls import BACKGROUND_TIMEOUT, load_script
+from sidecar.store.redis.customer_claims import WRITE_MS, Claimed, Claims, Write, gathered, text
+from sidecar.store.redis.customer_docs import Claim, Document, document, fields
+from sidecar.store.redis.customer_feed import Feed
+from sidecar.store.redis.customer_listing import Listing
+from sidecar.store.redis.customer_purge import Purges
+from sidecar.store.redis.pipeline import Script, ScriptBatcher
+from sidecar.store.redis.topology import Arg, StoreClient
+
+BULK_TIMEOUT = 5.0  # seconds one pipeline of admin or import calls may take
+TOMBSTONE_SECONDS = 40 * 86400  # a deleted customer's document, for billing what it used
+SMALL_CHANGE = 32  # a write of more customers tells replicas "every unknown key" instead of its keys
 
 
 class RedisCustomers:
-    def __init__(self, client: StoreClient, *, timeout: float = BACKGROUND_TIMEOUT) -> None:
+    def __init__(
+        self,
+        client: StoreClient,
+        batcher: ScriptBatcher,
+        *,
+        breaker: CircuitBreaker | None = None,
+        timeout: float = BACKGROUND_TIMEOUT,
+    ):
         self.client = client
-        self._timeout = timeout
-        self._put = client.register_script(load_script("put_customer", shared=False))
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
+        self.bulk = ScriptBatcher(batcher.locator, timeout=BULK_TIMEOUT)
+        read = load_script("customer_read", shared=False)
+        self._read_hot = batcher.register(read)
+        self._read = self.bulk.register(read)
+        self.claims = Claims(
+            self._script("customer_claim"), self._script("customer_unclaim"), self._documents
+        )
+        self._put = self._script("customer_put")
+        self._delete = self._script("customer_delete")
+        self._add_key = self._script("customer_add_key")
+        self._revoke_key = self._script("customer_revoke_key")
+        self._index = self._script("customer_index")
+        self.feed = Feed(client, self._script("customer_changed"), timeout=timeout)
+        self.listing = Listing(self._script("customer_range"), self.get_many)
+        self.purges = Purges(client, self._script("claim"), self._script("customer_erase"), timeout=timeout)
 
-    async def put(self, customer: Customer) -> None:
-        document = json.dumps(_document(customer))
-        operation = self._put(keys=[keys.CUSTOMERS, keys.CUSTOMERS_VERSION], args=[customer.id, document])
-        await bounded(operation, self._timeout)
+    def _script(self, name: str) -> Script:
+        return self.bulk.register(load_script(name, shared=False))
 
-    async def version(self) -> int:
-        return int(await bounded(self.client.get(keys.CUSTOMERS_VERSION), self._timeout) or 0)
+    async def close(self) -> None:
+        await self.bulk.close()
 
-    async def read(self) -> Mapping[str, Customer]:
-        entries = cast(dict[bytes, bytes], await bounded(self.client.hgetall(keys.CUSTOMERS), self._timeout))
-        return {k.decode(): _customer(k.decode(), json.loads(v)) for k, v in entries.items()}
+    # -- reads ------------------------------------------------------------------------------------
+
+    async def owner(self, key_hash: str) -> str | None:
+        entry = await self._hot(keys.key_owner(key_hash))
+        return Claim.parse(text(entry)).owner if isinstance(entry, bytes) else None
+
+    async def get(self, customer_id: str, *, hot: bool = False) -> Customer | None:
+        key = keys.customer(customer_id)
+        reply = await (self._hot(key) if hot else self._read([key]))
+        found = document(customer_id, _flat(reply))
+        return found.customer if found is not None and not found.deleted else None
+
+    async def _hot(self, key: str) -> Any:
+        """A request's lookup: through the store's circuit breaker, like its metering calls, so
+        that a paused store costs the requests one timeout each only until the breaker opens."""
+        if not self.breaker.allow():
+            raise StoreUnavailable("the store failed repeatedly; the circuit breaker is open")
+        try:
+            reply = await self._read_hot([key])
+        except StoreUnavailable:
+            self.breaker.failed()
+            raise
+        self.breaker.succeeded()
+        return reply
+
+    async def get_many(self, ids: Sequence[str], *, retired: bool = False) -> dict[str, Customer]:
+        found = await self._documents(ids)
+        return {i: d.customer for i, d in found.items() if retired or not d.deleted}
+
+    async def _documents(self, ids: Sequence[str]) -> dict[str, Document]:
+        unique = list(dict.fromkeys(ids))
+        replies = await gathered([self._read([keys.customer(i)]) for i in unique])
+        found = {i: document(i, _flat(reply)) for i, reply in zip(unique, replies, strict=True)}
+        return {i: d for i, d in found.items() if d is not None}
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    async def put_many(self, customers: Sequence[Customer]) -> list[WriteResult]:
+        """Each customer in three pipelined phases for them all: claims, documents, give-backs."""
+        batch = secrets.token_hex(4)
+        writes = [Write(c.id, c.api_key_hashes, f"{batch}{i:x}") for i, c in enumerate(customers)]
+        await self._index_ids("add", [c.id for c in customers])
+        claimed = await self.claims.claim(writes)
+        results = [WriteResult(Written.CONFLICT, c.refused) if c.refused else None for c in claimed]
+        writable = [i for i, result in enumerate(results) if result is None]
+        replies = await gathered([self._put_document(customers[i], claimed[i]) for i in writable])
+        afterwards: list[asyncio.Future[Any]] = [f for c in claimed if c.refused for f in self.claims.undo(c)]
+        for i, reply in zip(writable, replies, strict=True):
+            if int(reply[0]):
+                results[i] = WriteResult(Written.STORED)
+                afterwards += self._give_back_dropped(customers[i], reply[1])
+            else:
+                results[i] = WriteResult(Written.SLOW)
+                afterwards += self.claims.undo(claimed[i])
+        await gathered(afterwards)
+        done = [r if r is not None else WriteResult(Written.SLOW) for r in results]
+        await self.feed.announce(_change(customers, done))
+        return done
+
+    def _put_document(self, customer: Customer, claimed: Claimed) -> asyncio.Future[Any]:
+        doc_keys = [keys.customer(customer.id), keys.customer_purge(customer.id)]
+        return self._put(doc_keys, [claimed.first_ms, WRITE_MS, *fields(customer, claimed.write.token)])
+
+    def _give_back_dropped(self, customer: Customer, flat_before: Any) -> list[asyncio.Future[Any]]:
+        """Give back the keys the document before had and this one has not."""
+        before = document(customer.id, _flat(flat_before))
+        kept = set(customer.api_key_hashes)
+        gone = {h: t for h, t in before.tokens.items() if h not in kept} if before is not None else {}
+        return [self.claims.give_back(customer.id, h, t) for h, t in gone.items()]
+
+    async def _index_ids(self, operation: str, ids: Sequence[str]) -> None:
+        buckets: dict[int, list[str]] = {}
+        for customer_id in ids:
+            buckets.setdefault(bucket_of(customer_id), []).append(customer_id)
+        await gathered([self._index([keys.customer_index(b)], [operation, *m]) for b, m in buckets.items()])
+
+    async def delete(self, customer_id: str, *, purge: bool) -> Deleted:
+        doc_keys = [keys.customer(customer_id), keys.customer_purge(customer_id)]
+        reply = await self._delete(doc_keys, [TOMBSTONE_SECONDS, "1" if purge else "0"])
+        status = int(reply[0])
+        if status == 0:
+            return Deleted.NOT_FOUND
+        if status == 1:
+            before = document(customer_id, _flat(reply[1]))
+            tokens = before.tokens if before is not None else {}
+            await gathered([self.claims.give_back(customer_id, h, t) for h, t in tokens.items()])
+            await self._index_ids("rem", [customer_id])
+            await self.feed.announce(CustomerChange(customers=(customer_id,)))
+        if purge:
+            await self.purges.schedule(customer_id)
+        return Deleted.DELETED if status == 1 else Deleted.ALREADY
+
+    async def add_key(self, customer_id: str, key_hash: str) -> WriteResult:
+        (claimed,) = await self.claims.claim([Write(customer_id, (key_hash,), secrets.token_hex(5))])
+        if claimed.refused:
+            return WriteResult(Written.CONFLICT, claimed.refused)
+        arguments: list[Arg] = [key_hash, claimed.write.token, claimed.first_ms, WRITE_MS]
+        added = int(await self._add_key([keys.customer(customer_id)], arguments))
+        if added <= 0:
+            await gathered(self.claims.undo(claimed))
+            return WriteResult(Written.NOT_FOUND if added == 0 else Written.SLOW)
+        await self.feed.announce(CustomerChange(customers=(customer_id,), key_hashes=(key_hash,)))
+        return WriteResult(Written.STORED if added == 1 else Written.REPEATED)
+
+    async def revoke_key(self, customer_id: str, key_hash: str) -> WriteResult:
+        token = await self._revoke_key([keys.customer(customer_id)], [key_hash])
+        if not isinstance(token, bytes):
+            return WriteResult(Written.NOT_FOUND)
+        await self.claims.give_back(customer_id, key_hash, token.decode())
+        await self.feed.announce(CustomerChange(customers=(customer_id,)))
+        return WriteResult(Written.STORED)
+
+    # -- listing, feed, purge ---------------------------------------------------------------------
+
+    async def page(self, prefix: str, after: str, limit: int, plan: str | None = None) -> StoredPage:
+        return await self.listing.page(prefix, after, limit, plan)
+
+    async def feed_position(self) -> str:
+        return await self.feed.position()
+
+    async def changes(self, after: str, wait: float, *, check_gap: bool = False) -> FeedRead:
+        return await self.feed.read(after, wait, check_gap=check_gap)
+
+    async def purge_due(self, *, wait_for_billing: bool) -> list[Purged]:
+        return await self.purges.run_due(wait_for_billing=wait_for_billing)
 
 
-def _document(customer: Customer) -> dict[str, Any]:
-    return {
-        "plan": customer.plan,
-        "api_keys": [f"sha256:{h}" for h in customer.api_key_hashes],
-        "billing_anchor": customer.billing_anchor.isoformat() if customer.billing_anchor else None,
-        "stripe_customer_id": customer.stripe_customer_id,
-        "lago_subscription_id": customer.lago_subscription_id,
-    }
+def bucket_of(customer_id: str) -> int:
+    """The listing bucket of an id: spread evenly, the same on every replica."""
+    return zlib.crc32(customer_id.encode()) % keys.INDEX_BUCKETS
 
 
-def _customer(customer_id: str, document: Mapping[str, Any]) -> Customer:
-    anchor = document.get("billing_anchor")
-    return Customer(
-        id=customer_id,
-        plan=document["plan"],
-        api_key_hashes=tuple(key.removeprefix("sha256:") for key in document.get("api_keys", ())),
-        billing_anchor=date.fromisoformat(anchor) if anchor else None,
-        stripe_customer_id=document.get("stripe_customer_id"),
-        lago_subscription_id=document.get("lago_subscription_id"),
-    )
+def _change(customers: Sequence[Customer], results: Sequence[WriteResult]) -> CustomerChange:
+    stored = [c for c, r in zip(customers, results, strict=True) if r.outcome is Written.STORED]
+    ids = tuple(dict.fromkeys(c.id for c in stored))
+    if len(stored) > SMALL_CHANGE:
+        return CustomerChange(customers=ids, unknown_keys=True)
+    return CustomerChange(customers=ids, key_hashes=tuple(h for c in stored for h in c.api_key_hashes))
+
+
+def _flat(reply: Any) -> list[Any]:
+    return reply if isinstance(reply, list) else []

@@ -152,9 +152,42 @@ DIRTY = f"{PREFIX}:billing:dirty"  # customers with usage in windows not yet clo
 PENDING = f"{PREFIX}:billing:pending"  # customers with summaries waiting in their outbox
 DEAD = f"{PREFIX}:billing:dead"  # customers with dead letters
 
-# Customers stored through the admin API: id → JSON, and a version bumped on every change.
-CUSTOMERS = f"{PREFIX}:{{customers}}:all"
-CUSTOMERS_VERSION = f"{PREFIX}:{{customers}}:version"
+# -- customers stored through the admin API (store/redis/customers.py) ----------------------------
+# A customer's document sits on the customer's own slot, each key hash is a key of its own, and
+# the id listing is spread over INDEX_BUCKETS sorted sets: a Cluster spreads all three.
+INDEX_BUCKETS = 16
+KEY_OWNER_PREFIX = f"{PREFIX}:key:"
+CHANGES = f"{PREFIX}:{{customers}}:changes"  # stream: one entry per change, read by every replica
+PURGES = f"{PREFIX}:{{customers}}:purges"  # sorted set: customer ids to purge, scored by when (ms)
+
+
+def customer(customer_id: str) -> str:
+    """Hash of one stored customer: p plan, a billing anchor, s/l billing ids, d when deleted (ms),
+    and one field per API key, its hex SHA-256 digest → the token of the write that claimed it."""
+    return f"{customer_tag(customer_id)}:cust"
+
+
+def customer_purge(customer_id: str) -> str:
+    """Set while a delete with purge waits to erase the customer's keys; a PUT takes it away."""
+    return f"{customer_tag(customer_id)}:purge"
+
+
+def customer_prefix(customer_id: str) -> str:
+    """What every key of the customer starts with (the purge finds them by it)."""
+    return f"{customer_tag(customer_id)}:"
+
+
+def key_owner(key_hash: str) -> str:
+    """String "<customer id> <claim token> <claimed at ms>": which customer an API key (its hex
+    SHA-256 digest) belongs to, fleet-wide; claimed with a compare-and-set, never overwritten."""
+    return f"{KEY_OWNER_PREFIX}{key_hash}"
+
+
+def customer_index(bucket: int) -> str:
+    """Sorted set (all scores 0, so ordered by id) of the stored customer ids of one bucket."""
+    return f"{PREFIX}:{{ix:{bucket}}}:ids"
+
+
 USAGE_PATTERN = f"{PREFIX}:{{c:*}}:u"
 OUTBOX_PATTERN = f"{PREFIX}:{{c:*}}:ob"
 

@@ -87,7 +87,7 @@ class RedisStore:
         self._record = self.batcher.register(load_script("record"))
         self._shapes = Shapes()
         self.outbox = Outbox(client)
-        self.customers = RedisCustomers(client)
+        self.customers = RedisCustomers(client, self.batcher, breaker=self.breaker)
         self.notifications = NotifyOutbox(client)
 
     @classmethod
@@ -168,9 +168,6 @@ class RedisStore:
                 raise reply
             for position, result in zip(group_positions, read_reply(reply, group), strict=True):
                 results[position] = result
-            if int(reply[-1]) > 0:  # notifications recorded (record.lua): whose is for the notifier to find
-                for record in group:
-                    self.notifications.note(record.request.customer_id)
         answered = [r for r in results if r is not _UNANSWERED]
         if len(answered) == len(results):
             self.breaker.succeeded()
@@ -220,7 +217,13 @@ class RedisStore:
         return Replayed.MERGED if outcome is RecordOutcome.ACCEPTED else Replayed.REPEATED
 
     async def ping(self) -> None:
-        await self._call(lambda: self.client.ping())
+        """One PING, tried once more on failure: after the store restarts, each pooled connection
+        fails once before it reconnects, and a PING (which changes nothing) is safe to repeat."""
+        try:
+            await self._call(lambda: self.client.ping())
+        except StoreUnavailable:
+            await self._call(lambda: self.client.ping())
+
 
     def traffic(self) -> tuple[int, int]:
         """Script calls sent through the batcher, and the round trips that carried them."""
@@ -235,6 +238,7 @@ class RedisStore:
             log.warning("store not reachable at startup (%s); requests will retry the connection", error)
 
     async def close(self) -> None:
+        await self.customers.close()
         await self.batcher.close()
         await close_client(self.client)
 

@@ -1,0 +1,133 @@
+"""Claims on API keys: how a key comes to belong to one customer fleet-wide, and is given back.
+
+Every key hash has an owner entry of its own (keys.key_owner), so the index spreads over a
+Cluster; a customer's document lives on the customer's slot. One script cannot touch both on a
+Cluster, so a write claims its keys first (customer_claim.lua: a compare-and-set; the first of
+two racing writers wins, the second finds the key held), writes the document after, and gives
+back what it no longer lists (customer_unclaim.lua). Each write stamps its claims with a token of
+its own, which the document records per key: a give-back takes a key only from the write that
+stamped it, never from a later write of the same customer that re-stamped it.
+
+A writer that dies between its claims and its document leaves claims its owner's document does
+not list. Lookups ignore them (the directory checks the document), and once older than
+STALE_CLAIM_MS another customer may take them over (``claim`` tries again, naming the stale
+entry, which the script replaces only if it is still exactly that). A write slower than WRITE_MS
+from its first claim writes no document (customer_put.lua), so it cannot race a takeover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.store.redis import keys
+from sidecar.store.redis.customer_docs import Claim, Document
+from sidecar.store.redis.pipeline import Script
+
+WRITE_MS = 30_000  # the longest a write may take from its first claim to its document
+STALE_CLAIM_MS = 60_000  # an older claim its owner's document does not list is a dead writer's
+
+Documents = Callable[[Sequence[str]], Awaitable[dict[str, Document]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """Which keys one write claims, for whom, under which token."""
+
+    customer_id: str
+    key_hashes: tuple[str, ...]
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A write's claims as the claim script answered each: [1 claimed | 0 held, now (ms), the
+    entry before (claimed) or the entry that holds it (held)]."""
+
+    write: Write
+    replies: tuple[Any, ...]
+
+    @property
+    def refused(self) -> tuple[tuple[int, str], ...]:
+        """Each key held by another customer: its index in the write's keys, and that customer."""
+        return tuple((i, Claim.parse(text(r[2])).owner) for i, r in enumerate(self.replies) if not int(r[0]))
+
+    @property
+    def first_ms(self) -> int:
+        """When the first claim was made (store clock); 0 when the write claims no key."""
+        return min((int(r[1]) for r in self.replies), default=0)
+
+
+class Claims:
+    def __init__(self, claim: Script, unclaim: Script, documents: Documents) -> None:
+        self._claim = claim
+        self._unclaim = unclaim
+        self._documents = documents
+
+    async def claim(self, writes: Sequence[Write]) -> list[Claimed]:
+        """Claim every write's keys, all in one pipeline; a dead writer's stale claim is taken over."""
+        flat = [(write, key_hash) for write in writes for key_hash in write.key_hashes]
+        replies = await gathered([self._claim_one(w, h) for w, h in flat])
+        replies = await self._take_over_stale(flat, replies)
+        claimed, at = [], 0
+        for write in writes:
+            claimed.append(Claimed(write, tuple(replies[at : at + len(write.key_hashes)])))
+            at += len(write.key_hashes)
+        return claimed
+
+    def _claim_one(self, write: Write, key_hash: str, stale: str = "") -> asyncio.Future[Any]:
+        return self._claim([keys.key_owner(key_hash)], [write.customer_id, write.token, stale])
+
+    async def _take_over_stale(self, flat: list[tuple[Write, str]], replies: list[Any]) -> list[Any]:
+        refused = [i for i, r in enumerate(replies) if not int(r[0])]
+        if not refused:
+            return replies
+        owners = await self._documents([Claim.parse(text(replies[i][2])).owner for i in refused])
+        stale = [i for i in refused if self._stale(flat[i][1], replies[i], owners)]
+        retried = await gathered([self._claim_one(*flat[i], text(replies[i][2])) for i in stale])
+        replies = list(replies)
+        for i, reply in zip(stale, retried, strict=True):
+            replies[i] = reply
+        return replies
+
+    @staticmethod
+    def _stale(key_hash: str, reply: Any, owners: dict[str, Document]) -> bool:
+        """A claim its owner's document does not list, older than any live write."""
+        claim = Claim.parse(text(reply[2]))
+        owner = owners.get(claim.owner)
+        listed = owner is not None and not owner.deleted and key_hash in owner.tokens
+        return not listed and int(reply[1]) - claim.at_ms > STALE_CLAIM_MS
+
+    def undo(self, claimed: Claimed) -> list[asyncio.Future[Any]]:
+        """Give back the claims of a write that wrote nothing, putting back what the customer's own
+        entry held before (its document still lists those keys); the calls, to be awaited."""
+        write, undo = claimed.write, []
+        for key_hash, reply in zip(write.key_hashes, claimed.replies, strict=True):
+            if int(reply[0]):
+                before = text(reply[2])
+                restore = before if before and Claim.parse(before).owner == write.customer_id else ""
+                undo.append(self.give_back(write.customer_id, key_hash, write.token, restore))
+        return undo
+
+    def give_back(
+        self, customer_id: str, key_hash: str, token: str, restore: str = ""
+    ) -> asyncio.Future[Any]:
+        """Delete a key's owner entry (or put ``restore`` back) if ``token`` still holds it; the
+        call, to be awaited."""
+        return self._unclaim([keys.key_owner(key_hash)], [customer_id, token, restore])
+
+
+async def gathered(calls: Sequence[Awaitable[Any]]) -> list[Any]:
+    """Every call's reply, in order; the first failure raised once all have settled. Script calls
+    are futures already, so no task is made for each (an import makes millions)."""
+    replies = await asyncio.gather(*calls, return_exceptions=True)
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            raise reply
+    return list(replies)
+
+
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
