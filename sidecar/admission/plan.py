@@ -59,13 +59,13 @@ def meter_request(
     )
     hold = _hold(spec, hold_id) if holding else None
     holds = bool(spec.credits or spec.reserves)
-    thresholds = _watched(policy, limits, credits)
+    thresholds = watched_thresholds(policy, limits, credits)
     return MeterRequest(
         customer.id, limits, usage, policy.billing_interval, credits, hold, holds, customer.plan, thresholds
     )
 
 
-def _watched(
+def watched_thresholds(
     policy: Policy, limits: tuple[LimitCharge, ...], credits: tuple[CreditCharge, ...]
 ) -> tuple[int, ...]:
     """The thresholds a metering call watches (SPEC §9): the policy's, when it charges a limit or a
@@ -165,7 +165,7 @@ def response_request(
     hold = Hold(hold_id, 0) if hold_id else None
     holds = bool(spec.credits or spec.reserves)
     charged = tuple(limits)
-    thresholds = _watched(policy, charged, credits)
+    thresholds = watched_thresholds(policy, charged, credits)
     return MeterRequest(
         customer.id, charged, usage, policy.billing_interval, credits, hold, holds, customer.plan, thresholds
     )

@@ -27,6 +27,7 @@ from datetime import datetime
 from typing import NamedTuple
 
 from sidecar.admission import algorithms
+from sidecar.admission.plan import watched_thresholds
 from sidecar.config.policy.events import MAX_AHEAD_SECONDS
 from sidecar.config.policy.model import Aggregation, Customer, Limit, Meter, Plan, Policy
 from sidecar.store.port import CreditCharge, Dedupe, LimitCharge, MeterRequest, UsageCharge, UsageRecord
@@ -243,7 +244,10 @@ def usage_request(
     usage = (
         (UsageCharge(meter.name, RECORD_FEATURE, amount, _OPS[meter.aggregation]),) if policy.billing else ()
     )
-    return MeterRequest(customer.id, limits, usage, policy.billing_interval, credits)
+    thresholds = watched_thresholds(policy, limits, credits)
+    return MeterRequest(
+        customer.id, limits, usage, policy.billing_interval, credits, plan=plan.name, thresholds=thresholds
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -293,3 +294,28 @@ async def test_sidecar_run_delivers_notifications_from_two_processes_once_each(
     assert sorted(hooks.by_threshold()) == [("limit.threshold", 80), ("limit.threshold", 100)]
     assert len(hooks.posts) == 2
     assert all(verify(BILLING_SECRET, headers["Sidecar-Signature"], body) for headers, body in hooks.posts)
+
+
+async def test_usage_records_notify_like_proxied_requests_and_together_once(
+    tmp_path: Path, hooks: Hooks, replica: ReplicaFactory
+) -> None:
+    """POST /admin/events records (SPEC §8) count like proxied usage, so they cross thresholds
+    too: records and requests through two replicas at once take acme's 10 across 80% and 100%,
+    and each crossing is sent once."""
+    policy = notify_policy(tmp_path, hooks, limit=10)
+    replicas = [await replica(policy), await replica(policy)]
+    envelope = {"specversion": "1.0", "source": "jobs", "type": "requests", "subject": "acme"}
+    now = datetime.now(UTC).isoformat()
+    batches = [[{**envelope, "id": f"r{n}-{i}", "time": now} for i in range(3)] for n in range(2)]
+    posted = [
+        r.admin.post(
+            "/admin/events", json=batch, headers={"Content-Type": "application/cloudevents-batch+json"}
+        )
+        for r, batch in zip(replicas, batches, strict=True)
+    ]
+    answers = await asyncio.gather(*posted, search(replicas, 8))
+    assert [a.status for a in answers[:2]] == [200, 200]
+    await deliver(replicas, lambda: len(hooks.accepted) >= 2)
+    await asyncio.gather(*(r.notifier.cycle() for r in replicas))
+    assert sorted(hooks.by_threshold()) == [("limit.threshold", 80), ("limit.threshold", 100)]
+    assert len(hooks.posts) == 2

@@ -15,13 +15,16 @@ from sidecar.ledger.entry import decode, encode
 from sidecar.store.notifications import CREDIT_EXHAUSTED, CREDIT_LOW, LIMIT_THRESHOLD, Notification
 from sidecar.store.port import (
     CreditCharge,
+    Dedupe,
     Grant,
     Hold,
     LimitCharge,
     MeterRequest,
     Outcome,
+    RecordOutcome,
     Replayed,
     UsageEntry,
+    UsageRecord,
 )
 from sidecar.store.redis import keys
 from sidecar.store.redis.store import RedisStore, script_arguments
@@ -192,4 +195,24 @@ async def test_usage_merged_from_the_journal_records_its_crossings(store: RedisS
     assert await store.replay(entry) is Replayed.MERGED
     assert await store.replay(entry) is Replayed.REPEATED
     assert await crossings(store) == [(LIMIT_THRESHOLD, 80, 9)]
+    assert await store.notifications.schedule_noted(1) == 1
+
+
+async def test_usage_records_record_their_crossings_once(store: RedisStore) -> None:
+    """record.lua (SPEC §8) counts records like proxied usage and watches the same thresholds,
+    on its fast path (plain counters) and its checked one (enforced)."""
+    now = store.time() or 1_767_225_600.0
+
+    def records(first: int, count: int, *, enforce: bool) -> list[UsageRecord]:
+        request = watching(month_charge(10, now=now))
+        return [
+            UsageRecord(Dedupe(b"%012d" % n, 3600), now, request, enforce)
+            for n in range(first, first + count)
+        ]
+
+    assert {r.outcome for r in await store.record(records(0, 7, enforce=False))} == {RecordOutcome.ACCEPTED}
+    assert await crossings(store) == []
+    await store.record(records(7, 2, enforce=True))  # 8, 9: across 80%
+    await store.record(records(9, 3, enforce=False))  # 10, 11, 12: across 100%, past it
+    assert await crossings(store) == [(LIMIT_THRESHOLD, 80, 8), (LIMIT_THRESHOLD, 100, 10)]
     assert await store.notifications.schedule_noted(1) == 1

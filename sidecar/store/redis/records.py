@@ -76,6 +76,10 @@ def shape_arguments(request: MeterRequest) -> tuple[list[str], list[Any]]:
     key_list.append(keys.usage(customer))
     usage = request.usage[0] if request.usage else None
     args += (f"{usage.meter}|{usage.feature}", usage.op) if usage else ("", "+")
+    args.append(len(request.thresholds))  # threshold notifications (notify_lib.lua): plan, thresholds
+    if request.thresholds:
+        key_list.append(keys.notify_outbox(customer))
+        args += (request.plan, *request.thresholds)
     return key_list, args
 
 

@@ -168,6 +168,9 @@ class RedisStore:
                 raise reply
             for position, result in zip(group_positions, read_reply(reply, group), strict=True):
                 results[position] = result
+            if int(reply[-1]) > 0:  # notifications recorded (record.lua): whose is for the notifier to find
+                for record in group:
+                    self.notifications.note(record.request.customer_id)
         answered = [r for r in results if r is not _UNANSWERED]
         if len(answered) == len(results):
             self.breaker.succeeded()

@@ -22,16 +22,19 @@
 -- quotas, credit and usage field), given once, and each record names its shape and the one
 -- amount it adds to all of it.
 -- KEYS: per shape: per limit its counter, per credit its grants left, grant expiries and
---   overdraft (lib.lua read_credit), then the usage hash.
+--   overdraft (lib.lua read_credit), then the usage hash, then the notification outbox when the
+--   shape watches thresholds.
 -- ARGV: seconds, the number of shapes, per shape: billing interval, the number of limits, per
 --   limit: ceiling, mode ('h' enforced | 's' soft or shadow | 'a' allowance of a prepaid meter),
 --   window end (s); the number of credits, per credit: mode ('h' | 's'), the number of
 --   allowances, their indexes among the shape's limits; the usage field ("<meter>|<feature>", ''
---   for none) and its op ('+', 'max', 'min'); then the number of records, per record: shape
+--   for none) and its op ('+', 'max', 'min'), the number of thresholds watched and, when there
+--   are any, the plan and the thresholds (ascending; notify_lib.lua notify_crossings records what
+--   a record's charge crossed, once); then the number of records, per record: shape
 --   (1-based), key, at (unix seconds), enforce ('1' | '0'), amount.
 -- Returns {time_s, time_us, then per record: status, and for a refused one, per limit: used,
---   reset_us, over, per credit: granted, balance, over}; status 1 counted, 0 duplicate, 2 refused
---   (nothing written).
+--   reset_us, over, per credit: granted, balance, over; then how many notifications the call
+--   recorded}; status 1 counted, 0 duplicate, 2 refused (nothing written).
 local t, now_s, frac_us = store_clock()
 local reply = {t[1], t[2]}
 
@@ -52,7 +55,11 @@ local function read_shape(k, a)
     k, a = k + 3, a + 2 + #c.allowances
   end
   req.usage_key, req.field, req.op = KEYS[k], ARGV[a], ARGV[a + 1]
-  return req, k + 1, a + 2
+  local n = tonumber(ARGV[a + 2])  -- thresholds watched (notify_lib.lua), after the plan
+  if n == 0 then return req, k + 1, a + 3 end
+  req.notify, req.notify_end, req.notify_key = a + 4, a + 3 + n, KEYS[k + 1]
+  for _, l in ipairs(req.limits) do l.p1 = tonumber(string.match(l.key, ':(%d+)$')) end  -- window start
+  return req, k + 2, a + 4 + n
 end
 
 local function read_shapes()
@@ -66,6 +73,7 @@ local function refuses(req, at)
   local refused = false
   for _, l in ipairs(req.limits) do
     l.used = tonumber(redis.call('GET', l.key) or '0')
+    l.before = l.used
     l.reset = math.max(0, (l.p2 - now_s) * 1000000 - frac_us)
     l.over = l.used + needed(l.amount) > l.ceiling
     if l.over and l.mode == 'h' then refused = true end
@@ -80,9 +88,11 @@ end
 
 -- A calendar quota's counter, its expiry set when the counter is new (the window never moves).
 local function add_to_quota(l, amount)
-  if redis.call('INCRBY', l.key, string.format('%d', amount)) == amount then
+  local used = redis.call('INCRBY', l.key, string.format('%d', amount))
+  if used == amount then
     redis.call('EXPIREAT', l.key, l.p2 + 86400)
   end
+  l.before, l.used = used - amount, used
 end
 
 -- Adds the amount to the shape's usage field of the billing window (ops "+", "max", "min").
@@ -101,8 +111,8 @@ end
 
 -- Counts one record; 2 when it is enforced and refused (having written nothing), else 1.
 local function count(req, at, enforce, amount)
-  for _, l in ipairs(req.limits) do l.amount = amount end
-  for _, c in ipairs(req.credits) do c.amount = amount end
+  for _, l in ipairs(req.limits) do l.amount, l.before = amount, nil end
+  for _, c in ipairs(req.credits) do c.amount, c.before = amount, nil end
   if enforce or #req.credits > 0 then
     if refuses(req, at) and enforce then return 2 end
     for _, l in ipairs(req.limits) do
@@ -114,6 +124,7 @@ local function count(req, at, enforce, amount)
   elseif amount > 0 then
     for _, l in ipairs(req.limits) do add_to_quota(l, amount) end
   end
+  notify_crossings(req, at)
   add_usage(req, at - at % req.interval, amount)
   return 1
 end
@@ -155,4 +166,5 @@ for _ = 1, tonumber(ARGV[a]) do
   end
 end
 for set in pairs(remembered) do redis.call('EXPIREAT', set, (bucket + 2) * seconds) end
+reply[#reply + 1] = crossed  -- notifications recorded (notify_lib.lua), read by store.py
 return reply
