@@ -19,6 +19,8 @@ CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 KEY_HASH = re.compile(r"sha256:([0-9a-f]{64})")
 FIELDS = ("plan", "api_keys", "billing_anchor", "stripe_customer_id", "lago_subscription_id")
 _BILLING_IDS = ("stripe_customer_id", "lago_subscription_id")
+_LINE_FIELDS = ("id", *FIELDS)
+_JSON = json.JSONDecoder()
 
 
 def parse_customer(
@@ -29,18 +31,14 @@ def parse_customer(
     problems = id_problems(customer_id)
     if not isinstance(body, dict):
         return [*problems, "expected a JSON object"]
-    problems += [f"unknown field '{str(name)[:64]}'" for name in body if name not in fields]
+    if not body.keys() <= set(fields):
+        problems += [f"unknown field '{str(name)[:64]}'" for name in body if name not in fields]
     plan = body.get("plan")
     if not isinstance(plan, str) or plan not in policy.plans:
         problems.append(f"plan must be one of {', '.join(sorted(policy.plans))}")
     hashes = _key_hashes(body.get("api_keys", []), problems)
     anchor = _anchor(body.get("billing_anchor"), problems)
     ids = {name: body.get(name) for name in _BILLING_IDS}
-    problems += [
-        f"{name} must be a non-empty string"
-        for name, v in ids.items()
-        if v is not None and not (isinstance(v, str) and v)
-    ]
     problems += _billing_id_problems(policy, ids)
     if problems:
         return problems
@@ -57,7 +55,7 @@ def parse_customer(
 def parse_line(line: bytes, policy: Policy) -> Customer | list[str]:
     """One NDJSON import line: a customer document with its ``id``."""
     try:
-        body = json.loads(line)
+        body = _JSON.decode(line.decode())  # str: json.loads would first guess the bytes' encoding
     except json.JSONDecodeError as error:
         return [f"not JSON: {error.msg} at column {error.colno}"]
     except ValueError:
@@ -67,7 +65,7 @@ def parse_line(line: bytes, policy: Policy) -> Customer | list[str]:
     customer_id = body.get("id")
     if not isinstance(customer_id, str):
         return ["id must be a customer id string"]
-    return parse_customer(customer_id, body, policy, fields=("id", *FIELDS))
+    return parse_customer(customer_id, body, policy, fields=_LINE_FIELDS)
 
 
 def id_problems(customer_id: str) -> list[str]:
@@ -115,9 +113,12 @@ def _anchor(value: object, problems: list[str]) -> date | None:
 
 
 def _billing_id_problems(policy: Policy, ids: Mapping[str, object]) -> list[str]:
+    problems = [
+        f"{name} must be a non-empty string"
+        for name, v in ids.items()
+        if v is not None and not (isinstance(v, str) and v)
+    ]
     name = policy.billing.format.customer_field if policy.billing else None
-    return (
-        [f"billing format '{policy.billing.format.value}' needs {name}"]
-        if name and policy.billing and not ids[name]
-        else []
-    )
+    if name and policy.billing and not ids[name]:
+        problems.append(f"billing format '{policy.billing.format.value}' needs {name}")
+    return problems

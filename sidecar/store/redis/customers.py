@@ -23,7 +23,6 @@ share a deadline or a connection with requests.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import zlib
 from collections.abc import Sequence
@@ -35,7 +34,17 @@ from sidecar.store.port import CustomerChange, Deleted, FeedRead, Purged, Stored
 from sidecar.store.redis import keys
 from sidecar.store.redis.breaker import CircuitBreaker
 from sidecar.store.redis.calls import BACKGROUND_TIMEOUT, load_script
-from sidecar.store.redis.customer_claims import WRITE_MS, Claimed, Claims, Write, gathered, text
+from sidecar.store.redis.customer_claims import (
+    WRITE_MS,
+    Claimed,
+    Claims,
+    Item,
+    Write,
+    gathered,
+    give_back,
+    per_item,
+    text,
+)
 from sidecar.store.redis.customer_docs import Claim, Document, document, fields
 from sidecar.store.redis.customer_feed import Feed
 from sidecar.store.redis.customer_listing import Listing
@@ -63,9 +72,9 @@ class RedisCustomers:
         read = load_script("customer_read", shared=False)
         self._read_hot = batcher.register(read)
         self._read = self.bulk.register(read)
-        self.claims = Claims(
-            self._script("customer_claim"), self._script("customer_unclaim"), self._documents
-        )
+        self._sharded = batcher.locator.sharded
+        unclaim = self._script("customer_unclaim")
+        self.claims = Claims(self._script("customer_claim"), unclaim, self._documents, sharded=self._sharded)
         self._put = self._script("customer_put")
         self._delete = self._script("customer_delete")
         self._add_key = self._script("customer_add_key")
@@ -119,37 +128,28 @@ class RedisCustomers:
     # -- writes -----------------------------------------------------------------------------------
 
     async def put_many(self, customers: Sequence[Customer]) -> list[WriteResult]:
-        """Each customer in three pipelined phases for them all: claims, documents, give-backs."""
+        """Each customer in three phases for them all, each in as few calls as the topology
+        allows: claims, documents, give-backs."""
         batch = secrets.token_hex(4)
         writes = [Write(c.id, c.api_key_hashes, f"{batch}{i:x}") for i, c in enumerate(customers)]
         await self._index_ids("add", [c.id for c in customers])
         claimed = await self.claims.claim(writes)
         results = [WriteResult(Written.CONFLICT, c.refused) if c.refused else None for c in claimed]
         writable = [i for i, result in enumerate(results) if result is None]
-        replies = await gathered([self._put_document(customers[i], claimed[i]) for i in writable])
-        afterwards: list[asyncio.Future[Any]] = [f for c in claimed if c.refused for f in self.claims.undo(c)]
+        items = [_document_item(customers[i], claimed[i]) for i in writable]
+        replies = await per_item(self._put, items, sharded=self._sharded, head=(WRITE_MS,))
+        afterwards = [item for c in claimed if c.refused for item in self.claims.undo(c)]
         for i, reply in zip(writable, replies, strict=True):
             if int(reply[0]):
                 results[i] = WriteResult(Written.STORED)
-                afterwards += self._give_back_dropped(customers[i], reply[1])
+                afterwards += _dropped(customers[i], reply[1])
             else:
                 results[i] = WriteResult(Written.SLOW)
                 afterwards += self.claims.undo(claimed[i])
-        await gathered(afterwards)
+        await self.claims.release(afterwards)
         done = [r if r is not None else WriteResult(Written.SLOW) for r in results]
         await self.feed.announce(_change(customers, done))
         return done
-
-    def _put_document(self, customer: Customer, claimed: Claimed) -> asyncio.Future[Any]:
-        doc_keys = [keys.customer(customer.id), keys.customer_purge(customer.id)]
-        return self._put(doc_keys, [claimed.first_ms, WRITE_MS, *fields(customer, claimed.write.token)])
-
-    def _give_back_dropped(self, customer: Customer, flat_before: Any) -> list[asyncio.Future[Any]]:
-        """Give back the keys the document before had and this one has not."""
-        before = document(customer.id, _flat(flat_before))
-        kept = set(customer.api_key_hashes)
-        gone = {h: t for h, t in before.tokens.items() if h not in kept} if before is not None else {}
-        return [self.claims.give_back(customer.id, h, t) for h, t in gone.items()]
 
     async def _index_ids(self, operation: str, ids: Sequence[str]) -> None:
         buckets: dict[int, list[str]] = {}
@@ -166,7 +166,7 @@ class RedisCustomers:
         if status == 1:
             before = document(customer_id, _flat(reply[1]))
             tokens = before.tokens if before is not None else {}
-            await gathered([self.claims.give_back(customer_id, h, t) for h, t in tokens.items()])
+            await self.claims.release([give_back(customer_id, h, t) for h, t in tokens.items()])
             await self._index_ids("rem", [customer_id])
             await self.feed.announce(CustomerChange(customers=(customer_id,)))
         if purge:
@@ -180,7 +180,7 @@ class RedisCustomers:
         arguments: list[Arg] = [key_hash, claimed.write.token, claimed.first_ms, WRITE_MS]
         added = int(await self._add_key([keys.customer(customer_id)], arguments))
         if added <= 0:
-            await gathered(self.claims.undo(claimed))
+            await self.claims.release(self.claims.undo(claimed))
             return WriteResult(Written.NOT_FOUND if added == 0 else Written.SLOW)
         await self.feed.announce(CustomerChange(customers=(customer_id,), key_hashes=(key_hash,)))
         return WriteResult(Written.STORED if added == 1 else Written.REPEATED)
@@ -189,7 +189,7 @@ class RedisCustomers:
         token = await self._revoke_key([keys.customer(customer_id)], [key_hash])
         if not isinstance(token, bytes):
             return WriteResult(Written.NOT_FOUND)
-        await self.claims.give_back(customer_id, key_hash, token.decode())
+        await self.claims.release([give_back(customer_id, key_hash, token.decode())])
         await self.feed.announce(CustomerChange(customers=(customer_id,)))
         return WriteResult(Written.STORED)
 
@@ -206,6 +206,21 @@ class RedisCustomers:
 
     async def purge_due(self, *, wait_for_billing: bool) -> list[Purged]:
         return await self.purges.run_due(wait_for_billing=wait_for_billing)
+
+
+def _document_item(customer: Customer, claimed: Claimed) -> Item:
+    """customer_put.lua's item: the document and purge marker; first claim, fields."""
+    flat = fields(customer, claimed.write.token)
+    doc_keys = (keys.customer(customer.id), keys.customer_purge(customer.id))
+    return Item(doc_keys, (claimed.first_ms, len(flat) // 2, *flat))
+
+
+def _dropped(customer: Customer, flat_before: Any) -> list[Item]:
+    """Give-backs of the keys the document before had and this one has not."""
+    before = document(customer.id, _flat(flat_before))
+    kept = set(customer.api_key_hashes)
+    gone = {h: t for h, t in before.tokens.items() if h not in kept} if before is not None else {}
+    return [give_back(customer.id, h, t) for h, t in gone.items()]
 
 
 def bucket_of(customer_id: str) -> int:

@@ -1,16 +1,25 @@
--- Claim an API key for a customer, fleet-wide. Each key hash is a key of its own (a Cluster
--- spreads them), holding "<customer> <token> <claimed at ms>". A free key, or one the customer
--- holds already, is stamped with this write's token; one another customer holds is left alone,
--- unless it still holds exactly ARGV[3]: a claim the caller found stale (its owner's document
--- does not list the key, and it is older than any write may take).
--- KEYS: the key's owner entry. ARGV: customer id, token, the stale entry it may replace ('' none).
--- Returns {1, now (ms), the entry before or ''} when claimed, {0, now (ms), the entry that holds it}
--- when not.
-local held = redis.call('GET', KEYS[1])
+-- Claim API keys for customers, fleet-wide. Each key hash is a key of its own (a Cluster spreads
+-- them), holding "<customer> <token> <claimed at ms>". A free key, or one the customer holds
+-- already, is stamped with the write's token; one another customer holds is left alone, unless
+-- it still holds exactly the stale entry named: a claim the caller found stale (its owner's
+-- document does not list the key, and it is older than any write may take).
+-- One call claims several keys (all of one slot on a Cluster), each on its own, in order.
+-- KEYS: the keys' owner entries. ARGV: per key, the customer id, the token, the stale entry it
+-- may replace ('' for none).
+-- Returns per key {1, now (ms), the entry before or ''} when claimed, {0, now (ms), the entry
+-- that holds it} when not.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-if held and held ~= ARGV[3] and string.match(held, '^(%S+)') ~= ARGV[1] then
-  return {0, now, held}
+local stamp = string.format('%d', now)
+local replies = {}
+for i, key in ipairs(KEYS) do
+  local customer, token, stale = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  local held = redis.call('GET', key)
+  if held and held ~= stale and string.match(held, '^(%S+)') ~= customer then
+    replies[i] = {0, now, held}
+  else
+    redis.call('SET', key, customer .. ' ' .. token .. ' ' .. stamp)
+    replies[i] = {1, now, held or ''}
+  end
 end
-redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. string.format('%d', now))
-return {1, now, held or ''}
+return replies

@@ -1,17 +1,27 @@
--- Store one customer's document, replacing the one before (a deleted one included), and cancel
--- a purge it was waiting for. Its keys were claimed first (customer_claim.lua); a write slower
--- than ARGV[2] ms since its first claim writes nothing, since a claim that old may have been
--- taken over as stale.
--- KEYS: the document, the purge marker. ARGV: first claim (ms; 0 when it claimed no key), the
--- longest a write may take (ms), then the document's field/value pairs.
--- Returns {1, the document before as a field/value list}, or {0} when too slow.
+-- Store customers' documents, each replacing the one before (a deleted one included), and cancel
+-- a purge it was waiting for. Their keys were claimed first (customer_claim.lua); a write slower
+-- than ARGV[1] ms since its first claim writes nothing, since a claim that old may have been
+-- taken over as stale. One call stores several customers (all of one slot on a Cluster).
+-- KEYS: per customer, its document and its purge marker. ARGV: the longest a write may take (ms),
+-- then per customer: its first claim (ms; 0 when it claimed no key), the number of document
+-- fields n, and n field/value pairs (2n values).
+-- Returns per customer {1, the document before as a field/value list}, or {0} when too slow.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local first = tonumber(ARGV[1])
-if first > 0 and now - first > tonumber(ARGV[2]) then
-  return {0}
+local longest = tonumber(ARGV[1])
+local at = 2
+local replies = {}
+for i = 1, #KEYS, 2 do
+  local first, n = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+  local fields = {unpack(ARGV, at + 2, at + 1 + 2 * n)}
+  at = at + 2 + 2 * n
+  if first > 0 and now - first > longest then
+    replies[#replies + 1] = {0}
+  else
+    local before = redis.call('HGETALL', KEYS[i])
+    redis.call('DEL', KEYS[i], KEYS[i + 1])
+    redis.call('HSET', KEYS[i], unpack(fields))
+    replies[#replies + 1] = {1, before}
+  end
 end
-local before = redis.call('HGETALL', KEYS[1])
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-return {1, before}
+return replies
