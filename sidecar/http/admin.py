@@ -8,6 +8,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from sidecar.admission.grants import parse_grant
+from sidecar.admission.record_customers import RecentCustomers
 from sidecar.admission.usage import usage_document
 from sidecar.config.policy.model import Customer, Policy
 from sidecar.config.policy.windows import rfc3339
@@ -146,11 +147,15 @@ async def redrive(request: web.Request) -> web.Response:
     return web.json_response({"redriven": moved})
 
 
+# Paths the admin token guards: the admin API, and the OpenMeter-compatible ingestion path.
+GUARDED = ("/admin/", "/api/")
+
+
 @web.middleware
 async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Under /admin/, a configured SIDECAR_ADMIN_TOKEN must be presented as a Bearer token."""
+    """Under /admin/ and /api/, a configured SIDECAR_ADMIN_TOKEN must be presented as a Bearer token."""
     token = request.app[COMPONENTS].settings.admin_token
-    if token and request.path.startswith("/admin/"):
+    if token and request.path.startswith(GUARDED):
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not _same_token(presented, token):
             return problems.problem(
@@ -178,7 +183,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/customers/{customer}/usage", customer_usage)
     app.router.add_post("/admin/customers/{customer}/grants", post_grant)
     app.router.add_post("/admin/customers/{customer}/check", check_api.post_check)
+    app[events_api.RECENT] = RecentCustomers()  # customers records named in the last second
     app.router.add_post("/admin/events", events_api.post_events)
+    app.router.add_post(events_api.OPENMETER_PATH, events_api.post_events)  # OpenMeter's SDKs post here
     app.router.add_post("/admin/reload", reload)
     customers_api.add_routes(app)  # list, get, put, delete, keys, import (SPEC §7)
     app.router.add_get("/admin/billing/dead-letters", dead_letters)

@@ -1,4 +1,5 @@
-"""POST /admin/events: usage records from the rest of the stack, as CloudEvents (SPEC §8).
+"""POST /admin/events: usage records from the rest of the stack, as CloudEvents (SPEC §8); also
+at OPENMETER_PATH, so an OpenMeter SDK pointed at the admin port works unchanged.
 
 The body is one record (``application/cloudevents+json``) or a batch (``application/
 cloudevents-batch+json``, a JSON array of at most MAX_RECORDS, in at most MAX_BODY_BYTES). Each
@@ -16,6 +17,7 @@ journal, which merges it once per its key when the store answers (ledger/journal
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 from collections.abc import Sequence
@@ -23,8 +25,10 @@ from typing import Any
 
 from aiohttp import StreamReader, web
 
+from sidecar.admission.record_customers import RecentCustomers
 from sidecar.admission.records import Event, Invalid, read_event, usage_record
-from sidecar.config.policy.model import Policy, StoreFailure
+from sidecar.config.policy.model import Customer, Policy, StoreFailure
+from sidecar.errors import StoreUnavailable
 from sidecar.http import problems
 from sidecar.http.components import COMPONENTS, Components
 from sidecar.ledger.journal import keep_record_in_journal
@@ -32,9 +36,13 @@ from sidecar.store.port import Recorded, RecordOutcome, UsageRecord
 
 SINGLE = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
+OPENMETER_PATH = "/api/v1/events"  # where OpenMeter's SDKs send events: served here too
 MAX_RECORDS = 1000
 MAX_BODY_BYTES = 4 * 1024 * 1024
 _ENFORCE = {None: False, "true": True, "false": False}
+RECENT = web.AppKey("recent_customers", RecentCustomers)  # the admin app's (admin.add_routes)
+_UNRESOLVED = None  # a record whose customer could not be looked up (the store did not answer)
+_UNAVAILABLE = {"result": "unavailable", "status": 503}
 
 
 async def post_events(request: web.Request) -> web.Response:
@@ -45,20 +53,22 @@ async def post_events(request: web.Request) -> web.Response:
     enforce = _ENFORCE.get(request.query.get("enforce"))
     if enforce is None:
         return problems.bad_request("enforce must be true or false")
-    results = await take_records(request.app[COMPONENTS], raws, enforce=enforce)
+    results = await take_records(request.app[COMPONENTS], raws, enforce=enforce, recent=request.app[RECENT])
     return _answer(results)
 
 
 async def take_records(
-    components: Components, raws: Sequence[object], *, enforce: bool
+    components: Components, raws: Sequence[object], *, enforce: bool, recent: RecentCustomers | None = None
 ) -> list[dict[str, Any]]:
     """Each record's result, in order: read, counted by the store in one round trip, and the
     ones it missed journaled or answered unavailable by their store_failure."""
     policy = components.holder.current
-    subjects = [raw.get("subject") for raw in raws if isinstance(raw, dict)]
-    known = await components.directory.customers((s for s in subjects if isinstance(s, str)), policy)
+    known, unresolved = await _customers(components, policy, raws, recent or RecentCustomers(ttl=0))
     now = components.store.time()
-    events = [read_event(raw, policy, known.get, now) for raw in raws]
+    events = [
+        _UNRESOLVED if _subject(raw) in unresolved else read_event(raw, policy, known.get, now)
+        for raw in raws
+    ]
     valid = [(i, e) for i, e in enumerate(events) if isinstance(e, Event)]
     records = [usage_record(policy, event, enforce=enforce) for _, event in valid]
     recorded = await components.store.record(records) if records else []
@@ -72,10 +82,40 @@ async def take_records(
     return results
 
 
-def _invalid(index: int, raw: object, event: Event | Invalid) -> dict[str, Any]:
-    if not isinstance(event, Invalid):
+async def _customers(
+    components: Components, policy: Policy, raws: Sequence[object], recent: RecentCustomers
+) -> tuple[dict[str, Customer], set[str]]:
+    """The customers the records name (those of the last second remembered, the rest in one read
+    of the directory); and the subjects it could not look up because the store did not answer (a
+    stored customer cannot be told from an unknown one then: its records are unavailable, not
+    invalid). The policy's own customers are known without the store, so their records still go
+    by their store_failure. The read waits no longer than a request's store call
+    (--store-timeout), so an outage is answered as fast."""
+    subjects = {s for raw in raws if isinstance(s := _subject(raw), str)}
+    found, missing = recent.split(subjects, policy)
+    if not missing:
+        return found, set()
+    try:
+        async with asyncio.timeout(components.settings.store_timeout):
+            looked_up = await components.directory.customers(missing, policy)
+    except (StoreUnavailable, TimeoutError):
+        components.metrics.store_errors.labels("customers").inc()
+        files = policy.customers
+        return found | {s: files[s] for s in missing if s in files}, {s for s in missing if s not in files}
+    recent.put(missing, looked_up)
+    return found | looked_up, set()
+
+
+def _subject(raw: object) -> object:
+    return raw.get("subject") if isinstance(raw, dict) else None
+
+
+def _invalid(index: int, raw: object, event: Event | Invalid | None) -> dict[str, Any]:
+    if isinstance(event, Event):
         return {}  # filled in once the store has answered
     record_id = raw.get("id") if isinstance(raw, dict) else None
+    if event is None:  # its customer could not be looked up: the store did not answer
+        return {"index": index, "id": record_id if isinstance(record_id, str) else None, **_UNAVAILABLE}
     answer = {"index": index, "id": record_id if isinstance(record_id, str) else None, "result": "invalid"}
     return answer | {
         "field": event.field,
@@ -113,7 +153,7 @@ def _missed(components: Components, policy: Policy, event: Event, record: UsageR
         components.journal, components.metrics, record
     ):
         return {"result": "accepted", "journaled": True}
-    return {"result": "unavailable", "status": 503}
+    return dict(_UNAVAILABLE)
 
 
 def _count(components: Components, results: list[dict[str, Any]]) -> None:

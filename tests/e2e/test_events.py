@@ -19,7 +19,7 @@ import pytest
 
 from sidecar.billing.pusher import Pusher
 from sidecar.http.app import build_admin_app, build_proxy_app
-from sidecar.http.events_api import BATCH, MAX_RECORDS, SINGLE
+from sidecar.http.events_api import BATCH, MAX_RECORDS, OPENMETER_PATH, SINGLE
 from tests.conftest import SidecarFactory, make_components
 from tests.helpers import (
     ACME,
@@ -202,6 +202,31 @@ async def test_the_admin_token_is_required(
     headers = {"Content-Type": BATCH, "Authorization": "Bearer s3cret"}
     response = await client.post("/admin/events", data=body, headers=headers)
     assert response.status == 200
+
+
+async def test_an_openmeter_sdk_posts_to_its_own_path_with_the_token(
+    sidecar: SidecarFactory, tmp_path: Path, upstream: Upstream
+) -> None:
+    """What openmeter's Python SDK sends for client.ingest_events(to_dict(CloudEvent(...))) with
+    endpoint=<admin port> and headers={"Authorization": "Bearer ..."}: the cloudevents library's
+    id (a uuid), time (RFC 3339 with +00:00) and specversion, one event as cloudevents+json."""
+    client = await sidecar(policy_file(tmp_path), upstream.url, admin=True, admin_token="s3cret")
+    sdk_event = {
+        "specversion": "1.0",
+        "id": "4b8e9c0a-1f2d-4e5b-9a7c-3d6f8e1b2a90",
+        "source": "openmeter-python",
+        "type": "gpu_seconds",
+        "subject": "acme",
+        "time": datetime.now(UTC).isoformat(),
+        "data": {"value": 12, "model": "a100"},
+    }
+    body = json.dumps(sdk_event)
+    refused = await client.post(OPENMETER_PATH, data=body, headers={"Content-Type": SINGLE})
+    assert refused.status == 401
+    headers = {"Content-Type": SINGLE, "Authorization": "Bearer s3cret", "Accept": "application/json"}
+    response = await client.post(OPENMETER_PATH, data=body, headers=headers)
+    assert response.status == 200
+    assert outcomes(await response.json()) == ["accepted"]
 
 
 async def test_a_record_is_a_fact_counted_past_its_limit_unless_enforced(admin: Client) -> None:
