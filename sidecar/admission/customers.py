@@ -126,8 +126,16 @@ class CustomerDirectory:
 
     async def customer(self, customer_id: str, policy: Policy) -> Customer | None:
         """A customer by id: the stored one, else the policy file's."""
+        found = await self.find(customer_id, policy)
+        return found.customer if found is not None else None
+
+    async def find(self, customer_id: str, policy: Policy) -> Listed | None:
+        """A customer by id and where it comes from ("store" or "policy")."""
         stored = await self.store.get(customer_id)
-        return stored if stored is not None else policy.customers.get(customer_id)
+        if stored is not None:
+            return Listed(stored, "store")
+        in_file = policy.customers.get(customer_id)
+        return Listed(in_file, "policy") if in_file is not None else None
 
     async def customers(
         self, ids: Iterable[str], policy: Policy, *, retired: bool = False

@@ -79,14 +79,10 @@ async def get_customer(request: web.Request) -> web.Response:
     """One customer's document: key hashes, never keys."""
     components = request.app[COMPONENTS]
     customer_id = request.match_info["customer"]
-    policy = components.holder.current
-    customer = await components.directory.store.get(customer_id)
-    source = "store"
-    if customer is None:
-        customer, source = policy.customers.get(customer_id), "policy"
-    if customer is None:
+    found = await components.directory.find(customer_id, components.holder.current)
+    if found is None:
         return _no_customer(customer_id)
-    return web.json_response({**document(customer), "source": source})
+    return web.json_response({**document(found.customer), "source": found.source})
 
 
 @answers_503
