@@ -213,6 +213,7 @@ class Pusher:
             aggregations,
             anchor_day=_anchor_day(known),
             namespace=billing.namespace,
+            history_days=self.holder.current.history_days,
         )
         if moved == FENCED:  # due again next cycle, behind the customers due now
             await self.outbox.reschedule(keys.DIRTY, customer, seen, now_ms + int(TICK_SECONDS * 1000))

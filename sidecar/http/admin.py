@@ -15,6 +15,7 @@ from sidecar.config.policy.windows import rfc3339
 from sidecar.errors import StoreUnavailable
 from sidecar.http import check_api, customers_api, events_api, problems
 from sidecar.http.components import COMPONENTS, Components
+from sidecar.http.history_api import add_admin_routes as add_history_routes
 from sidecar.http.notifications_api import add_routes as add_notification_routes
 from sidecar.http.reloading import reload_policy
 from sidecar.store.port import GrantOutcome
@@ -191,3 +192,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/billing/dead-letters", dead_letters)
     app.router.add_post("/admin/billing/dead-letters/redrive", redrive)
     add_notification_routes(app)
+    add_history_routes(app)

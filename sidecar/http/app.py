@@ -11,7 +11,7 @@ from aiohttp import web
 
 from sidecar import tasks
 from sidecar.errors import StoreUnavailable
-from sidecar.http import admin, intake, proxy, selfservice
+from sidecar.http import admin, history_api, intake, proxy, selfservice
 from sidecar.http.components import COMPONENTS, SESSION, Components
 
 # Upstream connections kept open for reuse; a sidecar talks to one upstream.
@@ -26,6 +26,7 @@ def build_proxy_app(components: Components) -> web.Application:
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_stored_customers)
     app.router.add_get(selfservice.PATH, selfservice.own_usage)
+    app.router.add_get(history_api.SELF_PATH, history_api.own_history)
     # 100 Continue only once admitted: aiohttp's default Expect handler would send it before admission.
     app.router.add_route("*", "/{tail:.*}", proxy.handle, expect_handler=intake.expect_after_admission)
     return app

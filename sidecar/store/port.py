@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sidecar.config.policy.model import Customer, Limit
+from sidecar.config.policy.notifications import DEFAULT_HISTORY_DAYS
 from sidecar.config.policy.windows import Window
 from sidecar.errors import UnansweredCall
+from sidecar.store.history import HistoryStore
 from sidecar.store.notifications import NotifyStore
 from sidecar.store.summaries import DEFAULT_NAMESPACE, Summary
 
@@ -289,11 +291,13 @@ class OutboxStore(Protocol):
         *,
         anchor_day: int = 1,
         namespace: str = DEFAULT_NAMESPACE,
+        history_days: int = DEFAULT_HISTORY_DAYS,
     ) -> tuple[int, int | None]:
         """Move every window ended by ``cutoff`` into the outbox: (moved, earliest open window),
         or (FENCED, None) while a void fence keeps the customer's windows open. A unique meter's
         value counts in the billing month (from ``anchor_day``) it is first closed in, once;
-        ``namespace`` enters the summary ids (store/summaries.py)."""
+        ``namespace`` enters the summary ids (store/summaries.py); each summary is kept
+        ``history_days`` as usage history (store/history.py)."""
 
     async def fence(self, customer: str, void: UnansweredCall, seconds: int) -> bool:
         """Keep the customer's windows open in every replica for ``seconds`` (unless renewed)
@@ -491,6 +495,10 @@ class Store(Protocol):
     @property
     def notifications(self) -> NotifyStore:
         """The threshold notification outboxes, on the same connections."""
+
+    @property
+    def history(self) -> HistoryStore:
+        """The usage history the closed summaries leave, on the same connections."""
 
     @property
     def circuit_open(self) -> bool:

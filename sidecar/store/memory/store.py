@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.config.policy.model import Algorithm
 from sidecar.errors import StoreUnavailable
+from sidecar.store.history import HistoryStore
 from sidecar.store.memory.customers import MemoryCustomers
 from sidecar.store.memory.limits import MICRO, LimitKind, LimitRead, Now, Undo, limit_kinds, needed
 from sidecar.store.notifications import NotifyStore
@@ -170,6 +171,12 @@ class MemoryStore:
     def notifications(self) -> NotifyStore:
         raise NotImplementedError(
             "MemoryStore records no notifications: the metering scripts decide them; use RedisStore"
+        )
+
+    @property
+    def history(self) -> HistoryStore:
+        raise NotImplementedError(
+            "MemoryStore keeps no usage history: billing closes windows in Redis scripts; use RedisStore"
         )
 
     @property

@@ -141,6 +141,13 @@ def notify_dead(customer_id: str) -> str:
     return f"{customer_tag(customer_id)}:nd"
 
 
+def history_bucket(customer_id: str, bucket_start: int, *, hourly: bool) -> str:
+    """Hash "<window start - bucket start>|<window length>|<meter>|<feature>" → the value of the
+    summaries closed for that window, one an hour (``hourly``: windows shorter than half an hour)
+    or a day, kept history_days (close.lua builds this name from the usage key's)."""
+    return f"{customer_tag(customer_id)}:{'hh' if hourly else 'hd'}:{bucket_start}"
+
+
 NOTIFY_PENDING = f"{PREFIX}:notify:pending"  # customers with notifications waiting, scored by due ms
 NOTIFY_DEAD = f"{PREFIX}:notify:dead"  # customers with notification dead letters
 NOTIFY_PATTERN = f"{PREFIX}:{{c:*}}:no"

@@ -17,6 +17,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
+from sidecar.config.policy.notifications import DEFAULT_HISTORY_DAYS
 from sidecar.errors import UnansweredCall
 from sidecar.store.port import FENCED
 from sidecar.store.redis import keys
@@ -69,11 +70,13 @@ class Outbox:
         *,
         anchor_day: int = 1,
         namespace: str = DEFAULT_NAMESPACE,
+        history_days: int = DEFAULT_HISTORY_DAYS,
     ) -> tuple[int, int | None]:
         """Move every window ended by `cutoff` into the outbox: (moved, earliest open window), or
         (FENCED, None) while a void fence is set for the customer (fence). A unique meter's
         values count in the billing month (starting on `anchor_day`) they are first closed in;
-        `namespace` enters the summary ids (close.lua)."""
+        `namespace` enters the summary ids; each summary is kept `history_days` as usage history
+        (close.lua, history.py)."""
         key_list = [
             keys.usage(customer),
             keys.revisions(customer),
@@ -81,6 +84,7 @@ class Outbox:
             keys.void_fence(customer),
         ]
         args: list[Any] = [customer, plan, interval, cutoff, anchor_day, id_namespace(namespace)]
+        args.append(history_days)  # close.lua ARGV[7]
         for meter, aggregation in aggregations.items():
             args += (meter, aggregation)
         moved, open_window = await bounded(self._close(keys=key_list, args=args), self._timeout)

@@ -46,6 +46,7 @@ from sidecar.store.redis.breaker import CircuitBreaker
 from sidecar.store.redis.calls import BACKGROUND_TIMEOUT, bounded, load_script
 from sidecar.store.redis.clock import StoreClock
 from sidecar.store.redis.customers import RedisCustomers
+from sidecar.store.redis.history import RedisHistory
 from sidecar.store.redis.limit_kinds import LIMIT_KINDS
 from sidecar.store.redis.notify_outbox import NotifyOutbox
 from sidecar.store.redis.outbox import Outbox, fence_member
@@ -89,6 +90,7 @@ class RedisStore:
         self.outbox = Outbox(client)
         self.customers = RedisCustomers(client, self.batcher, breaker=self.breaker)
         self.notifications = NotifyOutbox(client)
+        self.history = RedisHistory(client)
 
     @classmethod
     def open(cls, url: str, timeout: float) -> RedisStore:

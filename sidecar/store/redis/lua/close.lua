@@ -25,15 +25,22 @@
 --
 -- KEYS: usage hash, revisions hash, outbox hash, void fence (all of one customer)
 -- ARGV: customer, plan, interval, cutoff, billing anchor day (1-31), namespace ('' for the
---       default), then pairs meter, aggregation
+--       default), history days (0: keep none), then pairs meter, aggregation
+--
+-- Usage history (SPEC §7; store/redis/history.py reads it): each summary is also added to the
+-- history hash of its hour ("<tag>:hh:<hour start>", windows shorter than HISTORY_SHORT) or day
+-- ("<tag>:hd:<day start>"), built here from the usage key's name (store/keys.py, history_bucket),
+-- field "<window start - bucket start>|<window length>|<meter>|<feature>": the revisions of a
+-- window add up (max and min keep the extreme), and the hash expires `history days` after its
+-- bucket ends. A bucket holds at most a few hundred fields, so Redis keeps it compact.
 -- Returns {summaries moved, earliest window still open (-1 when none)}, or {-1, -1} while the
 -- void fence is set (store/keys.py, void_fence): nothing moves until the journal's undo is in.
 if redis.call('EXISTS', KEYS[4]) == 1 then return {-1, -1} end
 local customer, plan = ARGV[1], ARGV[2]
 local interval, cutoff = tonumber(ARGV[3]), tonumber(ARGV[4])
-local anchor_day, namespace = tonumber(ARGV[5]), ARGV[6]
+local anchor_day, namespace, history_days = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
 local aggregation = {}
-for a = 7, #ARGV, 2 do aggregation[ARGV[a]] = ARGV[a + 1] end
+for a = 8, #ARGV, 2 do aggregation[ARGV[a]] = ARGV[a + 1] end
 local DAY = 86400
 local SEEN_KEPT = 7 * DAY
 local now = tonumber(redis.call('TIME')[1])
@@ -95,7 +102,29 @@ local function parse(text)
   return window, meter, feature, window .. '|' .. meter .. '|' .. feature, rest
 end
 
+local HISTORY_SHORT = 1800  -- history.SHORT_WINDOW: shorter windows are kept an hour a hash
+
+local function keep_history(window, meter, feature, value)
+  if history_days <= 0 then return end
+  local span, kind = DAY, 'hd:'
+  if interval < HISTORY_SHORT then span, kind = 3600, 'hh:' end
+  local bucket = window - window % span
+  local key = string.sub(KEYS[1], 1, -2) .. kind .. bucket
+  local field = (window - bucket) .. '|' .. interval .. '|' .. meter .. '|' .. feature
+  local how = aggregation[meter]
+  if how == 'max' or how == 'min' then
+    local current = tonumber(redis.call('HGET', key, field))
+    if current == nil or (how == 'max' and value > current) or (how == 'min' and value < current) then
+      redis.call('HSET', key, field, value)
+    end
+  else
+    redis.call('HINCRBY', key, field, value)
+  end
+  redis.call('EXPIREAT', key, bucket + span + history_days * DAY)
+end
+
 local function emit(window, meter, feature, name, value)
+  keep_history(window, meter, feature, value)
   local revision = redis.call('HINCRBY', KEYS[2], name, 1)
   local prefix = namespace == '' and '' or namespace .. '|'
   local id = redis.sha1hex(prefix .. customer .. '|' .. meter .. '|' .. feature .. '|' .. window .. '|' .. revision)
