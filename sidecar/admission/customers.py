@@ -3,9 +3,9 @@ Redis through the admin API, which win over a file entry with the same id, keys 
 
 Why it looks things up instead of loading them: the stored customers may be ten million, so a
 replica keeps no copy of them. A request's key hash is looked up in a bounded cache
-(customer_cache.py); on a miss, in the store (the key's owner entry, then the owner's document:
-two script calls in the requests' own pipeline), and the answer (a customer, or nobody) is
-cached. Concurrent misses of one key share one lookup.
+(customer_cache.py); on a miss, in the store (the key's owner entry and the owner's document: one
+script call in the requests' own pipeline, two on a Cluster), and the answer (a customer, or
+nobody) is cached. Concurrent misses of one key share one lookup.
 
 Changes reach every replica through the store's changes feed: ``watch`` reads it (a blocking
 read, one round trip per change or per second) and drops what each change may have made wrong,
@@ -109,8 +109,7 @@ class CustomerDirectory:
 
     async def _resolve(self, key_hash: str, policy: Policy) -> tuple[Customer | None, str | None]:
         """The customer and the id whose change would change the answer."""
-        owner = await self.store.owner(key_hash)
-        stored = await self.store.get(owner, hot=True) if owner is not None else None
+        owner, stored = await self.store.lookup(key_hash)
         if stored is not None and key_hash in stored.api_key_hashes:
             return stored, stored.id
         file_id = policy.customer_by_key_hash.get(key_hash)

@@ -410,11 +410,16 @@ class CustomerStore(Protocol):
     slot, an owner entry per API key hash (fleet-wide, claimed so that two writers racing for
     one key cannot both win), a listing index, and a feed of changes that every replica reads.
 
-    ``owner`` and ``get(hot=True)`` are a request's lookups, bounded by the store timeout; the
+    ``lookup`` and ``get(hot=True)`` are a request's lookups, bounded by the store timeout; the
     rest is admin and background work, bounded by a longer one. All raise StoreUnavailable."""
 
     async def owner(self, key_hash: str) -> str | None:
         """The id of the customer an API key's hash was claimed for; one round trip."""
+
+    async def lookup(self, key_hash: str) -> tuple[str | None, Customer | None]:
+        """A request's lookup: the id an API key's hash was claimed for, and that customer if it
+        is stored and not deleted (whether it lists the key is the caller's to check). One round
+        trip on one server, two on a Cluster."""
 
     async def get(self, customer_id: str, *, hot: bool = False) -> Customer | None:
         """A stored customer that is not deleted; one round trip."""

@@ -57,13 +57,13 @@ class Counting(MemoryCustomers):
         self.down = False
         self.held: asyncio.Event | None = None
 
-    async def owner(self, key_hash: str) -> str | None:
+    async def lookup(self, key_hash: str) -> tuple[str | None, Customer | None]:
         self.lookups += 1
         if self.down:
             raise StoreUnavailable("down")
         if self.held is not None:
             await self.held.wait()
-        return await super().owner(key_hash)
+        return await super().lookup(key_hash)
 
 
 @pytest.fixture

@@ -55,6 +55,8 @@ async def test_a_customer_round_trips_as_key_hashes_and_its_keys_name_it(store: 
     assert await store.customers.get("carol", hot=True) == CAROL
     assert await store.customers.owner(h("c1")) == "carol"
     assert await store.customers.owner(h("nobody")) is None
+    assert await store.customers.lookup(h("c1")) == ("carol", CAROL)
+    assert await store.customers.lookup(h("nobody")) == (None, None)
     stored = await store.client.hgetall(keys.customer("carol"))  # type: ignore[misc]
     assert {k.decode(): v for k, v in stored.items()}.keys() == {"p", "s", h("c1"), h("c2")}
 
@@ -126,6 +128,7 @@ async def test_a_claim_its_owner_does_not_list_does_not_identify_anyone(store: R
     await store.client.set(keys.key_owner(h("dangling")), "ghost t0 1")
     assert await store.customers.owner(h("dangling")) == "ghost"
     assert await store.customers.get("ghost", hot=True) is None  # the directory refuses it
+    assert await store.customers.lookup(h("dangling")) == ("ghost", None)
 
 
 async def test_delete_keeps_a_keyless_tombstone_for_billing_and_frees_the_keys(store: RedisStore) -> None:

@@ -28,6 +28,10 @@ class MemoryCustomers:
     async def owner(self, key_hash: str) -> str | None:
         return self._owners.get(key_hash)
 
+    async def lookup(self, key_hash: str) -> tuple[str | None, Customer | None]:
+        owner = await self.owner(key_hash)
+        return owner, await self.get(owner) if owner is not None else None
+
     async def get(self, customer_id: str, *, hot: bool = False) -> Customer | None:
         return None if customer_id in self._deleted else self._customers.get(customer_id)
 

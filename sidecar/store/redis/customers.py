@@ -15,10 +15,11 @@ of the same customer re-stamped. A writer that dies between claim and document l
 its owner's document does not list: lookups ignore it, and a claim older than STALE_CLAIM_MS
 may be taken over (a write slower than WRITE_MS writes nothing, so it cannot race that).
 
-Lookups of a request (``owner``, ``get(hot=True)``) ride the hot path's script batcher, one
-EVALSHA each in the requests' own pipeline, under the store timeout. Everything else rides a
-batcher of its own with a longer deadline (BULK_TIMEOUT), so that an import's pipelines never
-share a deadline or a connection with requests.
+A request's lookup (``lookup``: the key's owner entry and the owner's document) rides the hot
+path's script batcher, in the requests' own pipeline, under the store timeout: one EVALSHA on one
+server (customer_lookup.lua), two on a Cluster, where the two keys are on different slots.
+Everything else rides a batcher of its own with a longer deadline (BULK_TIMEOUT), so that an
+import's pipelines never share a deadline or a connection with requests.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class RedisCustomers:
         self.bulk = ScriptBatcher(batcher.locator, timeout=BULK_TIMEOUT)
         read = load_script("customer_read", shared=False)
         self._read_hot = batcher.register(read)
+        self._lookup = batcher.register(load_script("customer_lookup", shared=False))
         self._read = self.bulk.register(read)
         self._sharded = batcher.locator.sharded
         unclaim = self._script("customer_unclaim")
@@ -96,19 +98,30 @@ class RedisCustomers:
         entry = await self._hot(keys.key_owner(key_hash))
         return Claim.parse(text(entry)).owner if isinstance(entry, bytes) else None
 
+    async def lookup(self, key_hash: str) -> tuple[str | None, Customer | None]:
+        if self._sharded:
+            owner = await self.owner(key_hash)
+            return owner, await self.get(owner, hot=True) if owner is not None else None
+        found = await self._hot(keys.key_owner(key_hash), self._lookup, list(keys.CUSTOMER_AROUND))
+        if not isinstance(found, list):
+            return None, None
+        owner = Claim.parse(text(found[0])).owner
+        stored = document(owner, _flat(found[1]))
+        return owner, stored.customer if stored is not None and not stored.deleted else None
+
     async def get(self, customer_id: str, *, hot: bool = False) -> Customer | None:
         key = keys.customer(customer_id)
         reply = await (self._hot(key) if hot else self._read([key]))
         found = document(customer_id, _flat(reply))
         return found.customer if found is not None and not found.deleted else None
 
-    async def _hot(self, key: str) -> Any:
+    async def _hot(self, key: str, script: Script | None = None, args: Sequence[Arg] = ()) -> Any:
         """A request's lookup: through the store's circuit breaker, like its metering calls, so
         that a paused store costs the requests one timeout each only until the breaker opens."""
         if not self.breaker.allow():
             raise StoreUnavailable("the store failed repeatedly; the circuit breaker is open")
         try:
-            reply = await self._read_hot([key])
+            reply = await (script or self._read_hot)([key], args)
         except StoreUnavailable:
             self.breaker.failed()
             raise

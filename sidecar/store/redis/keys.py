@@ -168,10 +168,14 @@ CHANGES = f"{PREFIX}:{{customers}}:changes"  # stream: one entry per change, rea
 PURGES = f"{PREFIX}:{{customers}}:purges"  # sorted set: customer ids to purge, scored by when (ms)
 
 
+# The text around a customer id in its document's key (customer_lookup.lua builds the key from it).
+CUSTOMER_AROUND = (f"{PREFIX}:{{c:", "}:cust")
+
+
 def customer(customer_id: str) -> str:
     """Hash of one stored customer: p plan, a billing anchor, s/l billing ids, d when deleted (ms),
     and one field per API key, its hex SHA-256 digest → the token of the write that claimed it."""
-    return f"{customer_tag(customer_id)}:cust"
+    return f"{CUSTOMER_AROUND[0]}{customer_id}{CUSTOMER_AROUND[1]}"
 
 
 def customer_purge(customer_id: str) -> str:
