@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -46,7 +47,8 @@ WARMUP_BATCHES = 20
 READY_TIMEOUT = 20.0
 HEADER = (
     "| customers | batch | in flight | records/s | batch ms p50 / p99 | sidecar CPU µs/record "
-    "| Redis CPU µs/record | counted once |\n|---|---|---|---|---|---|---|---|"
+    "| Redis CPU µs/record | load generator CPU µs/record | counted once |\n"
+    "|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -56,6 +58,7 @@ class Result:
     records: int
     seconds: float
     latencies: list[float]
+    loadgen_cpu: float
     sidecar_cpu: float
     redis_cpu: float
     counted: int
@@ -70,7 +73,8 @@ class Result:
         per = 1e6 / self.records
         return (
             f"| {self.customers:,} | {batch} | {concurrency} | **{self.rate:,.0f}** | {p50:.1f} / {p99:.1f} "
-            f"| {self.sidecar_cpu * per:.1f} | {self.redis_cpu * per:.1f} | {self.counted == self.records} |"
+            f"| {self.sidecar_cpu * per:.1f} | {self.redis_cpu * per:.1f} | {self.loadgen_cpu * per:.1f} "
+            f"| {self.counted == self.records} |"
         )
 
 
@@ -132,15 +136,16 @@ async def drive(url: str, payloads: list[bytes], concurrency: int, seconds: floa
 def loadgen(
     url: str, batch: int, customers: int, concurrency: int, seconds: float, out: Queue[object]
 ) -> None:
-    """The load generator's process: a warm-up, then the measured run; (records, seconds, latencies)."""
+    """The load generator's process: a warm-up, then the measured run; (records, seconds,
+    latencies, its own CPU seconds)."""
     pin_existing(multiprocessing.current_process().pid or 0, OTHER_CORE)
     estimate = int((seconds + WARMUP) * 60_000 / batch) + 10  # bodies for up to 60,000 records/s
     payloads = bodies(estimate, batch, customers, f"c{customers}")
     warm, _ = asyncio.run(drive(url, payloads[:WARMUP_BATCHES], concurrency, WARMUP))
     out.put(warm)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     accepted, latencies = asyncio.run(drive(url, payloads[WARMUP_BATCHES:], concurrency, seconds))
-    out.put((accepted, time.perf_counter() - started, latencies))
+    out.put((accepted, time.perf_counter() - started, latencies, time.process_time() - cpu))
 
 
 def counted(store: redis.Redis, customers: int) -> int:
@@ -191,7 +196,7 @@ def _run(
     try:
         warm = cast(int, queue.get(timeout=120))  # the warm-up is over
         cpu = cpu_seconds(sidecar.pid), cpu_seconds(redis_pid)
-        measured = cast(tuple[int, float, list[float]], queue.get(timeout=options.duration + 60))
+        measured = cast(tuple[int, float, list[float], float], queue.get(timeout=options.duration + 60))
         used = cpu_seconds(sidecar.pid) - cpu[0], cpu_seconds(redis_pid) - cpu[1]
     finally:
         generator.join(timeout=10)
@@ -218,6 +223,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"load average when it started: {load} (2 cores; other work on the machine takes from both)\n")
     print(HEADER)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-records-in-") as workdir:
