@@ -25,6 +25,7 @@ from sidecar.store.port import (
 from sidecar.store.redis import keys
 from sidecar.store.redis.records import Shapes, record_call
 from sidecar.store.redis.store import RedisStore
+from tests.topologies import all_topologies
 
 DAY = 86400
 HOUR_OF_DEDUPE = 3600
@@ -147,6 +148,19 @@ async def test_a_customers_records_of_one_shape_carry_its_keys_once(store: Redis
     results = await store.record(batch)
     assert [r.outcome for r in results] == [RecordOutcome.ACCEPTED] * 100
     assert await counter(store, month) == 100
+
+
+@all_topologies
+async def test_a_batch_over_many_customers_counts_each_record_once_on_every_topology(
+    store: RedisStore,
+) -> None:
+    """In a cluster a call carries the records of one slot only (each call touches one)."""
+    now = store.time()
+    month = quota(1000, Period.MONTH, now, 1)
+    batch = [record(f"t-{i}", now, month, customer=f"c{i % 50}") for i in range(200)]
+    assert [r.outcome for r in await store.record(batch)] == [RecordOutcome.ACCEPTED] * 200
+    assert [r.outcome for r in await store.record(batch)] == [RecordOutcome.DUPLICATE] * 200
+    assert sum([await counter(store, month, f"c{i}") for i in range(50)]) == 200
 
 
 async def test_the_same_id_for_two_customers_counts_for_each(store: RedisStore) -> None:
