@@ -18,6 +18,7 @@ from sidecar.http.components import COMPONENTS, Components
 from sidecar.http.history_api import add_admin_routes as add_history_routes
 from sidecar.http.notifications_api import add_routes as add_notification_routes
 from sidecar.http.reloading import reload_policy
+from sidecar.http.ui import add_routes as add_ui_routes
 from sidecar.store.port import GrantOutcome
 
 
@@ -193,3 +194,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/billing/dead-letters/redrive", redrive)
     add_notification_routes(app)
     add_history_routes(app)
+    add_ui_routes(app)
