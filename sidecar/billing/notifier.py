@@ -72,9 +72,8 @@ def _seconds(value: str | None) -> float:
 
 
 def namespace_of(policy: Policy) -> str:
-    """billing.namespace, which enters notification ids as it enters summary ids (read by name:
-    a policy whose billing section predates namespaces has the default)."""
-    return str(getattr(policy.billing, "namespace", DEFAULT_NAMESPACE))
+    """billing.namespace, which enters notification ids as it enters summary ids."""
+    return policy.billing.namespace if policy.billing is not None else DEFAULT_NAMESPACE
 
 
 class Notifier:

@@ -2,8 +2,8 @@
 and ``GET /_sidecar/history`` on the proxy port, where a customer reads its own with its own key.
 
 Both take ``meter``, ``feature``, ``from``, ``to`` and ``step`` (admission/history.py); a bad
-parameter is 400 with every problem, an unreachable store 503. An id with no history (or none
-kept any more) answers an empty list of windows.
+parameter is 400 with every problem, an unknown customer 404, an unreachable store 503. A
+customer with no history (or none kept any more) answers an empty list of windows.
 """
 
 from __future__ import annotations
@@ -22,7 +22,14 @@ SELF_PATH = "/_sidecar/history"
 
 
 async def customer_history(request: web.Request) -> web.Response:
-    return await history_answer(request.app[COMPONENTS], request.match_info["customer"], request.query)
+    components, customer_id = request.app[COMPONENTS], request.match_info["customer"]
+    try:
+        customer = await components.directory.customer(customer_id, components.holder.current)
+    except StoreUnavailable:
+        return problems.unavailable(problems.STORE_RETRY_AFTER)
+    if customer is None:
+        return problems.problem(404, "Not Found", f"no customer '{customer_id}'")
+    return await history_answer(components, customer.id, request.query)
 
 
 async def own_history(request: web.Request) -> web.Response:
