@@ -44,6 +44,9 @@ REBUILD_EVERY_SECONDS = 60.0
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 300.0
 SEND_TIMEOUT = aiohttp.ClientTimeout(total=10)
+# No request starts later than this before the lease ends, so every answer (or its timeout) comes
+# while the lease still keeps other replicas off the customer: no notification is sent twice at once.
+LEASE_MARGIN_MS = 15_000
 _RETRIED = frozenset({408, 425, 429})
 
 
@@ -55,6 +58,9 @@ class Answer:
     dead: bool = False
     reason: str = ""
     retry_after: float = 0.0
+
+
+MORE = Answer(delivered=False, reason="the lease ends before the rest could be sent")  # due again now
 
 
 def classify(status: int, text: str, headers: Mapping[str, str]) -> Answer:
@@ -140,15 +146,20 @@ class Notifier:
         the round (the receiver is likely down), and the lease ends with the next due time."""
         async with self._slots:
             try:
-                retry = await self._deliver(customer, notify, namespace)
+                retry = await self._deliver(customer, lease_end, notify, namespace)
             except StoreUnavailable as error:
                 log.warning("notifications of %s wait for the store: %s", customer, error)
                 return  # the lease runs out, and the customer is taken again
             await self.outbox.release(customer, lease_end, self._next_due(customer, retry))
 
-    async def _deliver(self, customer: str, notify: Notifications, namespace: str) -> Answer | None:
-        """None when every notification was settled (delivered or dead); else the answer to retry."""
+    async def _deliver(
+        self, customer: str, lease_end: int, notify: Notifications, namespace: str
+    ) -> Answer | None:
+        """None when every notification was settled (delivered or dead); MORE when the lease ends
+        first; else the answer to retry."""
         for notice in await self.outbox.pending(customer):
+            if self.clock() * 1000 > lease_end - LEASE_MARGIN_MS:
+                return MORE
             answer = await self._send(notice, notify, namespace)
             if not answer.delivered and not answer.dead:
                 self.metrics.notifications.labels("retry").inc()
@@ -178,6 +189,8 @@ class Notifier:
         if retry is None:
             self._failures.pop(customer, None)
             return None
+        if retry is MORE:
+            return int(self.clock() * 1000)
         failures = self._failures.get(customer, 0) + 1
         self._failures[customer] = failures
         delay = min(BACKOFF_CAP_SECONDS, self.backoff_base * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
