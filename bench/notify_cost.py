@@ -6,12 +6,12 @@ Each round makes ``--calls`` admissions from 50 concurrent callers through the s
 and reads two counters from Redis before and after: ``INFO commandstats`` (the microseconds
 Redis spent inside EVALSHA: the script's own work) and ``INFO cpu`` (the server process's user
 plus system CPU: parsing the bigger call and its reply too). The ceilings are far above what a
-round uses, so no call crosses a threshold. On a shared machine both counters move with other
-load, so the decision itself is also timed inside Redis (``decision_ns``): one script runs
-lib.lua's read_notify and notify_lib.lua's notify_crossings on a two-limit request 200,000 times
-between two TIME calls, against the same loop without them. The rounds alternate (without, with), so load from
-elsewhere on the machine falls on both alike; the report gives each variant's cheapest round and
-the median of the paired differences.
+round uses, so no call crosses a threshold. The variants alternate, each going first every other
+round, so load from elsewhere on the machine falls on both alike; the report gives each
+variant's cheapest round and the median of the paired differences. On a shared machine both
+counters still move with other load, so the decision itself is also timed inside Redis
+(``decision_ns``): one script runs lib.lua's read_notify and notify_lib.lua's notify_crossings
+on a two-limit request 200,000 times between two TIME calls, against the same loop without them.
 
     python -m bench.notify_cost [--calls 20000] [--rounds 5] [--redis redis://127.0.0.1:PORT/0]
 """
@@ -81,8 +81,9 @@ async def measure(url: str, calls: int, rounds: int) -> dict[str, tuple[float, f
         await store.check_and_meter(request(store.time(), ()))  # learns the store's clock
         plain, watched = request(store.time(), ()), request(store.time(), (50, 80, 100))
         results: dict[str, list[tuple[float, float]]] = {"without": [], "with": []}
-        for _ in range(rounds):
-            for name, call in (("without", plain), ("with", watched)):
+        variants = [("without", plain), ("with", watched)]
+        for round_number in range(rounds):  # each goes first every other round: no order effect
+            for name, call in variants if round_number % 2 == 0 else variants[::-1]:
                 results[name].append(await one_round(store, call, calls))
         assert await store.notifications.pending("bench") == [], "a threshold was crossed"
         summary = summarize(results)
