@@ -11,7 +11,9 @@ round, so load from elsewhere on the machine falls on both alike; the report giv
 variant's cheapest round and the median of the paired differences. On a shared machine both
 counters still move with other load, so the decision itself is also timed inside Redis
 (``decision_ns``): one script runs lib.lua's read_notify and notify_lib.lua's notify_crossings
-on a two-limit request 200,000 times between two TIME calls, against the same loop without them.
+on a two-limit request 200,000 times between two TIME calls, against the same loop without them;
+and what Redis spends taking the block's extra key and arguments (``arguments_ns``): EVALSHA µs
+of a script that does nothing, given the call's KEYS and ARGV with and without the block.
 
     python -m bench.notify_cost [--calls 20000] [--rounds 5] [--redis redis://127.0.0.1:PORT/0]
 """
@@ -31,7 +33,7 @@ from sidecar.config.policy.windows import Period, calendar_window
 from sidecar.store.port import LimitCharge, MeterRequest, Outcome, UsageCharge
 from sidecar.store.redis.calls import SHARED_SOURCES
 from sidecar.store.redis.embedded import EmbeddedRedis
-from sidecar.store.redis.store import RedisStore
+from sidecar.store.redis.store import RedisStore, script_arguments
 
 CALLERS = 50
 HUGE = 10**12  # no round comes near 80% of it
@@ -88,6 +90,10 @@ async def measure(url: str, calls: int, rounds: int) -> dict[str, tuple[float, f
         assert await store.notifications.pending("bench") == [], "a threshold was crossed"
         summary = summarize(results)
         summary["decision alone, timed inside Redis (µs)"] = (await decision_ns(store) / 1000, 0.0)
+        summary["the block's key and arguments alone (µs)"] = (
+            0.0,
+            await arguments_ns(store, store.time()) / 1000,
+        )
         return summary
     finally:
         await store.close()
@@ -125,6 +131,27 @@ async def decision_ns(store: RedisStore, loops: int = 200_000, rounds: int = 5) 
         watched = int(await script(args=[loops, "1", *block]))
         added.append((watched - without) / loops * 1000)
     return min(added)
+
+
+async def arguments_ns(store: RedisStore, now: float, pairs: int = 15, calls: int = 20_000) -> float:
+    """Nanoseconds Redis spends on the notification block's key and arguments alone: the median,
+    over ``pairs``, of the difference in EVALSHA µs of ``return 1`` given both layouts."""
+    nothing = await store.client.script_load("return 1")
+    layouts = [script_arguments(request(now, thresholds)) for thresholds in ((), (50, 80, 100))]
+    differences = []
+    for _ in range(pairs):
+        spent = []
+        for key_list, args in layouts:
+            before = await counters(store)
+            for _ in range(calls // 500):
+                pipe = store.client.pipeline(transaction=False)
+                for _ in range(500):
+                    pipe.evalsha(nothing, len(key_list), *key_list, *args, "bench", 1, 1)
+                await pipe.execute()
+            after = await counters(store)
+            spent.append((after[1] - before[1]) / (after[2] - before[2]))
+        differences.append((spent[1] - spent[0]) * 1000)
+    return statistics.median(differences)
 
 
 def summarize(results: dict[str, list[tuple[float, float]]]) -> dict[str, tuple[float, float]]:
