@@ -95,8 +95,16 @@ def records_seen(customer_id: str, bucket: int) -> str:
 
 
 def revisions(customer_id: str) -> str:
-    """Hash "<window_start>|<meter>|<feature>" → how many times that window has been closed."""
+    """Hash "<window_start>|<meter>|<feature>" → how many times that window has been closed, as
+    the release before kept it (one hash of every window, never trimmed): close.lua still reads
+    it for a window closed then, and writes revision_day instead."""
     return f"{customer_tag(customer_id)}:rev"
+
+
+def revision_day(customer_id: str, day_start: int) -> str:
+    """The revisions of the windows of one UTC day (close.lua builds the same name from the usage
+    key's): expires REVISIONS_KEPT (40 days) after the day ends."""
+    return f"{customer_tag(customer_id)}:rv:{day_start}"
 
 
 def first_seen(customer_id: str, meter: str, month_start: int) -> str:

@@ -123,9 +123,33 @@ local function keep_history(window, meter, feature, value)
   redis.call('EXPIREAT', key, bucket + span + history_days * DAY)
 end
 
+-- Revisions are counted per day of windows ("<tag>:rv:<day start>"), and a day's hash expires
+-- REVISIONS_KEPT after the day ends: the longest a unit can still reach a window after it was
+-- closed (a usage record up to events.max_age_days old, a journal merged within its markers'
+-- week). One hash of every window a customer ever closed grew without bound while the customer
+-- stayed active, and expired a week after the last close, after which a late record's summary
+-- would have reused revision 1's id. KEYS[2], that hash, is still read for a window it counted
+-- (the release before), and no longer written.
+local REVISIONS_KEPT = 40 * DAY
+
+local function next_revision(window, name)
+  local day = window - window % DAY
+  local key = string.sub(KEYS[1], 1, -2) .. 'rv:' .. day
+  local revision = redis.call('HINCRBY', key, name, 1)
+  if revision == 1 then
+    local before = tonumber(redis.call('HGET', KEYS[2], name))
+    if before then
+      revision = before + 1
+      redis.call('HSET', key, name, revision)
+    end
+  end
+  redis.call('EXPIREAT', key, day + DAY + REVISIONS_KEPT)
+  return revision
+end
+
 local function emit(window, meter, feature, name, value)
   keep_history(window, meter, feature, value)
-  local revision = redis.call('HINCRBY', KEYS[2], name, 1)
+  local revision = next_revision(window, name)
   local prefix = namespace == '' and '' or namespace .. '|'
   local id = redis.sha1hex(prefix .. customer .. '|' .. meter .. '|' .. feature .. '|' .. window .. '|' .. revision)
   redis.call('HSET', KEYS[3], id, cjson.encode({
@@ -192,5 +216,4 @@ for i = 1, #fields, 2 do
   end
 end
 moved = moved + emit_unique(groups)
-if moved > 0 then redis.call('EXPIRE', KEYS[2], 7 * 86400) end
 return {moved, open_window}
