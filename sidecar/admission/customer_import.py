@@ -7,7 +7,8 @@ Why it is shaped this way:
   loop, and the replica's proxied requests with it, for seconds. A block is parsed while the
   block before is written, so the parse fills the writes' waits for Redis.
 * A block's customers are written WRITE_SLICE at a time (CustomerDirectory.put): their claims,
-  documents and index entries go as pipelines, one round trip each, not one per customer.
+  documents and index entries go in few script calls, not one per customer; up to IN_FLIGHT
+  slices at once, so that Redis and this process work side by side.
 * A bad line is written not at all (a key conflict is found before its document is written, its
   claims undone) and named by its number with every problem; the good lines around it are
   written. A line longer than MAX_LINE_BYTES is refused without being parsed.
@@ -20,6 +21,7 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +37,7 @@ MAX_LISTED_ERRORS = 10_000
 # Customers written together: their claims, documents and give-backs each one pipeline. Encoding a
 # slice's calls holds the event loop, so a slice is small enough to keep that to a few ms.
 WRITE_SLICE = 500
+IN_FLIGHT = 4  # slices written at once
 
 
 @dataclass
@@ -76,20 +79,16 @@ async def import_ndjson(
     """Import every line of the body; raises StoreUnavailable when the store stops answering (the
     lines before were written, and importing the file again is safe)."""
     report = ImportReport()
-    writing: asyncio.Task[None] | None = None  # the block before: written while this one is parsed
+    writer = _Writer(policy, directory, report)
     try:
         async for first, block, too_long in _blocks(chunks):
             parsed = await asyncio.to_thread(parse_block, block, first, policy)
             parsed.bad.extend((number, [f"line longer than {MAX_LINE_BYTES} bytes"]) for number in too_long)
-            if writing is not None:
-                await writing
-            writing = asyncio.create_task(_write(parsed, policy, directory, report))
-        if writing is not None:
-            await writing
+            await writer.write(parsed)
+        await writer.finish()
     finally:
-        if writing is not None and not writing.done():
-            writing.cancel()
-            await asyncio.gather(writing, return_exceptions=True)
+        await writer.cancel()
+    report.errors.sort(key=lambda error: int(error["line"]))
     return report
 
 
@@ -110,21 +109,60 @@ def parse_block(block: bytes, first: int, policy: Policy) -> Parsed:
     return parsed
 
 
-async def _write(parsed: Parsed, policy: Policy, directory: CustomerDirectory, report: ImportReport) -> None:
-    customers = [customer for _, customer in parsed.customers]
-    results: list[WriteResult] = []
-    for at in range(0, len(customers), WRITE_SLICE):
-        results += await directory.put(customers[at : at + WRITE_SLICE], policy)
-    bad = list(parsed.bad)
-    for (number, _), result in zip(parsed.customers, results, strict=True):
-        report.lines = max(report.lines, number)
-        if result.outcome is Written.STORED:
-            report.imported += 1
-        else:
-            bad.append((number, _problems(result)))
-    for number, problems in sorted(bad):
-        report.lines = max(report.lines, number)
-        report.refuse(number, problems)
+@dataclass(frozen=True, slots=True)
+class _Slice:
+    lines: list[tuple[int, Customer]]
+    names: frozenset[str]  # its customer ids and key hashes
+    task: asyncio.Future[list[WriteResult]]
+
+
+class _Writer:
+    """Writes WRITE_SLICE customers at a time, up to IN_FLIGHT slices at once, so that Redis runs
+    one slice's scripts while this process encodes the next. A slice naming a customer id or key
+    of a slice in flight waits for it: lines that touch one customer or one key are written in
+    the file's order (the first line to claim a key wins it, the last line of a customer stays)."""
+
+    def __init__(self, policy: Policy, directory: CustomerDirectory, report: ImportReport) -> None:
+        self._policy, self._directory, self._report = policy, directory, report
+        self._flight: deque[_Slice] = deque()
+
+    async def write(self, parsed: Parsed) -> None:
+        for number, problems in parsed.bad:
+            self._report.lines = max(self._report.lines, number)
+            self._report.refuse(number, problems)
+        for at in range(0, len(parsed.customers), WRITE_SLICE):
+            await self._start(parsed.customers[at : at + WRITE_SLICE])
+
+    async def _start(self, lines: list[tuple[int, Customer]]) -> None:
+        names = frozenset(c.id for _, c in lines) | {h for _, c in lines for h in c.api_key_hashes}
+        while self._flight and (
+            len(self._flight) >= IN_FLIGHT or any(not names.isdisjoint(s.names) for s in self._flight)
+        ):
+            await self._settle()
+        writing = self._directory.put([c for _, c in lines], self._policy)
+        self._flight.append(_Slice(lines, names, asyncio.create_task(writing)))
+
+    async def _settle(self) -> None:
+        done = self._flight.popleft()
+        report = self._report
+        for (number, _), result in zip(done.lines, await done.task, strict=True):
+            report.lines = max(report.lines, number)
+            if result.outcome is Written.STORED:
+                report.imported += 1
+            else:
+                report.refuse(number, _problems(result))
+
+    async def finish(self) -> None:
+        while self._flight:
+            await self._settle()
+
+    async def cancel(self) -> None:
+        """Stop the slices still in flight (the import failed or its client went away)."""
+        tasks = [s.task for s in self._flight]
+        for task in tasks:
+            task.cancel()
+        self._flight.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _problems(result: WriteResult) -> list[str]:

@@ -51,20 +51,19 @@ class Write:
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A write's claims as the claim script answered each: [1 claimed | 0 held, now (ms), the
-    entry before (claimed) or the entry that holds it (held)]."""
+    entry before (claimed) or the entry that holds it (held)]; ``refused``, each key held by
+    another customer (its index in the write's keys, and that customer); ``first_ms``, when the
+    first claim was made (store clock; 0 when the write claims no key)."""
 
     write: Write
     replies: tuple[Any, ...]
+    refused: tuple[tuple[int, str], ...]
+    first_ms: int
 
-    @property
-    def refused(self) -> tuple[tuple[int, str], ...]:
-        """Each key held by another customer: its index in the write's keys, and that customer."""
-        return tuple((i, Claim.parse(text(r[2])).owner) for i, r in enumerate(self.replies) if not int(r[0]))
-
-    @property
-    def first_ms(self) -> int:
-        """When the first claim was made (store clock); 0 when the write claims no key."""
-        return min((int(r[1]) for r in self.replies), default=0)
+    @classmethod
+    def of(cls, write: Write, replies: tuple[Any, ...]) -> Claimed:
+        refused = tuple((i, Claim.parse(text(r[2])).owner) for i, r in enumerate(replies) if not r[0])
+        return cls(write, replies, refused, min(r[1] for r in replies) if replies else 0)
 
 
 class Claims:
@@ -82,7 +81,7 @@ class Claims:
         replies = await self._take_over_stale(flat, replies)
         claimed, at = [], 0
         for write in writes:
-            claimed.append(Claimed(write, tuple(replies[at : at + len(write.key_hashes)])))
+            claimed.append(Claimed.of(write, tuple(replies[at : at + len(write.key_hashes)])))
             at += len(write.key_hashes)
         return claimed
 
