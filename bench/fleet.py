@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import json
 import random
+import resource
 import signal
 import statistics
 import subprocess
@@ -40,6 +41,7 @@ import aiohttp
 import redis
 
 from bench import procs
+from bench.run import cpu_seconds
 from sidecar.store.redis.embedded import EmbeddedRedis
 
 POLICY = """\
@@ -214,6 +216,19 @@ async def propagation(
     return found
 
 
+def import_cpu(plain: redis.Redis, a: Replica, b: Replica) -> dict[str, float]:
+    """CPU seconds so far of replica A (which takes the import), B, redis-server and this
+    process's children that have ended (the `sidecar customers import` client)."""
+    info = plain.info("cpu")
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "replica_a": cpu_seconds(a.proc.pid),
+        "replica_b": cpu_seconds(b.proc.pid),
+        "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+        "cli": children.ru_utime + children.ru_stime,
+    }
+
+
 def import_fleet(path: Path, a: Replica) -> tuple[float, str]:
     began = time.perf_counter()
     argv = [
@@ -287,6 +302,8 @@ def report(args: argparse.Namespace, figures: dict[str, Any]) -> str:
     for name, found in figures["propagation"].items():
         median, worst = statistics.median(found), max(found)
         lines.append(f"propagation {name}: median {median:.1f} ms, max {worst:.1f} ms over {len(found)}")
+    cpu = ", ".join(f"{name} {us:.1f}" for name, us in figures["import_cpu_us_per_customer"].items())
+    lines.append(f"import CPU, µs per customer: {cpu}")
     for name in ("rss_a_import", "rss_a", "rss_b"):
         memory = figures[name]
         rss, peak = memory.get("VmRSS", 0), memory.get("VmHWM", 0)
@@ -314,9 +331,15 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         b = start_replica("replica-b", root, url, upstream_port, policy)
         plain = redis.Redis.from_url(url)
         before = int(plain.info("memory")["used_memory"])
+        cpu_before = import_cpu(plain, a, b)
         took, out = import_fleet(fleet, a)
+        cpu = {
+            name: (after - cpu_before[name]) / args.customers * 1e6
+            for name, after in import_cpu(plain, a, b).items()
+        }
         used = int(plain.info("memory")["used_memory"])
         figures: dict[str, Any] = {"import_s": took, "import_out": out, "rss_a_import": a.memory_mib()}
+        figures["import_cpu_us_per_customer"] = cpu
         figures |= {
             "redis_bytes_per_customer": (used - before) / args.customers,
             "redis_used_mib": used / MiB,

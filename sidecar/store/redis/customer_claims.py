@@ -130,7 +130,8 @@ def give_back(customer_id: str, key_hash: str, token: str, restore: str = "") ->
 
 
 def _claiming(write: Write, key_hash: str, stale: str = "") -> Item:
-    return Item((keys.key_owner(key_hash),), (write.customer_id, write.token, stale))
+    claim = f"{write.customer_id} {write.token} {stale}" if stale else f"{write.customer_id} {write.token}"
+    return Item((keys.key_owner(key_hash),), (claim,))
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,15 +43,14 @@ class Claim:
         return cls(owner, token, int(at_ms))
 
 
-def fields(customer: Customer, token: str) -> list[str]:
-    """The document's field/value pairs, flat, as HSET takes them; every key stamped ``token``."""
+def scalars(customer: Customer) -> list[str]:
+    """The document's fields but the keys, as flat field/value pairs (customer_put.lua adds one
+    field per key, valued with the claims' token)."""
     flat = ["p", customer.plan]
     for name, attribute in _SCALARS:
         value = getattr(customer, attribute)
         if value is not None:
             flat += [name, value.isoformat() if isinstance(value, date) else str(value)]
-    for key_hash in customer.api_key_hashes:
-        flat += [key_hash, token]
     return flat
 
 

@@ -46,7 +46,7 @@ from sidecar.store.redis.customer_claims import (
     per_item,
     text,
 )
-from sidecar.store.redis.customer_docs import Claim, Document, document, fields
+from sidecar.store.redis.customer_docs import Claim, Document, document, scalars
 from sidecar.store.redis.customer_feed import Feed
 from sidecar.store.redis.customer_listing import Listing
 from sidecar.store.redis.customer_purge import Purges
@@ -223,9 +223,10 @@ class RedisCustomers:
 
 def _document_item(customer: Customer, claimed: Claimed) -> Item:
     """customer_put.lua's item: the document and purge marker; first claim, fields."""
-    flat = fields(customer, claimed.write.token)
+    flat = scalars(customer)
     doc_keys = (keys.customer(customer.id), keys.customer_purge(customer.id))
-    return Item(doc_keys, (claimed.first_ms, len(flat) // 2, *flat))
+    hashes = " ".join(customer.api_key_hashes)
+    return Item(doc_keys, (claimed.first_ms, claimed.write.token, hashes, len(flat) // 2, *flat))
 
 
 def _dropped(customer: Customer, flat_before: Any) -> list[Item]:

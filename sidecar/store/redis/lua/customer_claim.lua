@@ -4,8 +4,8 @@
 -- it still holds exactly the stale entry named: a claim the caller found stale (its owner's
 -- document does not list the key, and it is older than any write may take).
 -- One call claims several keys (all of one slot on a Cluster), each on its own, in order.
--- KEYS: the keys' owner entries. ARGV: per key, the customer id, the token, the stale entry it
--- may replace ('' for none).
+-- KEYS: the keys' owner entries. ARGV: per key, "<customer id> <token>", followed by " <the stale
+-- entry it may replace>" when there is one.
 -- Returns per key {1, now (ms), the entry before or ''} when claimed, {0, now (ms), the entry
 -- that holds it} when not.
 local t = redis.call('TIME')
@@ -13,7 +13,7 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local stamp = string.format('%d', now)
 local replies = {}
 for i, key in ipairs(KEYS) do
-  local customer, token, stale = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  local customer, token, stale = string.match(ARGV[i], '^(%S+) (%S+) ?(.*)$')
   local held = redis.call('GET', key)
   if held and held ~= stale and string.match(held, '^(%S+)') ~= customer then
     replies[i] = {0, now, held}
