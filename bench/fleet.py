@@ -269,7 +269,7 @@ async def measure(args: argparse.Namespace, a: Replica, b: Replica) -> dict[str,
 
 
 async def fill(session: aiohttp.ClientSession, replica: Replica, count: int) -> Latencies:
-    """``count`` distinct keys of the fleet through ``replica``, 32 at a time (fills its cache)."""
+    """``count`` distinct keys of the fleet through ``replica``, 16 at a time (fills its cache)."""
     found = Latencies()
     keys = iter(range(count))
 
@@ -280,7 +280,7 @@ async def fill(session: aiohttp.ClientSession, replica: Replica, count: int) -> 
                 await response.read()
             found.add(response.status, time.perf_counter() - began)
 
-    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(32))), timeout=300)
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(16))), timeout=300)
     return found
 
 
