@@ -229,7 +229,6 @@ class RedisStore:
         except StoreUnavailable:
             await self._call(lambda: self.client.ping())
 
-
     def traffic(self) -> tuple[int, int]:
         """Script calls sent through the batcher, and the round trips that carried them."""
         return self.batcher.calls, self.batcher.round_trips
