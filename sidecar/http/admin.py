@@ -16,6 +16,7 @@ from sidecar.errors import StoreUnavailable
 from sidecar.http import check_api, customers_api, events_api, problems
 from sidecar.http.components import COMPONENTS, Components
 from sidecar.http.history_api import add_admin_routes as add_history_routes
+from sidecar.http.lookup import named_customer
 from sidecar.http.notifications_api import add_routes as add_notification_routes
 from sidecar.http.reloading import reload_policy
 from sidecar.http.ui import add_routes as add_ui_routes
@@ -73,15 +74,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def customer_usage(request: web.Request) -> web.Response:
+    customer = await named_customer(request)
+    if isinstance(customer, web.Response):
+        return customer
     components = request.app[COMPONENTS]
-    policy = components.holder.current
-    try:
-        customer = await components.directory.customer(request.match_info["customer"], policy)
-    except StoreUnavailable:
-        return problems.unavailable(problems.STORE_RETRY_AFTER)
-    if customer is None:
-        return problems.problem(404, "Not Found", f"no customer '{request.match_info['customer']}'")
-    return await usage_answer(components, policy, customer)
+    return await usage_answer(components, components.holder.current, customer)
 
 
 async def usage_answer(components: Components, policy: Policy, customer: Customer) -> web.Response:
@@ -97,15 +94,12 @@ async def usage_answer(components: Components, policy: Policy, customer: Custome
 async def post_grant(request: web.Request) -> web.Response:
     """Add prepaid credit: 201 added, 200 when this grant id was added before, 409 when the id
     names a different grant, 422 for a bad body."""
+    known = await named_customer(request)
+    if isinstance(known, web.Response):
+        return known
     components = request.app[COMPONENTS]
     policy = components.holder.current
-    customer_id = request.match_info["customer"]
-    try:
-        known = await components.directory.customer(customer_id, policy)
-    except StoreUnavailable:
-        return problems.unavailable(problems.STORE_RETRY_AFTER)
-    if known is None:
-        return problems.problem(404, "Not Found", f"no customer '{customer_id}'")
+    customer_id = known.id
     try:
         body = await request.json()
     except ValueError:

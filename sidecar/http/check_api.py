@@ -9,20 +9,17 @@ from sidecar.admission.check import check, parse_question
 from sidecar.errors import StoreUnavailable
 from sidecar.http import problems
 from sidecar.http.components import COMPONENTS
+from sidecar.http.lookup import named_customer
 
 
 async def post_check(request: web.Request) -> web.Response:
     """200 with ``allowed`` and the rows looked at; 404 unknown customer, 422 a bad body, 503
     when the store cannot be read. Records nothing."""
+    customer = await named_customer(request)
+    if isinstance(customer, web.Response):
+        return customer
     components = request.app[COMPONENTS]
     policy = components.holder.current
-    customer_id = request.match_info["customer"]
-    try:
-        customer = await components.directory.customer(customer_id, policy)
-    except StoreUnavailable:
-        return problems.unavailable(problems.STORE_RETRY_AFTER)
-    if customer is None:
-        return problems.problem(404, "Not Found", f"no customer '{customer_id}'")
     try:
         body = await request.json()
     except ValueError:

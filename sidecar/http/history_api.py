@@ -13,35 +13,26 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from sidecar.admission.history import history_document, parse_query
-from sidecar.admission.identity import identify
 from sidecar.errors import StoreUnavailable
 from sidecar.http import problems
 from sidecar.http.components import COMPONENTS, Components
+from sidecar.http.lookup import named_customer, own_customer
 
 SELF_PATH = "/_sidecar/history"
 
 
 async def customer_history(request: web.Request) -> web.Response:
-    components, customer_id = request.app[COMPONENTS], request.match_info["customer"]
-    try:
-        customer = await components.directory.customer(customer_id, components.holder.current)
-    except StoreUnavailable:
-        return problems.unavailable(problems.STORE_RETRY_AFTER)
-    if customer is None:
-        return problems.problem(404, "Not Found", f"no customer '{customer_id}'")
-    return await history_answer(components, customer.id, request.query)
+    customer = await named_customer(request)
+    if isinstance(customer, web.Response):
+        return customer
+    return await history_answer(request.app[COMPONENTS], customer.id, request.query)
 
 
 async def own_history(request: web.Request) -> web.Response:
-    components = request.app[COMPONENTS]
-    policy = components.holder.current
-    try:
-        customer = await identify(request.headers, policy, components.directory)
-    except StoreUnavailable:
-        return problems.unavailable(problems.STORE_RETRY_AFTER)
-    if customer is None:
-        return problems.unauthorized(policy.identity.api_key_headers)
-    return await history_answer(components, customer.id, request.query)
+    customer = await own_customer(request)
+    if isinstance(customer, web.Response):
+        return customer
+    return await history_answer(request.app[COMPONENTS], customer.id, request.query)
 
 
 async def history_answer(components: Components, customer_id: str, params: Mapping[str, str]) -> web.Response:

@@ -7,22 +7,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from sidecar.admission.identity import identify
-from sidecar.errors import StoreUnavailable
-from sidecar.http import problems
 from sidecar.http.admin import usage_answer
 from sidecar.http.components import COMPONENTS
+from sidecar.http.lookup import own_customer
 
 PATH = "/_sidecar/usage"
 
 
 async def own_usage(request: web.Request) -> web.Response:
+    customer = await own_customer(request)
+    if isinstance(customer, web.Response):
+        return customer
     components = request.app[COMPONENTS]
-    policy = components.holder.current
-    try:
-        customer = await identify(request.headers, policy, components.directory)
-    except StoreUnavailable:
-        return problems.unavailable(problems.STORE_RETRY_AFTER)
-    if customer is None:
-        return problems.unauthorized(policy.identity.api_key_headers)
-    return await usage_answer(components, policy, customer)
+    return await usage_answer(components, components.holder.current, customer)
