@@ -12,19 +12,26 @@ local function parse_entry(entry)
   return tonumber(string.sub(entry, 1, sep - 1)), tonumber(string.sub(entry, sep + 1))
 end
 
--- Units in the moving window and how many log entries have expired; reads only.
+-- Log entries read per command while looking for the oldest live one: one command covers the
+-- entries a busy window expires between two requests.
+local TAIL = 3
+
+-- Units in the moving window, how many log entries have expired, and the oldest live entry's time
+-- (nil when none is live); reads only. The tail (the oldest entries) is read TAIL at a time.
 local function rate_used(log_key, total_key, horizon)
   local total = tonumber(redis.call('GET', total_key) or '0')
   local expired, expired_entries = 0, 0
   while true do
-    local entry = redis.call('LINDEX', log_key, -1 - expired_entries)
-    if not entry then break end
-    local ts, amount = parse_entry(entry)
-    if ts > horizon then break end
-    expired = expired + amount
-    expired_entries = expired_entries + 1
+    local stop = -1 - expired_entries
+    local tail = redis.call('LRANGE', log_key, stop - TAIL + 1, stop)  -- oldest last
+    for i = #tail, 1, -1 do
+      local ts, amount = parse_entry(tail[i])
+      if ts > horizon then return total - expired, expired_entries, ts end
+      expired = expired + amount
+      expired_entries = expired_entries + 1
+    end
+    if #tail < TAIL then return total - expired, expired_entries, nil end
   end
-  return total - expired, expired_entries
 end
 
 -- Microseconds until `needed` more units have left the window (the oldest leave first).
@@ -49,16 +56,17 @@ end
 -- Reads one limit: used, reset in microseconds, expired entries; `amount` is what the request adds.
 local function read_rate(log_key, total_key, now_us, window_us, amount, ceiling)
   local horizon = now_us - window_us
-  local used, expired_entries = rate_used(log_key, total_key, horizon)
+  local used, expired_entries, oldest_live = rate_used(log_key, total_key, horizon)
   local need = needed(amount)
   local reset
   if need > ceiling then
     reset = window_us
   elseif used + need > ceiling then
     reset = rate_wait(log_key, expired_entries, horizon, used + need - ceiling)
+  elseif oldest_live then
+    reset = oldest_live - horizon  -- when the oldest live entry leaves, a unit is free again
   else
-    reset = rate_wait(log_key, expired_entries, horizon, 1)
-    if reset == 0 then reset = window_us end
+    reset = window_us
   end
   return used, reset, expired_entries
 end
@@ -68,17 +76,18 @@ local function charge_rate(log_key, total_key, now_us, window_us, amount, used, 
   if expired_entries > 0 then redis.call('LTRIM', log_key, 0, -1 - expired_entries) end
   local entry = string.format('%d:%d', now_us, amount)
   redis.call('LPUSH', log_key, entry)
-  redis.call('SET', total_key, string.format('%d', used + amount))
   local ttl_ms = math.floor(window_us / 1000) + 1000
+  redis.call('SET', total_key, string.format('%d', used + amount), 'PX', ttl_ms)
   redis.call('PEXPIRE', log_key, ttl_ms)
-  redis.call('PEXPIRE', total_key, ttl_ms)
   return entry
 end
 
--- Adds `amount` to a calendar window's counter, kept a day past the window's end.
+-- Adds `amount` to a calendar window's counter, kept a day past the window's end. The expiry is
+-- set when the counter starts (every writer of a counter sets it then), not on every charge.
 local function charge_calendar(key, window_end, amount)
-  redis.call('INCRBY', key, string.format('%d', amount))
-  redis.call('EXPIREAT', key, window_end + 86400)
+  if redis.call('INCRBY', key, string.format('%d', amount)) == amount then
+    redis.call('EXPIREAT', key, window_end + 86400)
+  end
 end
 
 -- Records ARGV[first..last] usage triples (field suffix, op, amount) in the billing window's
@@ -396,13 +405,12 @@ local CALL_RECORD_TTL = 3600
 local function remember_call(req, steps)
   local _, seq, answered = call_name()
   local key = req.calls_key
-  redis.call('RPUSH', key, string.format('%d ', seq) .. cjson.encode(steps))
+  local length = redis.call('RPUSH', key, string.format('%d ', seq) .. cjson.encode(steps))
   redis.call('EXPIRE', key, CALL_RECORD_TTL)
-  while true do
-    local oldest = redis.call('LINDEX', key, 0)
-    if not oldest or tonumber(string.match(oldest, '^%d+')) > answered then break end
-    redis.call('LPOP', key)
-  end
+  -- At most seq - answered calls of this connection are unanswered, this one included, and the
+  -- list is in call order: keeping its last seq - answered records keeps every unanswered one.
+  local unanswered = math.max(seq - answered, 1)
+  if length > unanswered then redis.call('LTRIM', key, -unanswered, -1) end
 end
 
 -- The record of call `seq` in a list of call records, and its text; nil when that call wrote
