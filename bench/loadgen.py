@@ -2,17 +2,24 @@
 connections for a fixed time, each request carrying the next customer's key in X-API-Key.
 
 Saturated (the default): each connection sends its next request as soon as the answer is in.
-Paced (`pace_ms`): each connection waits that long after every answer (wrk's `delay()`), which
-holds the rate below what either proxy can serve, so latency is the time a request takes rather
-than the time it queues (Little's law: at saturation p50 ≈ connections ÷ req/s).
+Paced (`pace`, (min, max) ms): each connection waits a whole number of milliseconds drawn
+uniformly from min to max (both included) before every request, so after every answer (wrk's
+`delay()` with `math.random`, seeded in each wrk thread from `seed` and the thread's number;
+bench.pyload the same with one `random.Random(seed)`). That holds the rate below what either proxy
+can serve, so latency is the time a request takes rather than the time it queues (Little's law: at
+saturation, mean latency = connections ÷ req/s), and the random waits keep the connections from
+falling into step with each other.
 
 Both print one line `BENCH_JSON {...}` with requests, duration, latency percentiles (ms) and
-errors (non-2xx/3xx statuses, and socket errors), parsed here into a LoadResult.
+errors (non-2xx/3xx statuses, and socket errors), parsed here into a LoadResult, with the load
+generator's own CPU seconds (its rusage once it has exited).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -20,13 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.procs import run_bounded
+from bench.procs import Cores, run_bounded
+
+DEFAULT_SEED = 14
 
 # Each thread starts at its own offset into the key list and steps through it; done() runs once,
-# in its own Lua state, with the merged summary and latency histogram (microseconds).
+# in its own Lua state, with the merged summary and latency histogram (microseconds). setup()
+# runs in the main Lua state once per thread, before init() runs in the thread's own state.
 WRK_SCRIPT = r"""
 local requests = {}
 local n, i = 0, 0
+local threads = 0
+
+function setup(thread)
+  threads = threads + 1
+  thread:set("thread_number", threads)
+end
 
 function init(args)
   for key in io.lines(args[1]) do
@@ -34,6 +50,7 @@ function init(args)
     requests[n] = wrk.format("GET", "/hello", {["X-API-Key"] = key})
   end
   i = tonumber(args[2] or "0") % n
+  if pace_init then pace_init() end
 end
 
 PACE_FUNCTION
@@ -70,10 +87,47 @@ class LoadResult:
     mean_ms: float
     non_2xx: int
     socket_errors: int
+    cpu_s: float = 0.0  # the load generator's utime + stime over its whole run
 
     @property
     def rps(self) -> float:
         return self.requests / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def cpu_us(self) -> float | None:
+        """The load generator's CPU per request it completed, µs."""
+        return self.cpu_s / self.requests * 1e6 if self.requests else None
+
+
+Pace = tuple[int, int]  # (min, max) ms waited before each request; None: saturated
+
+
+def parse_pace(text: str) -> Pace:
+    """`25-75` (or `50`, a fixed wait): whole milliseconds, 1 ≤ min ≤ max ≤ 1000."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not MIN-MAX in whole milliseconds (such as 25-75)")
+    low = int(match[1])
+    high = int(match[2]) if match[2] is not None else low
+    if not 1 <= low <= high <= 1000:
+        raise ValueError(f"{text!r}: need 1 ≤ MIN ≤ MAX ≤ 1000 ms")
+    return low, high
+
+
+def pace_text(pace: Pace) -> str:
+    low, high = pace
+    return f"{low}" if low == high else f"{low}-{high}"
+
+
+def wrk_pace(pace: Pace | None, seed: int) -> str:
+    """wrk's delay(): integer ms (wrk truncates a fraction), uniform over [min, max]."""
+    if pace is None:
+        return ""
+    low, high = pace
+    return (
+        f"function pace_init()\n  math.randomseed({seed} + 7919 * (thread_number or 1))\nend\n\n"
+        f"function delay()\n  return math.random({low}, {high})\nend"
+    )
 
 
 def choose_tool(preference: str) -> str:
@@ -91,15 +145,15 @@ def drive(
     keys: Path,
     connections: int,
     seconds: float,
-    core: int | None,
+    core: Cores,
     workdir: Path,
-    pace_ms: float = 0.0,
+    pace: Pace | None = None,
+    seed: int = DEFAULT_SEED,
 ) -> LoadResult:
     """One closed-loop run of `seconds` against `url` (its path is /hello)."""
     if tool == "wrk":
-        script = workdir / ("rotate_keys_paced.lua" if pace_ms else "rotate_keys.lua")
-        pace = f"function delay()\n  return {pace_ms:g}\nend" if pace_ms else ""
-        script.write_text(WRK_SCRIPT.replace("PACE_FUNCTION", pace))
+        script = workdir / ("rotate_keys_paced.lua" if pace else "rotate_keys.lua")
+        script.write_text(WRK_SCRIPT.replace("PACE_FUNCTION", wrk_pace(pace, seed)))
         argv = [
             "wrk",
             "-t1",
@@ -127,12 +181,22 @@ def drive(
             str(connections),
             "--seconds",
             str(seconds),
-            "--pace-ms",
-            str(pace_ms),
+            "--seed",
+            str(seed),
+            *(["--pace", pace_text(pace)] if pace else []),
         ]
-    data = parse_result(run_bounded(argv, core=core, timeout=seconds + 20), tool)
+    before = _children_cpu()
+    completed = run_bounded(argv, core=core, timeout=seconds + 20)
+    cpu_s = _children_cpu() - before
+    data = parse_result(completed, tool)
     socket_errors = sum(data.pop("socket_errors").values())
-    return LoadResult(tool=tool, socket_errors=socket_errors, **data)
+    return LoadResult(tool=tool, socket_errors=socket_errors, cpu_s=cpu_s, **data)
+
+
+def _children_cpu() -> float:
+    """utime + stime of this process's children that have exited and been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def parse_result(completed: subprocess.CompletedProcess[str], name: str) -> dict[str, Any]:

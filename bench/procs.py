@@ -1,4 +1,5 @@
-"""Child processes of the benchmark: started pinned to one core, stopped by pid, never left behind.
+"""Child processes of the benchmark: started pinned to a core (or a set of cores), stopped by pid,
+never left behind.
 
 Every process the bench starts is registered here; `stop_all()` (called from a `finally` and on
 SIGTERM/SIGINT/SIGALRM) stops whatever is still running, SIGTERM first, SIGKILL after a bound.
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import IO
 
 STOP_TIMEOUT = 10.0
+# Where a child may run: one core, a set of cores, or None (wherever the bench itself may).
+Cores = int | tuple[int, ...] | None
 _running: list[Proc] = []
 # The CPUs this process may use when the bench starts (before it pins itself to one of them).
 _ALLOWED = tuple(sorted(os.sched_getaffinity(0)))
@@ -56,23 +59,38 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def pin_existing(pid: int, core: int | None) -> None:
+def core_set(core: Cores) -> tuple[int, ...]:
+    """The cores of `core` as a tuple (empty for None)."""
+    if core is None:
+        return ()
+    return (core,) if isinstance(core, int) else core
+
+
+def core_list(core: Cores) -> str:
+    """taskset's spelling: "1", "0,1"."""
+    return ",".join(str(c) for c in core_set(core))
+
+
+def pin_existing(pid: int, core: Cores) -> None:
     """Pin every thread of a running process to `core` (taskset -a -p, or sched_setaffinity)."""
-    if core is None or not pinning_available():
+    if not core_set(core) or not pinning_available():
         return
     if shutil.which("taskset"):
-        subprocess.run(["taskset", "-a", "-cp", str(core), str(pid)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["taskset", "-a", "-cp", core_list(core), str(pid)], check=True, stdout=subprocess.DEVNULL
+        )
         return
     for task in Path(f"/proc/{pid}/task").iterdir():
-        os.sched_setaffinity(int(task.name), {core})
+        os.sched_setaffinity(int(task.name), set(core_set(core)))
 
 
-def pinned(argv: Sequence[str], core: int | None) -> list[str]:
-    """`taskset -c CORE argv...` (taskset execs, so the pid is argv's own); argv as is without it."""
-    if core is None or not pinning_available():
+def pinned(argv: Sequence[str], core: Cores) -> list[str]:
+    """`taskset -c CORES argv...` (taskset execs, so the pid is argv's own); argv as is without it.
+    A set of cores is set explicitly too: a child inherits the bench's own pinning otherwise."""
+    if not core_set(core) or not pinning_available():
         return list(argv)
     if shutil.which("taskset"):
-        return ["taskset", "-c", str(core), *argv]
+        return ["taskset", "-c", core_list(core), *argv]
     return list(argv)  # pinned after the start by pin_existing
 
 
@@ -84,7 +102,7 @@ def child_env() -> dict[str, str]:
 
 
 class Proc:
-    def __init__(self, name: str, argv: Sequence[str], *, core: int | None, log: Path) -> None:
+    def __init__(self, name: str, argv: Sequence[str], *, core: Cores, log: Path) -> None:
         self.name = name
         self.core = core
         self.log_path = log
@@ -99,7 +117,7 @@ class Proc:
             start_new_session=True,  # a Ctrl-C in the terminal reaches the bench only; it stops them
         )
         _running.append(self)
-        if core is not None and not shutil.which("taskset"):
+        if core_set(core) and not shutil.which("taskset"):
             pin_existing(self.popen.pid, core)
 
     @property
@@ -166,7 +184,7 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def run_bounded(argv: Sequence[str], *, core: int | None, timeout: float) -> subprocess.CompletedProcess[str]:
+def run_bounded(argv: Sequence[str], *, core: Cores, timeout: float) -> subprocess.CompletedProcess[str]:
     """Run a short-lived command pinned to `core`, killed (its whole session) after `timeout`."""
     process = subprocess.Popen(
         pinned(argv, core),
@@ -177,7 +195,7 @@ def run_bounded(argv: Sequence[str], *, core: int | None, timeout: float) -> sub
         env=child_env(),
         start_new_session=True,
     )
-    if core is not None and not shutil.which("taskset"):
+    if core_set(core) and not shutil.which("taskset"):
         pin_existing(process.pid, core)
     try:
         out, err = process.communicate(timeout=timeout)

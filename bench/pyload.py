@@ -1,6 +1,8 @@
 """A Python load generator for when wrk is absent: N keep-alive connections, each a closed loop of
-GET requests (the next customer's key per request) for a fixed time, optionally pausing after each
-answer (`--pace-ms`); prints `BENCH_JSON {...}`.
+GET requests (the next customer's key per request) for a fixed time, optionally waiting before each
+request, so after each answer (`--pace 25-75`: a whole number of milliseconds drawn uniformly from
+25 to 75, from one `random.Random(--seed)`, as bench.loadgen's wrk script does); prints
+`BENCH_JSON {...}`.
 
 It speaks just enough HTTP/1.1 over raw asyncio streams (Content-Length or chunked bodies) to stay
 cheap, but it is still Python: on one core it may saturate before the proxy does, in which case
@@ -15,8 +17,11 @@ import argparse
 import asyncio
 import itertools
 import json
+import random
 import time
 from urllib.parse import urlsplit
+
+from bench.loadgen import DEFAULT_SEED, parse_pace
 
 
 class Stats:
@@ -39,8 +44,20 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> N
     raise ConnectionError("response without a length on a keep-alive connection")
 
 
+class Pacer:
+    """The wait before each request: whole milliseconds, uniform over [low, high]; none without a pace."""
+
+    def __init__(self, pace: tuple[int, int] | None, seed: int) -> None:
+        self.pace = pace
+        self.random = random.Random(seed)
+
+    async def wait(self) -> None:
+        if self.pace is not None:
+            await asyncio.sleep(self.random.randint(*self.pace) / 1000)
+
+
 async def _connection(
-    host: str, port: int, requests: itertools.cycle[bytes], stats: Stats, deadline: float, pace: float
+    host: str, port: int, requests: itertools.cycle[bytes], stats: Stats, deadline: float, pacer: Pacer
 ) -> None:
     try:
         reader, writer = await asyncio.open_connection(host, port)
@@ -48,7 +65,10 @@ async def _connection(
         stats.socket_errors["connect"] += 1
         return
     try:
-        while time.monotonic() < deadline:
+        while True:
+            await pacer.wait()
+            if time.monotonic() >= deadline:
+                break
             started = time.perf_counter()
             try:
                 writer.write(next(requests))
@@ -70,14 +90,17 @@ async def _connection(
             stats.latencies.append(time.perf_counter() - started)
             if not 200 <= status < 400:
                 stats.non_2xx += 1
-            if pace:
-                await asyncio.sleep(pace)
     finally:
         writer.close()
 
 
 async def run(
-    url: str, keys: list[str], connections: int, seconds: float, pace: float = 0.0
+    url: str,
+    keys: list[str],
+    connections: int,
+    seconds: float,
+    pace: tuple[int, int] | None = None,
+    seed: int = DEFAULT_SEED,
 ) -> dict[str, object]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
@@ -86,10 +109,11 @@ async def run(
         [f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nX-API-Key: {k}\r\n\r\n".encode() for k in keys]
     )
     stats = Stats()
+    pacer = Pacer(pace, seed)
     started = time.monotonic()
     deadline = started + seconds
     await asyncio.gather(
-        *(_connection(host, port, requests, stats, deadline, pace) for _ in range(connections))
+        *(_connection(host, port, requests, stats, deadline, pacer) for _ in range(connections))
     )
     duration = time.monotonic() - started
     latencies = sorted(stats.latencies)
@@ -116,11 +140,19 @@ def main() -> None:
     parser.add_argument("--keys", required=True, help="file with one API key per line")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--pace-ms", type=float, default=0.0, help="wait after every answer (0: none)")
+    parser.add_argument(
+        "--pace", default=None, help="MIN-MAX ms, drawn uniformly, waited before each request (default: none)"
+    )
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="for the --pace draws")
     args = parser.parse_args()
+    try:
+        pace = None if args.pace is None else parse_pace(args.pace)
+    except ValueError as error:
+        parser.error(f"--pace: {error}")
     with open(args.keys) as file:
         keys = [line.strip() for line in file if line.strip()]
-    result = asyncio.run(run(args.url, keys, args.connections, min(args.seconds, 60.0), args.pace_ms / 1000))
+    seconds = min(args.seconds, 60.0)
+    result = asyncio.run(run(args.url, keys, args.connections, seconds, pace, args.seed))
     print("BENCH_JSON " + json.dumps(result), flush=True)
 
 

@@ -6,16 +6,22 @@ never over 15 s together); the whole bench is stopped by an alarm after `--budge
 every process it started is stopped (SIGTERM, then SIGKILL) on the way out, whatever happened.
 
 In order: the bare proxy and the sidecar for each customer count; both again on uvloop (first
-customer count, saturated); the sidecar with 2 workers (first customer count, saturated); a
-sidecar refusing every request (the deny cache); a soak of the sidecar with the largest customer
-count (its memory after each of `--soak-runs` runs); the store call alone (bench.storecall); the
-profiles (py-spy).
+customer count, saturated); the sidecar with 1 and with 2 workers allowed two cores (first
+customer count, saturated); a sidecar refusing every request (the deny cache); a soak of the
+sidecar with the largest customer count (its memory after each of `--soak-runs` runs); the store
+call alone (bench.storecall); the profiles (py-spy).
 
-Cores (with two or more; with one, nothing is pinned):
-  core 0: the load generator (wrk -t1 or bench.pyload), redis-server, py-spy, this script
-  core 1: the proxy under test (bare or sidecar), the upstream
-For the profiled runs only, a second upstream runs on core 0, so that the proxy has core 1 to
-itself and the profile shows the proxy's own time.
+Cores (with two or more; with one, nothing is pinned), the same for every run (bare, sidecar,
+uvloop, refusals, soak, profiles):
+  core 0 (LOAD_CORE): the load generator (wrk -t1 or bench.pyload), the upstream, redis-server,
+    py-spy, this script
+  core 1 (SERVER_CORE): the proxy under test (bare or sidecar), alone
+Two exceptions: the `--workers` runs, whose sidecar (1 worker, then 2) may run on two cores (with
+three or more, cores 1 and 2; with two, cores 0 and 1, beside everything on core 0), and the store
+call alone, pinned to core 1 while nothing else runs there.
+
+Paced runs wait `--pace` (25-75 by default) milliseconds before each request, drawn uniformly at
+random (bench.loadgen); saturated runs do not wait. The targets reported are issue 14's.
 """
 
 from __future__ import annotations
@@ -46,11 +52,14 @@ except ImportError:  # the uvloop rows are skipped
     uvloop = None  # type: ignore[assignment]
 
 from bench import profile
-from bench.loadgen import LoadResult, choose_tool, drive, parse_result
+from bench.loadgen import LoadResult, Pace, choose_tool, drive, pace_text, parse_pace, parse_result
 from bench.policy import api_key, write_keys, write_policy
 from bench.procs import (
+    Cores,
     Proc,
     allowed_cores,
+    core_list,
+    core_set,
     cores,
     free_port,
     pin_existing,
@@ -61,7 +70,7 @@ from bench.procs import (
 )
 from sidecar.store.redis.embedded import EmbeddedRedis, redis_server_binary
 
-# The first two CPUs this process may use: the load generator's and the servers'.
+# The first two CPUs this process may use: the load's (load generator, upstream, Redis) and the proxy's.
 LOAD_CORE, SERVER_CORE = allowed_cores()[:2] if pinning_available() else (None, None)
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin (written by `python -m bench`) -->", "<!-- bench:end -->"
@@ -70,8 +79,16 @@ SIDECAR_STARTUP_TIMEOUT = 180.0
 # counters are read once they have, so Redis's and the sidecar's agree.
 SETTLE_SECONDS = 0.5
 PROFILE_RATE = 100  # py-spy samples per second
-TARGET_RATIO, TARGET_P50_MS, TARGET_P99_MS, TARGET_ROUND_TRIPS = 0.9, 0.3, 2.0, 1.0
 MODES = ("saturated", "paced")
+DEFAULT_PACE: Pace = (25, 75)
+# Issue 14's targets.
+TARGET_RATIO, AIM_RATIO = 0.9, 1.0  # saturated req/s, sidecar ÷ bare
+TARGET_PACED_P50_MS, TARGET_PACED_P99_MS = 1.0, 2.0  # added latency, paced
+TARGET_SATURATED_SLACK_MS = 1.0  # saturated added p50 beyond what Little's law explains
+TARGET_REDIS_CPU_US = 30.0  # redis-server CPU per admitted request
+TARGET_ROUND_TRIPS = 1.0  # per admitted request
+ISSUE_CUSTOMERS = (1, 100_000)  # the customer counts the issue names
+SCALE_WORKERS = 2
 
 
 class BudgetExceeded(Exception):
@@ -109,6 +126,7 @@ class Run:
     warmup_non_2xx: int = 0
     warmup_decisions: str = ""  # the sidecar's decisions other than admitted, from start to the first run
     workers: int = 1
+    placement: tuple[int, ...] | None = None  # the proxy's cores when not the usual SERVER_CORE alone
 
     def delta_calls(self, *names: str) -> int:
         return sum(self.after.redis_calls.get(n, 0) - self.before.redis_calls.get(n, 0) for n in names)
@@ -169,6 +187,13 @@ class Run:
     @property
     def redis_cpu_us(self) -> float | None:
         return self._us(self.after.redis_cpu_s - self.before.redis_cpu_s)
+
+    @property
+    def load_core_cpu_us(self) -> float | None:
+        """What a request costs on the load's core: the upstream, redis-server and the load
+        generator (its CPU over its whole run, per request it completed)."""
+        parts = (self.upstream_cpu_us, self.redis_cpu_us, self.load.cpu_us)
+        return None if any(p is None for p in parts) else sum(p or 0.0 for p in parts)
 
     @property
     def overhead_mean_ms(self) -> float | None:
@@ -252,7 +277,7 @@ class Options:
     warmup: float
     duration: float
     connections: int
-    pace_ms: float
+    pace: Pace
     loadgen: str
     profile: bool
     uvloop: bool
@@ -260,7 +285,7 @@ class Options:
     keep_profile: Path | None
     budget: float
     command: str
-    extras: bool = True  # the 2-worker run, the refusal run and the soak
+    extras: bool = True  # the workers runs, the refusal run and the soak
     soak_runs: int = 4
 
 
@@ -289,7 +314,7 @@ class Bench:
         assert self.redis.pid is not None
         pin_existing(self.redis.pid, LOAD_CORE)
         self.store = redis.Redis.from_url(self.redis_url, socket_timeout=5)
-        self.upstream, self.upstream_url = self.start_upstream("upstream", SERVER_CORE)
+        self.upstream, self.upstream_url = self.start_upstream("upstream", LOAD_CORE)
         self.log(f"redis-server {self.redis_url} (pid {self.redis.pid}), upstream {self.upstream_url}")
         self.log(f"load generator: {self.tool}")
         for customers in self.o.customers:
@@ -317,7 +342,17 @@ class Bench:
                     )
         if self.o.extras:
             first = self.o.customers[0]
-            self.runs += self.measure("sidecar", first, first_policy, first_keys, ("saturated",), workers=2)
+            placement = worker_cores(SCALE_WORKERS)
+            for workers in (1, SCALE_WORKERS):
+                self.runs += self.measure(
+                    "sidecar",
+                    first,
+                    first_policy,
+                    first_keys,
+                    ("saturated",),
+                    workers=workers,
+                    placement=placement,
+                )
             self.run_refused()
             largest = max(self.o.customers)
             self.run_soak(largest, self.workdir / f"n{largest}")
@@ -325,7 +360,7 @@ class Bench:
         if self.o.profile:
             self.run_profiles()
 
-    def start_upstream(self, name: str, core: int | None) -> tuple[Proc, str]:
+    def start_upstream(self, name: str, core: Cores) -> tuple[Proc, str]:
         port = free_port()
         proc = Proc(
             name,
@@ -337,12 +372,13 @@ class Bench:
         return proc, f"http://127.0.0.1:{port}"
 
     def start_proxy(
-        self, kind: str, policy: Path, name: str, upstream_url: str, workers: int = 1
+        self, kind: str, policy: Path, name: str, workers: int = 1, placement: Cores = None
     ) -> tuple[Proc, int, int | None, float]:
-        """Start a proxy and wait for it; a port taken between the probe and the bind is retried."""
+        """Start a proxy (on SERVER_CORE unless `placement` says otherwise) and wait for it; a port
+        taken between the probe and the bind is retried."""
         for attempt in range(3):
             try:
-                return self._start_proxy(kind, policy, name, upstream_url, workers)
+                return self._start_proxy(kind, policy, name, workers, placement)
             except RuntimeError as error:
                 if "address already in use" not in str(error) or attempt == 2:
                     raise
@@ -350,8 +386,9 @@ class Bench:
         raise AssertionError("unreachable")
 
     def _start_proxy(
-        self, kind: str, policy: Path, name: str, upstream_url: str, workers: int = 1
+        self, kind: str, policy: Path, name: str, workers: int, placement: Cores
     ) -> tuple[Proc, int, int | None, float]:
+        upstream_url = self.upstream_url
         port = free_port()
         admin: int | None = None
         on_uvloop = kind.endswith("+uvloop")
@@ -392,7 +429,8 @@ class Bench:
                 "5",
             ]
             timeout = SIDECAR_STARTUP_TIMEOUT
-        proc = Proc(name, argv, core=SERVER_CORE, log=self.workdir / f"{name}.log")
+        core = SERVER_CORE if placement is None else placement
+        proc = Proc(name, argv, core=core, log=self.workdir / f"{name}.log")
         startup = proc.wait_listening(port, timeout)
         # One request by hand: the key works and the whole chain answers 200.
         body = _get(f"http://127.0.0.1:{port}/hello", {"X-API-Key": api_key(0)})
@@ -400,7 +438,7 @@ class Bench:
             raise RuntimeError(f"unexpected first answer from the sidecar: {body[:200]!r}")
         return proc, port, admin, startup
 
-    def load(self, url: str, keys: Path, seconds: float, pace_ms: float = 0.0) -> LoadResult:
+    def load(self, url: str, keys: Path, seconds: float, pace: Pace | None = None) -> LoadResult:
         return drive(
             self.tool,
             url,
@@ -409,7 +447,7 @@ class Bench:
             seconds=seconds,
             core=LOAD_CORE,
             workdir=self.workdir,
-            pace_ms=pace_ms,
+            pace=pace,
         )
 
     def measure(
@@ -421,11 +459,18 @@ class Bench:
         modes: tuple[str, ...] = MODES,
         *,
         workers: int = 1,
+        placement: tuple[int, ...] | None = None,
     ) -> list[Run]:
-        """One proxy process: a warm-up, then a measured run per mode (saturated, paced)."""
+        """One proxy process: a warm-up, then a measured run per mode (saturated, paced). With a
+        `placement`, the proxy may run on those cores instead of SERVER_CORE alone."""
         name = f"{kind}-{customers}" + (f"-{workers}w" if workers > 1 else "")
-        proc, port, admin, startup = self.start_proxy(kind, policy, name, self.upstream_url, workers)
-        if workers > 1:
+        if placement is not None:
+            name += "-cores" + core_list(placement).replace(",", "+")
+        proc, port, admin, startup = self.start_proxy(kind, policy, name, workers, placement)
+        if placement is not None:
+            where = f"cores {core_list(placement)}" if core_set(placement) else "unpinned"
+            kind = f"{kind} ({workers} worker{'s' if workers > 1 else ''}, {where})"
+        elif workers > 1:
             kind = f"{kind} ({workers} workers)"
         self.log(f"{kind} ({customers} customers) listening after {startup:.2f}s, pid {proc.pid}")
         runs: list[Run] = []
@@ -437,11 +482,13 @@ class Bench:
             for mode in modes:
                 time.sleep(SETTLE_SECONDS)
                 before = snapshot(self.store, proc, self.upstream, admin)
-                load = self.load(url, keys, self.o.duration, self.o.pace_ms if mode == "paced" else 0.0)
+                load = self.load(url, keys, self.o.duration, self.o.pace if mode == "paced" else None)
                 time.sleep(SETTLE_SECONDS)
                 after = snapshot(self.store, proc, self.upstream, admin)
                 first = not runs  # the warm-up is reported with the process's first run
-                run = Run(kind, customers, mode, load, before, after, startup, workers=workers)
+                run = Run(
+                    kind, customers, mode, load, before, after, startup, workers=workers, placement=placement
+                )
                 run.warmup_non_2xx = warmup.non_2xx if first else -1
                 if first:
                     run.warmup_decisions = ", ".join(
@@ -480,7 +527,7 @@ class Bench:
         directory.mkdir()
         self.store.flushall()  # customer-0's counters from the runs before: its first request must pass
         policy, keys = write_policy(directory, 1, month_limit=1), write_keys(directory, 1)
-        proc, port, admin, startup = self.start_proxy("sidecar", policy, "sidecar-refused", self.upstream_url)
+        proc, port, admin, startup = self.start_proxy("sidecar", policy, "sidecar-refused")
         try:
             url = f"http://127.0.0.1:{port}/hello"
             self.load(url, keys, self.o.warmup)
@@ -501,7 +548,7 @@ class Bench:
         """The sidecar with the largest customer count under `soak_runs` saturated runs back to
         back, every request a different customer: its resident memory after each."""
         policy, keys = directory / "bench.yaml", directory / "keys.txt"
-        proc, port, _, _ = self.start_proxy("sidecar", policy, f"sidecar-soak-{customers}", self.upstream_url)
+        proc, port, _, _ = self.start_proxy("sidecar", policy, f"sidecar-soak-{customers}")
         try:
             url = f"http://127.0.0.1:{port}/hello"
             self.load(url, keys, self.o.warmup)
@@ -517,7 +564,7 @@ class Bench:
         self.log(f"soak: RSS {' → '.join(f'{kib / 1024:.0f}' for _, kib in self.soak)} MiB")
 
     def run_storecall(self, policy: Path) -> None:
-        """The store call alone (bench.storecall), pinned to the servers' core while it is idle."""
+        """The store call alone (bench.storecall), pinned to the proxy's core while it is idle."""
         loops: list[tuple[str, list[str]]] = [("asyncio", [])]
         if self.o.uvloop and uvloop is not None:
             loops.append(("uvloop", ["--uvloop"]))
@@ -534,20 +581,16 @@ class Bench:
             self.notes.append("py-spy is not installed (`pip install py-spy`): no profile was taken.")
             self.log("py-spy not found: no profile")
             return
-        upstream, upstream_url = self.start_upstream("upstream-profiled", LOAD_CORE)
-        try:
-            for kind in ("bare", "sidecar"):
-                self.run_profile(kind, pyspy, upstream_url)
-        finally:
-            upstream.stop()
+        for kind in ("bare", "sidecar"):
+            self.run_profile(kind, pyspy)
 
-    def run_profile(self, kind: str, pyspy: str, upstream_url: str) -> None:
+    def run_profile(self, kind: str, pyspy: str) -> None:
         """One proxy with 1 customer under py-spy for one saturated load run; the sidecar for a
         second one with a non-blocking py-spy, whose top frames are not biased to system calls."""
         directory = self.workdir / f"profile-{kind}"
         directory.mkdir()
         policy, keys = write_policy(directory, 1), write_keys(directory, 1)
-        proc, port, _, _ = self.start_proxy(kind, policy, f"{kind}-profiled", upstream_url)
+        proc, port, _, _ = self.start_proxy(kind, policy, f"{kind}-profiled")
         url = f"http://127.0.0.1:{port}/hello"
         try:
             self.load(url, keys, self.o.warmup)
@@ -603,8 +646,8 @@ class Bench:
             "| customers | proxy | req/s | p50 ms | p99 ms | non-2xx | socket errors | sidecar/bare "
             "| added p50 ms | added p99 ms | EVALSHA per admitted | round trips per admitted "
             "| EVALSHA per round trip | Redis commands per admitted (incl. inside the script) "
-            "| proxy CPU µs/req | peak RSS MiB | startup s |",
-            "|---:|---|" + "---:|" * 15,
+            "| Redis CPU µs per admitted | proxy CPU µs/req | peak RSS MiB | startup s |",
+            "|---:|---|" + "---:|" * 16,
         ]
         for bare, side in self.pairs(mode):
             for run in (bare, side):
@@ -624,6 +667,7 @@ class Bench:
                     _fmt(run.per_request(run.round_trips), 3) if is_side else "—",
                     _fmt(run.batch_size, 2) if is_side else "—",
                     _fmt(run.per_request(run.all_commands), 2) if is_side else "—",
+                    _fmt(run.redis_cpu_us, 1) if is_side else "—",
                     _fmt(run.proxy_cpu_us, 0),
                     f"{run.peak_rss_kib / 1024:.0f}",
                     f"{run.startup_s:.2f}",
@@ -691,22 +735,7 @@ class Bench:
                 f"| {_fmt(side.overhead_mean_ms, 3)} | {_fmt(side.redis_cpu_us, 1)} "
                 f"| {side.rss_kib / 1024:.0f} | {side.exit_code} |"
             )
-        lines += [
-            "",
-            f"CPU per request on core {SERVER_CORE} (utime + stime from `/proc/<pid>/stat`). The proxy and "
-            "the upstream share that core, so when it is saturated, req/s ≈ 10⁶ ÷ their sum:",
-            "",
-            "| customers | load | proxy | proxy CPU µs/req | upstream CPU µs/req | sum | 10⁶ ÷ sum "
-            "| measured req/s |",
-            "|---:|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for run in self.runs:
-            total = (run.proxy_cpu_us or 0.0) + (run.upstream_cpu_us or 0.0)
-            lines.append(
-                f"| {run.customers:,} | {run.mode} | {run.proxy} | {_fmt(run.proxy_cpu_us, 0)} "
-                f"| {_fmt(run.upstream_cpu_us, 0)} | {total:.0f} | {1e6 / total if total else 0:,.0f} "
-                f"| {run.load.rps:,.0f} |"
-            )
+        lines += ["", *self.cpu_table()]
         lines += [
             "",
             "Redis commands per admitted request, by name (`INFO commandstats`, saturated runs):",
@@ -717,51 +746,193 @@ class Bench:
         ]
         return "\n".join(lines)
 
-    def targets(self) -> str:
-        lines = []
-        paced = {side.customers: (bare, side) for bare, side in self.pairs("paced")}
-        for bare, side in self.pairs("saturated"):
-            ratio = side.load.rps / bare.load.rps if bare.load.rps else 0.0
-            trips = side.per_request(side.round_trips) or 0.0
-            checks = [
-                (f"throughput {ratio:.2f}× bare (≥ {TARGET_RATIO}×)", ratio >= TARGET_RATIO)  # noqa: RUF001,
-            ]
-            compared = [("saturated", (bare, side))]
-            if side.customers in paced:
-                compared.append(("paced", paced[side.customers]))
-            for mode, (b, s) in compared:
-                added50, added99 = s.load.p50_ms - b.load.p50_ms, s.load.p99_ms - b.load.p99_ms
-                checks += [
-                    (f"added p50 {mode} {added50:+.2f} ms (≤ {TARGET_P50_MS} ms)", added50 <= TARGET_P50_MS),
-                    (f"added p99 {mode} {added99:+.2f} ms (≤ {TARGET_P99_MS} ms)", added99 <= TARGET_P99_MS),
-                ]
-            checks.append(
-                (
-                    f"{trips:.3f} Redis round trips per admitted request (≤ {TARGET_ROUND_TRIPS:g})",
-                    trips <= TARGET_ROUND_TRIPS,
-                )
+    def cpu_table(self) -> list[str]:
+        """CPU per request on each core, for the runs in the usual layout."""
+        if SERVER_CORE is None:
+            where = "on the one core every process shares"
+            proxy_core = load_core = "the core"
+        else:
+            where = f"on core {SERVER_CORE} (the proxy, alone) and core {LOAD_CORE} (the rest)"
+            proxy_core, load_core = f"core {SERVER_CORE}", f"core {LOAD_CORE}"
+        lines = [
+            f"CPU per request {where}: utime + stime from `/proc/<pid>/stat` for the proxy and the "
+            "upstream, `INFO cpu` for redis-server, the load generator's rusage once it exited "
+            "(its whole run, per request it completed). A saturated run is held to the smaller of "
+            f"10⁶ ÷ the proxy's µs ({proxy_core}) and 10⁶ ÷ the rest's sum ({load_core}); which one "
+            "binds says whether the ratio measures the proxies or the load's core:",
+            "",
+            "| customers | load | proxy | proxy CPU µs/req | 10⁶ ÷ proxy | upstream CPU µs/req "
+            "| redis-server CPU µs/req | load generator CPU µs/req | the rest, sum | 10⁶ ÷ the rest "
+            "| measured req/s |",
+            "|---:|---|---|" + "---:|" * 8,
+        ]
+        for run in self.runs:
+            if run.placement is not None:
+                continue  # the workers runs: their own table
+            rest = run.load_core_cpu_us
+            lines.append(
+                f"| {run.customers:,} | {run.mode} | {run.proxy} | {_fmt(run.proxy_cpu_us, 0)} "
+                f"| {_ceiling(run.proxy_cpu_us)} | {_fmt(run.upstream_cpu_us, 0)} "
+                f"| {_fmt(run.redis_cpu_us, 0)} | {_fmt(run.load.cpu_us, 0)} | {_fmt(rest, 0)} "
+                f"| {_ceiling(rest)} | {run.load.rps:,.0f} |"
             )
-            marks = "; ".join(f"{text} **{'met' if ok else 'missed'}**" for text, ok in checks)
-            lines.append(f"- {side.customers:,} customers: {marks}.")
-        return "\n".join(lines)
+        if SERVER_CORE is None:
+            lines += ["", "(With one core the two ceilings are one: 10⁶ ÷ the sum of both.)"]
+        return lines
+
+    def targets(self) -> str:
+        """Issue 14's targets, each met or missed, from this run."""
+        checks: list[tuple[str, bool]] = []  # every check, for the summary line
+        lines: list[str] = []
+        saturated = {side.customers: (bare, side) for bare, side in self.pairs("saturated")}
+        paced = {side.customers: (bare, side) for bare, side in self.pairs("paced")}
+        connections = self.o.connections
+        for customers in sorted(set(saturated) | set(paced) | set(ISSUE_CUSTOMERS)):
+            plural = "s" if customers != 1 else ""
+            if customers not in saturated and customers not in paced:
+                lines.append(f"- {customers:,} customer{plural}: not measured in this run (`--customers`).")
+                continue
+            mine: list[tuple[str, bool]] = []
+            if customers in saturated:
+                bare, side = saturated[customers]
+                ratio = side.load.rps / bare.load.rps if bare.load.rps else 0.0
+                mine.append(
+                    (
+                        f"throughput {ratio:.2f}× bare (≥ {TARGET_RATIO:g}×, aim ≥ {AIM_RATIO:.1f}×)",  # noqa: RUF001
+                        ratio >= TARGET_RATIO,
+                    )
+                )
+                added = side.load.p50_ms - bare.load.p50_ms
+                explained = _little_ms(connections, side.load.rps) - _little_ms(connections, bare.load.rps)
+                mine.append(
+                    (
+                        f"saturated added p50 {added:+.2f} ms, the ratio explains {explained:+.2f} ms "
+                        f"({connections} ÷ {side.load.rps:,.0f} - {connections} ÷ {bare.load.rps:,.0f} "
+                        f"req/s; ≤ explained + {TARGET_SATURATED_SLACK_MS:g} ms)",
+                        added <= explained + TARGET_SATURATED_SLACK_MS,
+                    )
+                )
+            if customers in paced:
+                bare, side = paced[customers]
+                added50, added99 = side.load.p50_ms - bare.load.p50_ms, side.load.p99_ms - bare.load.p99_ms
+                mine += [
+                    (
+                        f"paced added p50 {added50:+.2f} ms (≤ {TARGET_PACED_P50_MS:g} ms)",
+                        added50 <= TARGET_PACED_P50_MS,
+                    ),
+                    (
+                        f"paced added p99 {added99:+.2f} ms (≤ {TARGET_PACED_P99_MS:g} ms)",
+                        added99 <= TARGET_PACED_P99_MS,
+                    ),
+                ]
+            for mode, runs in (("saturated", saturated), ("paced", paced)):
+                if customers not in runs:
+                    continue
+                side = runs[customers][1]
+                redis_cpu, trips = side.redis_cpu_us, side.per_request(side.round_trips)
+                mine += [
+                    (
+                        f"Redis CPU {_fmt(redis_cpu, 1)} µs per admitted request {mode} "
+                        f"(≤ {TARGET_REDIS_CPU_US:g} µs)",
+                        redis_cpu is not None and redis_cpu <= TARGET_REDIS_CPU_US,
+                    ),
+                    (
+                        f"{_fmt(trips, 3)} Redis round trips per admitted request {mode} "
+                        f"(≤ {TARGET_ROUND_TRIPS:g})",
+                        trips is not None and trips <= TARGET_ROUND_TRIPS,
+                    ),
+                ]
+            checks += mine
+            lines.append(f"- {customers:,} customer{plural}: {_marks(mine)}.")
+        refused = self.refused
+        if refused is None:
+            lines.append(
+                "- Refusals in the deny cache: not measured in this run (`--quick` or `--no-extras`)."
+            )
+        else:
+            calls = refused.after.script_calls - refused.before.script_calls
+            trips = refused.per_refusal(refused.round_trips)
+            mine = [
+                (
+                    f"{_fmt(refused.per_refusal(calls), 4)} hot-path EVALSHA and {_fmt(trips, 4)} round "
+                    f"trips per refusal (= 0; Redis counted {_fmt(refused.per_refusal(refused.scripts), 4)} "
+                    "EVALSHA per refusal from every source, see Refusals)",
+                    trips is not None and calls == 0 and refused.round_trips == 0,
+                )
+            ]
+            checks += mine
+            lines.append(f"- Refusals in the deny cache: {_marks(mine)}.")
+        lines.append(f"- `--workers {SCALE_WORKERS}`: {self.scaling_text()}")
+        missed = [text for text, ok in checks if not ok]
+        summary = (
+            f"**All {len(checks)} targets measured here are met.**"
+            if not missed
+            else f"**{len(checks) - len(missed)} of {len(checks)} targets measured here are met; missed:** "
+            + "; ".join(missed)
+            + "."
+        )
+        return "\n".join([*lines, "", summary])
+
+    def scaling_runs(self) -> tuple[Run | None, Run | None]:
+        """The `--workers` runs: 1 worker and SCALE_WORKERS workers on the same cores."""
+        placed = [r for r in self.runs if r.placement is not None]
+        one = next((r for r in placed if r.workers == 1), None)
+        more = next((r for r in placed if r.workers == SCALE_WORKERS), None)
+        return one, more
+
+    def scaling_text(self) -> str:
+        one, more = self.scaling_runs()
+        if one is None or more is None or more.placement is None:
+            return "not measured in this run (`--quick` or `--no-extras`)."
+        ratio = more.load.rps / one.load.rps if one.load.rps else 0.0
+        text = (
+            f"{more.load.rps:,.0f} req/s, {ratio:.2f}× the {one.load.rps:,.0f} of 1 worker on the same "  # noqa: RUF001
+            f"{_cores_text(more.placement)} (measured, not a target"
+        )
+        if LOAD_CORE is not None and LOAD_CORE in more.placement:
+            text += f"; core {LOAD_CORE} is shared with the load, so this is a lower bound"
+        return text + "; see Workers)."
 
     def workers_table(self) -> str:
-        rows = [
-            r
-            for r in self.runs
-            if r.mode == "saturated" and r.customers == self.o.customers[0] and r.proxy.startswith("sidecar")
-        ]
+        pinned = next(
+            (
+                r
+                for r in self.runs
+                if r.proxy == "sidecar" and r.mode == "saturated" and r.customers == self.o.customers[0]
+            ),
+            None,
+        )
+        one, more = self.scaling_runs()
         lines = [
-            "| proxy | req/s | p50 ms | p99 ms | non-2xx | proxy CPU µs/req (all workers) "
-            "| EVALSHA per request | EVALSHA per round trip (worker 0) | RSS at end MiB (all processes) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| proxy | cores | req/s | ÷ 1 worker, same cores | p50 ms | p99 ms | non-2xx "
+            "| proxy CPU µs/req (all workers) | upstream + redis-server + load generator CPU µs/req "
+            "| all, µs/req | cores in use × 10⁶ ÷ all | EVALSHA per request "  # noqa: RUF001
+            "| EVALSHA per round trip (worker 0) "
+            "| RSS at end MiB (all processes) |",
+            "|---|---|" + "---:|" * 12,
         ]
-        for run in rows:
-            if run.proxy.endswith("+uvloop"):
+        for run in (pinned, one, more):
+            if run is None:
                 continue
+            if run.placement is None:
+                where = f"{SERVER_CORE} alone" if SERVER_CORE is not None else "the one core"
+                proxy_cores = core_set(SERVER_CORE)
+            else:
+                where = core_list(run.placement) or "the one core"
+                proxy_cores = run.placement
+            width = len({*proxy_cores, *core_set(LOAD_CORE)}) or 1
+            ratio = (
+                f"{run.load.rps / one.load.rps:.2f}"
+                if one is not None and run.placement and one.load.rps
+                else "—"
+            )
+            rest = run.load_core_cpu_us
+            total = None if run.proxy_cpu_us is None or rest is None else run.proxy_cpu_us + rest
             lines.append(
-                f"| {run.proxy} | {run.load.rps:,.0f} | {run.load.p50_ms:.2f} | {run.load.p99_ms:.2f} "
-                f"| {run.load.non_2xx} | {_fmt(run.proxy_cpu_us, 0)} "
+                f"| {run.proxy} | {where} | {run.load.rps:,.0f} | {ratio} | {run.load.p50_ms:.2f} "
+                f"| {run.load.p99_ms:.2f} | {run.load.non_2xx} | {_fmt(run.proxy_cpu_us, 0)} "
+                f"| {_fmt(rest, 0)} "
+                f"| {_fmt(total, 0)} | {_ceiling(total, width)} "
                 f"| {_fmt(run.per_request(run.scripts), 3)} | {_fmt(run.batch_size, 2)} "
                 f"| {run.rss_kib / 1024:.0f} |"
             )
@@ -773,18 +944,25 @@ class Bench:
             return []
         refused = run.decided("refused")
         cpu = run.per_refusal(run.after.proxy_cpu_s - run.before.proxy_cpu_s)
+        calls = run.after.script_calls - run.before.script_calls
         return [
             "### Refusals (the deny cache)",
             "",
             "One customer whose month quota (1) the first request used up, so every measured request is "
-            f"a 429; {self.tool}, {self.o.connections} connections, {self.o.duration:g} s saturated.",
+            f"a 429; {self.tool}, {self.o.connections} connections, {self.o.duration:g} s saturated. "
+            "Hot-path EVALSHA and round trips: the sidecar's own `sidecar_store_script_calls_total` and "
+            "`sidecar_store_round_trips_total` (its admission batcher); EVALSHA (Redis): "
+            "`cmdstat_evalsha` + `cmdstat_eval`, which also counts the sidecar's background scripts "
+            "(the billing and notification outboxes), off the hot path.",
             "",
-            "| proxy | req/s | p50 ms | p99 ms | refused (sidecar metrics) | EVALSHA per refusal "
+            "| proxy | req/s | p50 ms | p99 ms | refused (sidecar metrics) | hot-path EVALSHA per refusal "
+            "| round trips per refusal | EVALSHA per refusal (Redis, every source) "
             "| proxy CPU µs per refusal |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
             f"| {run.proxy} | {run.load.rps:,.0f} | {run.load.p50_ms:.2f} | {run.load.p99_ms:.2f} "
-            f"| {refused:,} | {_fmt(run.per_refusal(run.scripts), 4)} "
-            f"| {_fmt(None if cpu is None else cpu * 1e6, 0)} |",
+            f"| {refused:,} | {_fmt(run.per_refusal(calls), 4)} "
+            f"| {_fmt(run.per_refusal(run.round_trips), 4)} "
+            f"| {_fmt(run.per_refusal(run.scripts), 4)} | {_fmt(None if cpu is None else cpu * 1e6, 0)} |",
             "",
         ]
 
@@ -804,14 +982,12 @@ class Bench:
     def extra_sections(self) -> list[str]:
         parts: list[str] = []
         first = self.o.customers[0]
-        if any(r.workers > 1 for r in self.runs):
+        one, more = self.scaling_runs()
+        if one is not None and more is not None and more.placement is not None:
             parts += [
                 f"### Workers ({first:,} customer{'s' if first != 1 else ''}, saturated)",
                 "",
-                f"`--workers 2` pinned to core {SERVER_CORE} like every proxy here, so the two workers "
-                "share one core with the upstream: this shows what a second process costs, not what it "
-                "scales to (that needs a core per worker). Per request: per completed request, since "
-                "worker 0's /metrics counts only its own.",
+                self.workers_text(more.placement),
                 "",
                 self.workers_table(),
                 "",
@@ -841,6 +1017,32 @@ class Bench:
             ]
         return parts
 
+    def workers_text(self, placement: tuple[int, ...]) -> str:
+        where = _cores_text(placement)
+        text = (
+            f"What a second worker buys when it gets a core: the sidecar with `--workers {SCALE_WORKERS}` "
+            f"and, for comparison, with 1 worker, both allowed {where} (not pinned to one of them: the "
+            "kernel places the processes), beside the first row, the sidecar of the saturated table "
+            "pinned to its core alone. "
+        )
+        if LOAD_CORE is not None and LOAD_CORE in placement:
+            text += (
+                f"This machine has no core to spare: core {LOAD_CORE} also runs the load generator, the "
+                "upstream and redis-server, so the second worker gets only what they leave of it, and "
+                f"the {SCALE_WORKERS}-worker ÷ 1-worker ratio is a lower bound of what a core of its own "
+                "would give. "
+            )
+        elif placement:
+            text += "Those cores run nothing else, so the ratio is the scaling itself. "
+        text += (
+            f"The earlier row of {SCALE_WORKERS} workers pinned to the proxy's one core is gone: it "
+            "measured what a second process costs on a shared core, not what it scales to. "
+            "Per request: per completed request for several workers, since worker 0's /metrics counts "
+            "only its own. `cores in use × 10⁶ ÷ all`: the rate if all the CPU a request costs (every "  # noqa: RUF001
+            "process of the run) spread evenly over the cores in use, a ceiling no placement passes."
+        )
+        return text
+
     def profile_section(self) -> list[str]:
         o = self.o
         loads = ", ".join(
@@ -852,10 +1054,10 @@ class Bench:
             f"### Profiles: 1 customer, {o.duration:g} s saturated",
             "",
             f"`py-spy record --rate {PROFILE_RATE} --idle --format raw --pid <proxy>` (py-spy pinned to "
-            f"core {LOAD_CORE}), during one {self.tool} run each. For these runs the upstream is a second "
-            f"one on core {LOAD_CORE}, so the proxy has core {SERVER_CORE} to itself: py-spy samples "
-            "wall-clock stacks, and an upstream sharing the core would be charged to whatever frame the "
-            f"proxy was preempted in. While sampled: {loads}. The raw profiles are not kept.",
+            f"core {LOAD_CORE}), during one {self.tool} run each, in the layout of every run: the proxy "
+            f"alone on core {SERVER_CORE}, the upstream on core {LOAD_CORE}. py-spy samples wall-clock "
+            "stacks, so a process sharing the proxy's core would be charged to whatever frame the proxy "
+            f"was preempted in; none does. While sampled: {loads}. The raw profiles are not kept.",
             "",
             "Cost per request, in µs of wall-clock on the proxy's core (samples ÷ rate ÷ requests "
             "served while sampled; blocking py-spy, see the caveat below):",
@@ -909,9 +1111,18 @@ class Bench:
             "taking the next customer's key on every request. Each proxy process is started fresh for "
             f"its customer count, warmed up for {o.warmup:g} s, then measured twice for {o.duration:g} s: "
             "**saturated** (each connection sends its next request as soon as the answer is in: the "
-            f"proxy's capacity) and **paced** (each connection waits {o.pace_ms:g} ms after every answer, "
-            "which holds the rate below either proxy's saturated capacity, so there is less queueing; how "
-            "busy the proxy's core still is at that rate is in the CPU table below). "
+            f"proxy's capacity) and **paced** (each connection waits {_pace_words(o.pace)} before every "
+            "request, so after every answer: "
+            + (
+                "wrk's `delay()` returning `math.random(min, max)`, seeded in each wrk thread"
+                if self.tool == "wrk"
+                else "one seeded `random.Random` in bench.pyload"
+            )
+            + f"; {o.connections} connections then offer at most about "
+            f"{o.connections * 1000 / ((o.pace[0] + o.pace[1]) / 2):,.0f} req/s, which holds the rate below "
+            "either proxy's saturated capacity, so there is less queueing, and the random waits keep the "
+            "connections from falling into step; how busy the proxy's core still is at that rate is in the "
+            "CPU table below). "
             "The sidecar's policy: one `count` meter, one feature, one plan with a month "
             "quota of 10¹² and a per-second limit of 10⁹ (so nothing is refused, but both limits are "
             "checked and charged on every request), N customers with one key each; generated in "
@@ -953,6 +1164,15 @@ class Bench:
             "the hot path.",
             "- proxy / upstream CPU µs/req: the process's utime + stime delta (`/proc/<pid>/stat`) over the "
             "window, divided by requests (admitted for the sidecar, completed for bare).",
+            "- Redis CPU µs per admitted (redis-server CPU µs/req): the delta of `used_cpu_user` + "
+            "`used_cpu_sys` in Redis `INFO cpu` (the whole redis-server process) over the measured "
+            "window, divided the same way. The window starts and ends 0.5 s outside the load, so it "
+            "includes a second of the sidecar's idle version poll and the bench's own `INFO`s.",
+            "- load generator CPU µs/req: its utime + stime (rusage, once it exited) over its whole run, "
+            "divided by the requests it completed.",
+            "- saturated added p50 explained by the ratio (Targets): with C connections each sending its "
+            "next request as soon as the answer is in, Little's law makes the mean latency C ÷ req/s, so "
+            "a slower proxy adds C ÷ req/s(sidecar) - C ÷ req/s(bare) by queueing alone.",
             "- overhead before forwarding: `sidecar_overhead_seconds` (sum ÷ count) from the sidecar's own "
             "`/metrics`: routing, identity and the store round trip, including any wait for the event loop.",
             "- peak RSS: `VmHWM` of the proxy process from `/proc/<pid>/status` when its runs end, so it "
@@ -974,6 +1194,37 @@ def _warmup(run: Run) -> str:
 
 def _fmt(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _ceiling(us_per_request: float | None, cores_in_use: int = 1) -> str:
+    """Cores times 10⁶ ÷ µs per request: the req/s those cores can serve at that cost."""
+    if not us_per_request:
+        return "—"
+    return f"{cores_in_use * 1e6 / us_per_request:,.0f}"
+
+
+def _little_ms(connections: int, rps: float) -> float:
+    """Little's law for a closed loop without waits: mean latency = connections ÷ throughput."""
+    return connections / rps * 1e3 if rps else 0.0
+
+
+def _marks(checks: list[tuple[str, bool]]) -> str:
+    return "; ".join(f"{text} **{'met' if ok else 'missed'}**" for text, ok in checks)
+
+
+def _pace_words(pace: Pace) -> str:
+    low, high = pace
+    if low == high:
+        return f"{low} ms"
+    return (
+        f"a whole number of milliseconds drawn uniformly from {low} to {high} (mean {(low + high) / 2:g} ms)"
+    )
+
+
+def _cores_text(placement: tuple[int, ...]) -> str:
+    if not placement:
+        return "the one core"
+    return f"core{'s' if len(placement) > 1 else ''} {core_list(placement)}"
 
 
 def machine(tool: str) -> str:
@@ -1008,12 +1259,27 @@ def core_layout() -> str:
     if not pinning_available():
         return "one usable core, so nothing is pinned and every process shares it"
     how = "`taskset`" if shutil.which("taskset") else "`sched_setaffinity`"
+    placement = worker_cores(SCALE_WORKERS)
     return (
-        f"pinned with {how}. Core {LOAD_CORE}: the load generator (one thread), redis-server, py-spy "
-        f"and the bench script. Core {SERVER_CORE}: the proxy under test and the upstream "
-        "(sidecar.runtime.demo's aiohttp app, `GET /hello` answers a small JSON body), so the proxy and the "
-        "upstream share one core and their CPU per request adds up"
+        f"pinned with {how}, the same for every run (bare, sidecar, uvloop, refusals, soak, profiles). "
+        f"Core {SERVER_CORE}: the proxy under test, alone. Core {LOAD_CORE}: the load generator (one "
+        "thread), the upstream (sidecar.runtime.demo's aiohttp app, `GET /hello` answers a small JSON "
+        "body), redis-server, py-spy and the bench script. So the proxy's CPU per request alone sets its "
+        f"core's ceiling, and core {LOAD_CORE} carries the rest (both in the CPU table). The exceptions: "
+        f"the Workers runs, whose sidecar may run on {_cores_text(placement)}, and the store call alone, "
+        f"on core {SERVER_CORE} while nothing else runs there"
     )
+
+
+def worker_cores(workers: int) -> tuple[int, ...]:
+    """Where the Workers runs' sidecar may run: `workers` cores other than the load's when there are
+    that many, else every usable core, the load's included; () (not pinned) with one core."""
+    if not pinning_available():
+        return ()
+    spare = [core for core in allowed_cores() if core != LOAD_CORE]
+    if len(spare) >= workers:
+        return tuple(spare[:workers])
+    return allowed_cores()
 
 
 def write_report(path: Path, generated: str) -> None:
@@ -1043,12 +1309,16 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per run (default 10)")
     parser.add_argument("--warmup", type=float, default=None, help="warm-up seconds per process (default 2)")
     parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--pace-ms", type=float, default=50.0, help="paced runs: wait after each answer")
+    parser.add_argument(
+        "--pace",
+        default=pace_text(DEFAULT_PACE),
+        help="paced runs: MIN-MAX whole ms, drawn uniformly, waited after each answer (default 25-75)",
+    )
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--no-profile", action="store_true", help="skip the two py-spy runs")
     parser.add_argument("--no-uvloop", action="store_true", help="skip the uvloop runs")
     parser.add_argument(
-        "--no-extras", action="store_true", help="skip the 2-worker run, the refusal run and the soak"
+        "--no-extras", action="store_true", help="skip the workers runs, the refusal run and the soak"
     )
     parser.add_argument("--soak-runs", type=int, default=4, help="runs of --duration in the soak (1-10)")
     parser.add_argument(
@@ -1071,8 +1341,10 @@ def parse_args(argv: list[str] | None) -> Options:
         parser.error("--customers: each count must be between 1 and 1,000,000")
     if not 1 <= args.connections <= 1000:
         parser.error("--connections must be between 1 and 1000")
-    if not 0 < args.pace_ms <= 1000:
-        parser.error("--pace-ms must be above 0 and at most 1000")
+    try:
+        pace = parse_pace(args.pace)
+    except ValueError as error:
+        parser.error(f"--pace: {error}")
     if not 1 <= args.soak_runs <= 10:
         parser.error("--soak-runs must be between 1 and 10")
     output: Path | None = None
@@ -1087,7 +1359,7 @@ def parse_args(argv: list[str] | None) -> Options:
         warmup=warmup,
         duration=duration,
         connections=args.connections,
-        pace_ms=args.pace_ms,
+        pace=pace,
         loadgen=args.loadgen,
         profile=not args.no_profile and not args.quick,
         uvloop=not args.no_uvloop and not args.quick,
