@@ -68,8 +68,24 @@ async def test_concurrent_calls_of_one_loop_turn_share_one_round_trip(
     after = await script_calls(plain)
     assert sorted(replies) == list(range(1, 201)), "each script ran exactly once, in order"
     assert batcher.calls == 200
-    assert batcher.round_trips == 1
+    # The first call finds the connection idle and is written at once; the other 199 share one.
+    assert batcher.round_trips == 2
     assert after["evalsha"] - before.get("evalsha", 0) == 200, "still one EVALSHA per call"
+
+
+async def test_a_call_on_an_idle_connection_is_written_at_once(batcher: ScriptBatcher) -> None:
+    """At a light load a call does not wait for the rest of its loop turn: it is on the wire
+    before the caller yields, and a second call of the same turn waits for the turn's batch."""
+    incr = batcher.register(INCR)
+    await batcher.connect()
+    first = incr(["counter"])
+    assert batcher.round_trips == 1, "written before the loop turn ends"
+    second = incr(["counter"])
+    assert batcher.round_trips == 1, "a call behind one in flight waits for the turn's batch"
+    assert [await first, await second] == [1, 2]
+    assert batcher.round_trips == 2
+    assert await incr(["counter"]) == 3
+    assert batcher.round_trips == 3, "idle again once every reply is in"
 
 
 async def test_calls_of_later_loop_turns_form_later_batches(batcher: ScriptBatcher) -> None:
@@ -188,7 +204,7 @@ async def test_store_admissions_are_coalesced_and_exact(store: RedisStore, plain
     after = await script_calls(plain)
     assert sum(a.outcome is Outcome.ADMITTED for a in admissions) == 37
     assert after["evalsha"] - before.get("evalsha", 0) == 100
-    assert store.batcher.round_trips == 1
+    assert store.batcher.round_trips == 2  # the first call on the idle connection, then the other 99
 
 
 async def test_round_trips_and_calls_are_exported_as_metrics(store: RedisStore) -> None:
