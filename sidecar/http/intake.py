@@ -240,7 +240,7 @@ class GuardedConnection(web.RequestHandler):
         if data[:1] in (b"\r", b"\n"):
             return False
         end = data.find(_HEAD_END)
-        return 0 <= end and end + len(_HEAD_END) <= self._settings.max_header_size
+        return end >= 0 and end + len(_HEAD_END) <= self._settings.max_header_size
 
     def _awaiting_request(self) -> bool:
         waiter = self._waiter
