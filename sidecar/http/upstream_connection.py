@@ -81,14 +81,15 @@ class UpstreamConnection(BaseProtocol):
         """Send ``data`` (a request head, maybe with its whole body) and then ``body`` if streamed
         (chunk-coded when ``chunked``); the future of the answer's head. ``head``: a HEAD request,
         whose answer has no body whatever its fields say."""
-        loop = self._loop
+        transport, loop = self.transport, self._loop
+        if transport is None or transport.is_closing():  # closed by the upstream since it was handed out
+            raise StaleConnection("the upstream closed the connection before the request")
         self._parser = HttpResponseParser(
             self, loop, READ_BUFFER, response_with_body=not head, read_until_eof=True, auto_decompress=False
         )
         self._answer = answer = loop.create_future()
         self.received = False
-        assert self.transport is not None
-        self.transport.write(data)
+        transport.write(data)
         self._arm()
         if body is not None:
             self.upload = loop.create_task(self._upload(body, chunked))
