@@ -4,7 +4,8 @@ connections (each an UpstreamConnection, upstream_connection.py).
 Why not aiohttp's ClientSession: it serves any URL for any caller (URL objects, cookie jars,
 middlewares, traces, redirects, a timer context, request and response objects), which cost a
 proxied request about 92 µs, more than all of the sidecar's metering. A proxy talks to one origin
-and forwards what it was sent, so this client does only that (BENCHMARKS.md, issue 14).
+and forwards what it was sent, so this client does only that; ``python -m bench.forward``
+measures the two (issue 14).
 
 * At most ``limit`` connections, opened on demand (``upstream_timeout`` to connect, TLS for an
   https:// upstream); a request beyond them waits for one. Idle connections are reused last in,
