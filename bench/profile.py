@@ -181,6 +181,8 @@ HOT_PATH = (
     "forward (sidecar/http/proxy.py)",
     "upstream_request_headers (sidecar/http/headers.py)",
     "ClientSession._request (aiohttp/client.py)",
+    "UpstreamPool.send (sidecar/http/upstream.py)",
+    "_answer_back (sidecar/http/proxy.py)",
     "_stream_back (sidecar/http/proxy.py)",
     "ratelimit_headers (sidecar/http/problems.py)",
     "StreamResponse.prepare (aiohttp/web_response.py)",
@@ -239,19 +241,26 @@ PARTS = (
         (),
     ),
     Part(
-        "· the upstream call (ClientSession._request)",
-        ("ClientSession._request (aiohttp/client.py)",),
+        "· the upstream call (sidecar: UpstreamPool.send; bare: ClientSession._request)",
+        ("ClientSession._request (aiohttp/client.py)", "UpstreamPool.send (sidecar/http/upstream.py)"),
         ("ClientSession._request (aiohttp/client.py)",),
     ),
     Part(
         "  · of which the send() to the upstream",
-        ("ClientRequest.send (aiohttp/client_reqrep.py)",),
+        (
+            "ClientRequest.send (aiohttp/client_reqrep.py)",
+            "UpstreamConnection.request (sidecar/http/upstream_connection.py)",
+        ),
         ("ClientRequest.send (aiohttp/client_reqrep.py)",),
         leaf=_SEND,
     ),
     Part(
         "· the response to the client (prepare, body, eof)",
-        ("StreamResponse.prepare (aiohttp/web_response.py)", "_relay_body (sidecar/http/proxy.py)"),
+        (
+            "StreamResponse.prepare (aiohttp/web_response.py)",
+            "Response.write_eof (aiohttp/web_response.py)",
+            "_relay_body (sidecar/http/proxy.py)",
+        ),
         (
             "StreamResponse.prepare (aiohttp/web_response.py)",
             "StreamResponse.write (aiohttp/web_response.py)",

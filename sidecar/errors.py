@@ -6,7 +6,12 @@
      ├── StoreUnavailable   Redis could not answer within the store timeout (or refused)
      │    └── OutcomeUnknown a metering call was sent, but its reply never came
      ├── EmbeddedStoreFailed the bundled redis-server could not be started
-     └── BodyTooLarge       a streamed request body passed --max-body-size (stops the upload)
+     ├── BodyTooLarge       a streamed request body passed --max-body-size (stops the upload)
+     ├── UpstreamFailed     the upstream could not be reached, or its connection or answer broke
+     │    └── StaleConnection a kept-alive connection closed before any byte of the answer
+     └── UploadFailed       the request body being relayed failed on the client's side
+
+A late upstream raises TimeoutError, as asyncio does, not an UpstreamFailed.
 
 A refusal (401/403/429) is not an exception: it is a value (see gate.Verdict). Storage
 exceptions are translated into StoreUnavailable at the store boundary only.
@@ -105,3 +110,20 @@ class BodyTooLarge(SidecarError):
     def __init__(self, limit: int) -> None:
         self.limit = limit
         super().__init__(f"the request body is larger than {limit} bytes")
+
+
+class UpstreamFailed(SidecarError):
+    """The upstream could not be connected to, closed or reset the connection, or answered with
+    what is not HTTP/1.1; raised from the cause (an OSError, the parser's error) when there is one."""
+
+
+class StaleConnection(UpstreamFailed):
+    """A kept-alive connection closed before any byte of the answer came: the upstream closed it
+    while the request was on its way. Sending the request again on a new connection is safe when
+    the request is idempotent and its body is still in hand (http/upstream.py)."""
+
+
+class UploadFailed(SidecarError):
+    """The request body being relayed to the upstream failed on the client's side: it outgrew the
+    limit, stalled, broke its framing, or its sender left; raised from that cause, which
+    guard.body_refusal reads."""

@@ -12,7 +12,8 @@ from aiohttp import web
 from sidecar import tasks
 from sidecar.errors import StoreUnavailable
 from sidecar.http import admin, history_api, intake, proxy, selfservice
-from sidecar.http.components import COMPONENTS, SESSION, Components
+from sidecar.http.components import COMPONENTS, SESSION, UPSTREAM, Components
+from sidecar.http.upstream import UpstreamPool
 
 # Upstream connections kept open for reuse; a sidecar talks to one upstream.
 UPSTREAM_CONNECTIONS = 1000
@@ -23,7 +24,7 @@ def build_proxy_app(components: Components) -> web.Application:
         middlewares=[intake.screen_requests], handler_args=intake.handler_args(components.settings)
     )
     app[COMPONENTS] = components
-    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_stored_customers)
     app.router.add_get(selfservice.PATH, selfservice.own_usage)
     app.router.add_get(history_api.SELF_PATH, history_api.own_history)
@@ -50,8 +51,9 @@ async def _stored_customers(app: web.Application) -> AsyncIterator[None]:
 
 
 def upstream_client(timeout: float) -> aiohttp.ClientSession:
-    """The one keep-alive session for every upstream call: no cookies kept, no decompression, no
-    env proxies. The benchmark's bare proxy uses it too, so the two differ only by metering."""
+    """A keep-alive session to the upstream: no cookies kept, no decompression, no env proxies.
+    The sidecar relays WebSocket upgrades with it (requests go over UpstreamPool); the benchmark's
+    bare proxy forwards every request with it, as any aiohttp proxy would."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
@@ -61,8 +63,13 @@ def upstream_client(timeout: float) -> aiohttp.ClientSession:
     )
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    session = upstream_client(app[COMPONENTS].settings.upstream_timeout)
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    """The upstream pool and the WebSocket session, both closed with the app, connections and all."""
+    settings = app[COMPONENTS].settings
+    pool = UpstreamPool(settings.upstream, settings.upstream_timeout, UPSTREAM_CONNECTIONS)
+    session = upstream_client(settings.upstream_timeout)  # opens no connection until a WebSocket asks
+    app[UPSTREAM] = pool
     app[SESSION] = session
     yield
+    await pool.close()
     await session.close()

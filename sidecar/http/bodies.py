@@ -41,6 +41,15 @@ class RequestBody:
         self._head = b"".join(parts)
         return self._head if self._whole else None
 
+    def buffered(self) -> bytes | None:
+        """The whole body when it is in memory already (read ahead, or come with the head), else
+        None: such a body goes to the upstream in one write with the request head."""
+        content = self._content
+        if not self._whole and content.is_eof() and content.exception() is None:
+            self._head += content.read_nowait(-1)
+            self._whole = True
+        return self._head if self._whole else None
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """What was read ahead, then the rest as it arrives."""
         if self._head:

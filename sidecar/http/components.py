@@ -21,6 +21,7 @@ from sidecar.admission.deny_cache import DenyCache
 from sidecar.billing.marks import DirtyMarks
 from sidecar.config.policy.holder import PolicyHolder
 from sidecar.config.settings import Settings
+from sidecar.http.upstream import UpstreamPool
 from sidecar.ledger.journal import Journal
 from sidecar.metrics import Metrics
 from sidecar.store.port import OutboxStore, Store
@@ -73,4 +74,6 @@ async def open_components(
 
 
 COMPONENTS = web.AppKey("components", Components)
+# The upstream pool forwards requests; the ClientSession relays WebSocket upgrades only.
+UPSTREAM = web.AppKey("upstream", UpstreamPool)
 SESSION = web.AppKey("session", aiohttp.ClientSession)

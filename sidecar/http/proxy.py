@@ -1,38 +1,41 @@
-"""The single catch-all handler: admit, then forward with the shared ClientSession and stream back.
+"""The single catch-all handler: admit, then forward over the upstream pool (upstream.py) and answer.
 
-Bodies are streamed both ways in chunks, never buffered whole. Which header fields cross, and
-what is added to them (Via, X-Customer-*, RateLimit), is headers.py. ``Expect: 100-continue`` is
-answered after admission (intake.Continuation); a WebSocket upgrade is relayed by websocket.py.
-"""
+Bodies are streamed both ways in chunks, never buffered whole; a small one that has all arrived
+already goes on in one write with its head (a request's, and an answer's). Which header fields
+cross, and what is added to them (Via, X-Customer-*, RateLimit), is headers.py. ``Expect:
+100-continue`` is answered after admission (intake.Continuation); a WebSocket upgrade is relayed
+by websocket.py."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from sidecar.admission.gate import admit
 from sidecar.admission.verdict import Decision, Verdict
 from sidecar.config.policy.routes import has_dot_segments
-from sidecar.errors import BodyStalled
+from sidecar.errors import BodyStalled, UploadFailed, UpstreamFailed
 from sidecar.http import problems, websocket
 from sidecar.http.bodies import RequestBody
-from sidecar.http.components import COMPONENTS, SESSION, Components
+from sidecar.http.components import COMPONENTS, UPSTREAM, Components
 from sidecar.http.guard import Refusal, body_refusal, capped, stalled
-from sidecar.http.headers import SKIP_AUTO_HEADERS, ours_first, upstream_request_headers, without_hop_by_hop
+from sidecar.http.headers import ours_first, upstream_request_headers, without_hop_by_hop
 from sidecar.http.intake import Continuation
 from sidecar.http.metering import Tally, charge_response, reads_json
+from sidecar.http.upstream import Answer, Outbound
 from sidecar.ledger.journal import keep_in_journal, void_in_journal
 from sidecar.metrics import Metrics
 
 log = logging.getLogger("sidecar.http.proxy")
 
 CHUNK_SIZE = 64 * 1024
+SMALL_ANSWER = 64 * 1024  # an answer up to this size that has all arrived is written back in one go
+SMALL_BODY = 64 * 1024  # a request body up to this size that has all arrived goes with its head
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -136,32 +139,53 @@ async def forward(
     ``outbound`` is the upstream's request headers; ``fields`` what the sidecar adds to its answer."""
     # Path and query exactly as sent; rel_url, not raw_path, because raw_path is the whole target of
     # an absolute-form request line (RFC 9112 §3.2.2), whose scheme and host are not ours to follow.
-    url = URL(components.settings.upstream + request.rel_url.raw_path_qs, encoded=True)
-    limit = components.settings.max_body_size
-    data = tally.count_request(capped(body.chunks(), limit)) if request.body_exists else None
+    target = request.rel_url.raw_path_qs
+    data = _request_body(request, components, tally, body)
     try:
-        upstream = await request.app[SESSION].request(
-            request.method,
-            url,
-            headers=outbound,
-            data=data,
-            allow_redirects=False,
-            skip_auto_headers=SKIP_AUTO_HEADERS,
-        )
+        answer = await request.app[UPSTREAM].send(Outbound(request.method, target, outbound, data))
     except TimeoutError:
         components.metrics.upstream_errors.labels("timeout").inc()
         return problems.gateway_timeout("the upstream did not answer in time"), None
-    except aiohttp.ClientError as error:
-        if (refusal := body_refusal(error)) is not None:  # the body outgrew the limit, broke or stalled
-            return _refused(components, refusal), None
-        if _client_gone(request):
-            # The body being relayed broke off because its sender left: not the upstream's failure.
-            log.debug("client left mid-request on %s %s", request.method, request.path)
-            return problems.bad_gateway("the client went away"), None  # nobody is left to read it
+    except UploadFailed as error:
+        return _upload_failed(request, components, error), None
+    except UpstreamFailed as error:
         components.metrics.upstream_errors.labels("refused").inc()
-        return problems.bad_gateway(f"the upstream is unreachable ({type(error).__name__})"), None
-    async with upstream:
-        return await _stream_back(request, upstream, components, tally, fields), upstream.headers
+        return _unreachable(error), None
+    try:
+        return await _answer_back(request, answer, components, tally, fields), answer.headers
+    finally:
+        answer.release()
+
+
+def _request_body(
+    request: web.Request, components: Components, tally: Tally, body: RequestBody
+) -> bytes | AsyncIterator[bytes] | None:
+    """None for no body; the whole body when it is small and in memory already; else its parts
+    as they come, counted and capped."""
+    if not request.body_exists:
+        return None
+    limit = components.settings.max_body_size
+    whole = body.buffered()
+    if whole is not None and len(whole) <= min(limit, SMALL_BODY):
+        tally.request_bytes += len(whole)
+        return whole
+    return tally.count_request(capped(body.chunks(), limit))
+
+
+def _upload_failed(request: web.Request, components: Components, error: UploadFailed) -> web.Response:
+    """The body being relayed failed: the client's fault (too large, stalled, bad framing: refused
+    as such), or its sender left (nobody is left to read the answer)."""
+    if (refusal := body_refusal(error)) is not None:
+        return _refused(components, refusal)
+    if _client_gone(request):
+        log.debug("client left mid-request on %s %s", request.method, request.path)
+        return problems.bad_gateway("the client went away")
+    components.metrics.upstream_errors.labels("refused").inc()
+    return _unreachable(error)
+
+
+def _unreachable(error: BaseException) -> web.Response:
+    return problems.bad_gateway(f"the upstream is unreachable ({type(error.__cause__ or error).__name__})")
 
 
 def _refused(components: Components, refusal: Refusal) -> web.Response:
@@ -170,44 +194,60 @@ def _refused(components: Components, refusal: Refusal) -> web.Response:
     return problems.refused_input(refusal)
 
 
-async def _stream_back(
-    request: web.Request,
-    upstream: aiohttp.ClientResponse,
-    components: Components,
-    tally: Tally,
-    fields: dict[str, str],
+async def _answer_back(
+    request: web.Request, answer: Answer, components: Components, tally: Tally, fields: dict[str, str]
 ) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(without_hop_by_hop(upstream.headers))
-    ours_first(response, fields, upstream.headers)
+    """A small answer that has all arrived goes back in one write, head and body; the others stream."""
+    whole = answer.whole(SMALL_ANSWER)
+    if whole is None:
+        return await _stream_back(request, answer, components, tally, fields)
+    answer.release()  # the connection is free for the next request before this one is written back
+    response = web.Response(status=answer.status, reason=answer.reason, body=whole)
+    _copy_head(response, answer.headers, fields)
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        _left_before(request, tally)
+        return response
+    tally.saw_response(whole)
+    return response
+
+
+def _copy_head(response: web.StreamResponse, upstream: CIMultiDictProxy[str], fields: dict[str, str]) -> None:
+    response.headers.extend(without_hop_by_hop(upstream))
+    ours_first(response, fields, upstream)
+
+
+def _left_before(request: web.Request, tally: Tally) -> None:
+    # The client left before the status line could be written (wrk closing its connections
+    # at the end of a run does it): not an error, and there is no one to send the body to.
+    tally.cut = True
+    log.debug("client left before the response on %s %s", request.method, request.path)
+
+
+async def _stream_back(
+    request: web.Request, answer: Answer, components: Components, tally: Tally, fields: dict[str, str]
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=answer.status, reason=answer.reason)
+    _copy_head(response, answer.headers, fields)
     try:
         await response.prepare(request)
     except ConnectionError:
-        # The client left before the status line could be written (wrk closing its connections
-        # at the end of a run does it): not an error, and there is no one to send the body to.
-        tally.cut = True
-        log.debug("client left before the response on %s %s", request.method, request.path)
+        _left_before(request, tally)
         return response
-    await _relay_body(request, upstream, response, components, tally)
+    await _relay_body(request, answer, response, components, tally)
     return response
 
 
 async def _relay_body(
-    request: web.Request,
-    upstream: aiohttp.ClientResponse,
-    response: web.StreamResponse,
-    components: Components,
-    tally: Tally,
+    request: web.Request, answer: Answer, response: web.StreamResponse, components: Components, tally: Tally
 ) -> None:
-    """Copy the body chunk by chunk; reads and writes fail apart so the blame lands on the right side.
-
-    (aiohttp's "client went away" error is a ClientError too, so one except around both would
-    count every client that hangs up as an upstream failure.)
-    """
+    """Copy the body chunk by chunk; reads and writes fail apart so the blame lands on the right side."""
     while True:
         try:
-            chunk = await upstream.content.read(CHUNK_SIZE)
-        except (aiohttp.ClientError, TimeoutError) as error:
+            chunk = await answer.read(CHUNK_SIZE)
+        except (UpstreamFailed, TimeoutError) as error:
             tally.cut = True
             _upstream_broke(request, components, error)
             return
@@ -230,8 +270,8 @@ def _upstream_broke(request: web.Request, components: Components, error: BaseExc
 async def _deliver(request: web.Request, response: web.StreamResponse, chunk: bytes) -> bool:
     """Write one chunk (b"" ends the body); False once the body is done or the client has gone.
 
-    A client that leaves is not the upstream's failure, so nothing is counted; leaving
-    `async with upstream` then drops the upstream connection, which stops the upstream too.
+    A client that leaves is not the upstream's failure, so nothing is counted; releasing the
+    answer unfinished then drops the upstream connection, which stops the upstream too.
     """
     try:
         if chunk:
