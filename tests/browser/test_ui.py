@@ -132,7 +132,17 @@ def test_token_search_customer_traffic_history_notifications_and_outbox(
         return bool(css(browser, "#chart svg[data-meter='requests'] rect.column"))
 
     wait_for(charted, "the usage chart, once the 1-second windows are closed")
-    assert sum(int(cell.text) for cell in css(browser, "#history-table tbody td:nth-child(4)")) == 9
+
+    def history_total() -> int | None:
+        """The history table's requests; None while a refresh re-renders it under our feet."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        try:
+            return sum(int(cell.text) for cell in css(browser, "#history-table tbody td:nth-child(4)"))
+        except StaleElementReferenceException:
+            return None
+
+    wait_for(lambda: history_total() == 9, "the history table's 9 requests")
     screenshot(browser, "customer")
 
     browser.get(f"{sidecar.admin}/ui/#/outbox")
