@@ -146,7 +146,11 @@ end
 
 local function parse_request(k, a, last)
   k, a = k or 1, a or 1
-  local req = {interval = tonumber(ARGV[a]), hold = ARGV[a + 1], ttl = tonumber(ARGV[a + 2]), limits = {}, credits = {}}
+  -- Every field a call sets later is named here (false until then), so the table is allocated
+  -- at its final size once instead of growing (rehashing) as the script fills it in.
+  local req = {interval = tonumber(ARGV[a]), hold = ARGV[a + 1], ttl = tonumber(ARGV[a + 2]), limits = {}, credits = {},
+    deadline_us = false, holds = false, hold_expiries = false, usage_key = false, usage_from = false,
+    usage_to = false, calls_key = false}
   local flags = tonumber(ARGV[a + 3])
   local has_holds, notifies = flags % 2 == 1, flags >= 2
   local n_limits = tonumber(ARGV[a + 4])
@@ -160,7 +164,8 @@ local function parse_request(k, a, last)
     local mode = ARGV[a + 3]
     local l = {kind = ARGV[a], amount = tonumber(ARGV[a + 1]), ceiling = tonumber(ARGV[a + 2]),
       mode = string.sub(mode, 1, 1), reserved = string.sub(mode, 2, 2) == 'r',
-      p1 = tonumber(ARGV[a + 4]), p2 = tonumber(ARGV[a + 5]), key = KEYS[k]}
+      p1 = tonumber(ARGV[a + 4]), p2 = tonumber(ARGV[a + 5]), key = KEYS[k],
+      total = false, used = false, reset = false, expired = false, before = false, over = false}
     if l.kind == 'r' then
       l.total = KEYS[k + 1]
       k = k + 2
