@@ -61,6 +61,28 @@ async def test_a_customer_round_trips_as_key_hashes_and_its_keys_name_it(store: 
     assert {k.decode(): v for k, v in stored.items()}.keys() == {"p", "s", h("c1"), h("c2")}
 
 
+async def test_a_file_customers_key_is_looked_up_with_its_stored_replacement_in_one_call(
+    store: RedisStore,
+) -> None:
+    """lookup_file_key: the key's owner and document, and the stored customer with the file
+    customer's id; one script call on one server (two in a row on a Cluster)."""
+    customers = store.customers
+    assert await customers.lookup_file_key(h("f1"), "frank") == (None, None, None)
+    frank = Customer(id="frank", plan="pro", api_key_hashes=(h("f2"),))
+    await customers.put_many([CAROL, frank])
+    assert await customers.lookup_file_key(h("f1"), "frank") == (None, None, frank)
+    assert await customers.lookup_file_key(h("f2"), "frank") == ("frank", frank, frank)
+    assert await customers.lookup_file_key(h("c1"), "frank") == ("carol", CAROL, frank)
+    await customers.delete("frank", purge=False)
+    assert await customers.lookup_file_key(h("f1"), "frank") == (None, None, None)
+    trips = store.batcher.round_trips
+    await customers.lookup_file_key(h("c1"), "frank")
+    # A Cluster: the owner, then both documents side by side (one pipeline to each master they
+    # are on); one server: one call.
+    sharded = store.batcher.locator.sharded
+    assert store.batcher.round_trips - trips in ((2, 3) if sharded else (1,))
+
+
 async def test_a_key_of_another_customer_refuses_the_whole_write(store: RedisStore) -> None:
     await store.customers.put_many([CAROL])
     dave = Customer(id="dave", plan="free", api_key_hashes=(h("d1"), h("c2")))

@@ -32,6 +32,12 @@ class MemoryCustomers:
         owner = await self.owner(key_hash)
         return owner, await self.get(owner) if owner is not None else None
 
+    async def lookup_file_key(
+        self, key_hash: str, file_id: str
+    ) -> tuple[str | None, Customer | None, Customer | None]:
+        owner, stored = await self.lookup(key_hash)
+        return owner, stored, stored if owner == file_id else await self.get(file_id)
+
     async def get(self, customer_id: str, *, hot: bool = False) -> Customer | None:
         return None if customer_id in self._deleted else self._customers.get(customer_id)
 

@@ -24,6 +24,7 @@ import's pipelines never share a deadline or a connection with requests.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import zlib
 from collections.abc import Sequence
@@ -108,6 +109,31 @@ class RedisCustomers:
         owner = Claim.parse(text(found[0])).owner
         stored = document(owner, _flat(found[1]))
         return owner, stored.customer if stored is not None and not stored.deleted else None
+
+    async def lookup_file_key(
+        self, key_hash: str, file_id: str
+    ) -> tuple[str | None, Customer | None, Customer | None]:
+        if self._sharded:
+            return await self._lookup_file_key_apart(key_hash, file_id)
+        args = [*keys.CUSTOMER_AROUND, file_id]
+        found = await self._hot(keys.key_owner(key_hash), self._lookup, args)
+        claim = text(found[0])
+        owner = Claim.parse(claim).owner if claim else None
+        owned = document(owner, _flat(found[1])) if owner is not None else None
+        filed = document(file_id, _flat(found[2]))
+        return owner, _live(owned), _live(filed)
+
+    async def _lookup_file_key_apart(
+        self, key_hash: str, file_id: str
+    ) -> tuple[str | None, Customer | None, Customer | None]:
+        """On a Cluster the owner entry and the documents live on different slots: the owner
+        first, then both documents side by side (two round trips in a row, not three)."""
+        owner = await self.owner(key_hash)
+        if owner is None or owner == file_id:
+            stored = await self.get(file_id, hot=True)
+            return owner, stored if owner is not None else None, stored
+        owned, filed = await asyncio.gather(self.get(owner, hot=True), self.get(file_id, hot=True))
+        return owner, owned, filed
 
     async def get(self, customer_id: str, *, hot: bool = False) -> Customer | None:
         key = keys.customer(customer_id)
@@ -252,3 +278,7 @@ def _change(customers: Sequence[Customer], results: Sequence[WriteResult]) -> Cu
 
 def _flat(reply: Any) -> list[Any]:
     return reply if isinstance(reply, list) else []
+
+
+def _live(found: Document | None) -> Customer | None:
+    return found.customer if found is not None and not found.deleted else None
