@@ -352,6 +352,27 @@ async def test_many_small_headers_over_max_header_size_in_total_are_431(
     assert closed and recorder.seen == []
 
 
+async def test_kept_alive_heads_arriving_whole_are_served_unwatched_and_an_oversized_one_still_431(
+    guarded: GuardedFactory, policy: Path, recorder: Recorder
+) -> None:
+    """A kept-alive request whose whole head comes in one read is not watched (no head timer per
+    request, intake._whole_head); one whose whole head is over the limit is still refused."""
+    sidecar = await guarded(policy, recorder.url, max_header_size=4096, max_headers=100)
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+    statuses = []
+    for _ in range(3):
+        writer.write(head("GET /v1/a HTTP/1.1"))
+        answer = await read_answer(reader)
+        statuses.append(answer.status if answer else None)
+    fields = [f"X-F{i:02}: {'v' * 90}" for i in range(50)]  # each line fits, 5 KB in all
+    writer.write(head("GET /v1/b HTTP/1.1", *fields))
+    oversized = await read_answer(reader)
+    writer.close()
+    assert statuses == [200, 200, 200]
+    assert oversized is not None and oversized.status == 431
+    assert [record["path"] for record in recorder.seen] == ["/v1/a"] * 3
+
+
 async def test_a_head_growing_past_max_header_size_is_refused_before_it_ends(
     guarded: GuardedFactory, policy: Path, recorder: Recorder
 ) -> None:
