@@ -117,6 +117,24 @@ async def test_records_of_calls_in_flight_are_all_kept(store: RedisStore) -> Non
     assert len(await records(store)) == 10
 
 
+async def test_a_customer_among_others_in_flight_keeps_only_its_unread_records(store: RedisStore) -> None:
+    """Other customers' calls in flight on the connection (seq - answered > 1) do not make this
+    customer's list keep records whose replies were read: it holds one record, not up to the
+    connection's calls in flight, whatever the number of customers."""
+    request = request_for(month_charge(1000, now=store.time()), usage=searches())
+    for seq in range(10, 510, 10):  # every tenth call is this customer's; four others in flight
+        await send_named(store, request, seq, answered=seq - 5)
+    assert [r.split(b" ", 1)[0] for r in await records(store)] == [b"500"]
+
+
+async def test_read_records_go_and_unread_ones_stay_when_both_are_in_the_list(store: RedisStore) -> None:
+    request = request_for(month_charge(1000, now=store.time()), usage=searches())
+    for seq in range(1, 6):
+        await send_named(store, request, seq, answered=0)
+    await send_named(store, request, 6, answered=3)
+    assert [r.split(b" ", 1)[0] for r in await records(store)] == [b"4", b"5", b"6"]
+
+
 async def test_records_expire_an_hour_after_the_last_call(store: RedisStore) -> None:
     await send_named(store, request_for(month_charge(10, now=store.time())), 1)
     ttl = await store.client.ttl(RECORDS)

@@ -412,10 +412,19 @@ local function remember_call(req, steps)
   local key = req.calls_key
   local length = redis.call('RPUSH', key, string.format('%d ', seq) .. cjson.encode(steps))
   redis.call('EXPIRE', key, CALL_RECORD_TTL)
-  -- At most seq - answered calls of this connection are unanswered, this one included, and the
-  -- list is in call order: keeping its last seq - answered records keeps every unanswered one.
-  local unanswered = math.max(seq - answered, 1)
-  if length > unanswered then redis.call('LTRIM', key, -unanswered, -1) end
+  if length == 1 then return end
+  -- The list is in call order. When the record written just before this one is answered, every
+  -- earlier one is too, and one LTRIM drops them all (the usual case); else the answered ones
+  -- at the head go one by one.
+  if tonumber(string.match(redis.call('LINDEX', key, -2), '^%d+')) <= answered then
+    redis.call('LTRIM', key, -1, -1)
+    return
+  end
+  while true do
+    local oldest = redis.call('LINDEX', key, 0)
+    if not oldest or tonumber(string.match(oldest, '^%d+')) > answered then break end
+    redis.call('LPOP', key)
+  end
 end
 
 -- The record of call `seq` in a list of call records, and its text; nil when that call wrote
