@@ -24,8 +24,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.http.app import upstream_client
-from sidecar.http.headers import HOP_BY_HOP, SKIP_AUTO_HEADERS, connection_listed
+from sidecar.http.headers import HOP_BY_HOP, connection_listed
 from sidecar.http.proxy import CHUNK_SIZE
+
+# Headers aiohttp's client would otherwise invent: the upstream sees only what the client sent
+# (the sidecar's own upstream client, http/upstream.py, invents none).
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 UPSTREAM_TIMEOUT = 30.0  # the sidecar's --upstream-timeout default
 FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto"})

@@ -110,14 +110,15 @@ class CustomerDirectory:
     async def _resolve(self, key_hash: str, policy: Policy) -> tuple[Customer | None, str | None]:
         """The customer and the id whose change would change the answer."""
         file_id = policy.customer_by_key_hash.get(key_hash)
+        replacing: Customer | None = None
         if file_id is None:
             _, stored = await self.store.lookup(key_hash)
-            if stored is not None and key_hash in stored.api_key_hashes:
-                return stored, stored.id
-            return None, None
-        _, stored, replacing = await self.store.lookup_file_key(key_hash, file_id)
+        else:
+            _, stored, replacing = await self.store.lookup_file_key(key_hash, file_id)
         if stored is not None and key_hash in stored.api_key_hashes:
             return stored, stored.id
+        if file_id is None:
+            return None, None
         if replacing is not None:
             return None, file_id  # the stored entry replaced the file's, keys included
         return policy.customers[file_id], file_id

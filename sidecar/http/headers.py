@@ -47,8 +47,6 @@ _HOP_BY_HOP_NAMES = tuple(HOP_BY_HOP)
 IDENTITY_HEADERS = frozenset({"x-customer-id", "x-customer-plan"})
 # Never passed on as the client sent them: the forwarding headers are appended to instead.
 _NOT_FORWARDED = HOP_BY_HOP | IDENTITY_HEADERS | {"x-forwarded-for", "x-forwarded-proto", "via"}
-# Headers the client library would otherwise invent: the upstream sees only what the client sent.
-SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 VIA_NAME = "quota-sidecar"  # a pseudonym (RFC 9110 §7.6.3): the sidecar's host name is nobody's business
 # The RateLimit fields an upstream may send too: the sidecar's items go first, the upstream's follow.
 RATELIMIT_FIELDS = ("RateLimit-Policy", "RateLimit")

@@ -359,11 +359,7 @@ async def test_kept_alive_heads_arriving_whole_are_served_unwatched_and_an_overs
     request, intake._whole_head); one whose whole head is over the limit is still refused."""
     sidecar = await guarded(policy, recorder.url, max_header_size=4096, max_headers=100)
     reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
-    statuses = []
-    for _ in range(3):
-        writer.write(head("GET /v1/a HTTP/1.1"))
-        answer = await read_answer(reader)
-        statuses.append(answer.status if answer else None)
+    statuses = await kept_alive(reader, writer, 3)
     fields = [f"X-F{i:02}: {'v' * 90}" for i in range(50)]  # each line fits, 5 KB in all
     writer.write(head("GET /v1/b HTTP/1.1", *fields))
     oversized = await read_answer(reader)
@@ -492,6 +488,20 @@ async def test_chunked_body_within_max_body_size_is_forwarded_whole(
 # --- slow clients: the head deadline ----------------------------------------------------------
 
 
+async def kept_alive(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, times: int, pause: float = 0.0
+) -> list[int | None]:
+    """The statuses of `times` GET /v1/a sent one after another on one connection, each answer
+    read before the next is sent, `pause` seconds after each answer."""
+    statuses = []
+    for _ in range(times):
+        writer.write(head("GET /v1/a HTTP/1.1"))
+        answer = await read_answer(reader)
+        statuses.append(answer.status if answer else None)
+        await asyncio.sleep(pause)
+    return statuses
+
+
 async def trickle(writer: asyncio.StreamWriter, data: bytes, pause: float) -> None:
     for byte in data:
         if writer.is_closing():
@@ -555,12 +565,7 @@ async def test_an_idle_kept_alive_connection_is_not_cut_by_the_head_deadline(
     """The deadline runs from a head's first byte; idle keep-alive is aiohttp's keep-alive timeout."""
     sidecar = await guarded(policy, recorder.url, header_timeout=0.3)
     reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
-    statuses = []
-    for _ in range(2):
-        writer.write(head("GET /v1/a HTTP/1.1"))
-        answer = await read_answer(reader)
-        statuses.append(answer.status if answer else None)
-        await asyncio.sleep(0.6)
+    statuses = await kept_alive(reader, writer, 2, pause=0.6)
     writer.close()
     assert statuses == [200, 200]
 

@@ -106,9 +106,7 @@ class RedisCustomers:
         found = await self._hot(keys.key_owner(key_hash), self._lookup, list(keys.CUSTOMER_AROUND))
         if not isinstance(found, list):
             return None, None
-        owner = Claim.parse(text(found[0])).owner
-        stored = document(owner, _flat(found[1]))
-        return owner, stored.customer if stored is not None and not stored.deleted else None
+        return _claimed(found[0], found[1])
 
     async def lookup_file_key(
         self, key_hash: str, file_id: str
@@ -117,11 +115,8 @@ class RedisCustomers:
             return await self._lookup_file_key_apart(key_hash, file_id)
         args = [*keys.CUSTOMER_AROUND, file_id]
         found = await self._hot(keys.key_owner(key_hash), self._lookup, args)
-        claim = text(found[0])
-        owner = Claim.parse(claim).owner if claim else None
-        owned = document(owner, _flat(found[1])) if owner is not None else None
-        filed = document(file_id, _flat(found[2]))
-        return owner, _live(owned), _live(filed)
+        owner, owned = _claimed(found[0], found[1])
+        return owner, owned, _live(document(file_id, _flat(found[2])))
 
     async def _lookup_file_key_apart(
         self, key_hash: str, file_id: str
@@ -139,7 +134,7 @@ class RedisCustomers:
         key = keys.customer(customer_id)
         reply = await (self._hot(key) if hot else self._read([key]))
         found = document(customer_id, _flat(reply))
-        return found.customer if found is not None and not found.deleted else None
+        return _live(found)
 
     async def _hot(self, key: str, script: Script | None = None, args: Sequence[Arg] = ()) -> Any:
         """A request's lookup: through the store's circuit breaker, like its metering calls, so
@@ -282,3 +277,13 @@ def _flat(reply: Any) -> list[Any]:
 
 def _live(found: Document | None) -> Customer | None:
     return found.customer if found is not None and not found.deleted else None
+
+
+def _claimed(entry: Any, owned: Any) -> tuple[str | None, Customer | None]:
+    """customer_lookup.lua's owner entry ('' or nil: nobody claimed the key) and the owner's
+    document: the owner's id and its customer, when stored and not deleted."""
+    claim = text(entry) if entry else ""
+    if not claim:
+        return None, None
+    owner = Claim.parse(claim).owner
+    return owner, _live(document(owner, _flat(owned)))

@@ -134,7 +134,7 @@ class ScriptBatcher:
         call = Call(future, script, command, slot)
         self.calls += 1
         if not self._queue and (link := self._idle_link()) is not None:
-            self._write_now(loop, link, call)
+            self._send(link, self._batch(loop, [call]), [call])
             return future
         if not self._queue:
             loop.call_soon(self._flush)
@@ -152,10 +152,11 @@ class ScriptBatcher:
         link = self._links.get(endpoint) if endpoint is not None else None
         return link if link is not None and link.open and not link.pending else None
 
-    def _write_now(self, loop: asyncio.AbstractEventLoop, link: Link, call: Call) -> None:
-        batch = Batch([call])
+    def _batch(self, loop: asyncio.AbstractEventLoop, calls: list[Call]) -> Batch:
+        """A batch of calls, with its one deadline (the store timeout) starting now."""
+        batch = Batch(calls)
         batch.timer = loop.call_at(loop.time() + self.timeout, self._expire, batch)
-        self._send(link, batch, [call])
+        return batch
 
     async def connect(self) -> None:
         """Find the servers and open a connection to each now (at startup), so the first
@@ -184,9 +185,7 @@ class ScriptBatcher:
         calls, self._queue = self._queue, []
         if not calls:
             return
-        loop = asyncio.get_running_loop()
-        batch = Batch(calls)
-        batch.timer = loop.call_at(loop.time() + self.timeout, self._expire, batch)
+        batch = self._batch(asyncio.get_running_loop(), calls)
         if not self.locator.sharded:
             self._dispatch(self.locator.endpoint(0), batch, calls)
             return
